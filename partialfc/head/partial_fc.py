@@ -1,0 +1,145 @@
+"""The sharded Partial FC classifier."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from partialfc import dist as pdist
+from partialfc.head.collectives import gather_rows, gather_sizes
+from partialfc.head.sampler import CentreSampler
+from partialfc.head.sharding import shard_range
+
+INIT_BLOCK = 65536  # classes per independently seeded init block
+
+
+class InputError(ValueError):
+    """Raised identically on every rank when some rank's input is invalid."""
+
+
+def init_centres(class_start: int, num_local: int, dim: int, std: float, seed: int,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Normal(0, std) rows for global classes ``[class_start, class_start+num_local)``.
+
+    Rows are drawn in fixed global blocks seeded by ``(seed, block)``, so the global matrix
+    is the same whatever the number of ranks, and no rank materialises more than its shard
+    plus one block."""
+    out = torch.empty((num_local, dim), dtype=dtype)
+    end = class_start + num_local
+    for block in range(class_start // INIT_BLOCK, (end - 1) // INIT_BLOCK + 1 if num_local else 0):
+        lo, hi = block * INIT_BLOCK, (block + 1) * INIT_BLOCK
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        rows = torch.empty((INIT_BLOCK, dim), dtype=dtype).normal_(0.0, std, generator=gen)
+        a, b = max(lo, class_start), min(hi, end)
+        out[a - class_start: b - class_start] = rows[a - lo: b - lo]
+    return out
+
+
+class PartialFC(nn.Module):
+    """Model-parallel margin-softmax classifier with per-step sampling of class centres.
+
+    ``head(local_embeddings (b, D), local_labels (b,) int) -> scalar`` mean loss over the
+    global batch, identical on every rank of ``process_group`` (default group, or a single
+    process when none is initialised). ``weight`` is this rank's shard ``(num_local, D)`` of
+    global classes ``[class_start, class_start + num_local)``.
+
+    With ``sample_rate < 1`` the sampled rows are looked up with a sparse-gradient embedding,
+    so ``weight.grad`` is a sparse tensor holding only the sampled rows; step it with
+    :class:`partialfc.head.optim.SparseRowSGD` or :class:`~partialfc.head.optim.SparseRowAdamW`.
+    """
+
+    def __init__(self, embedding_size: int, num_classes: int, loss: nn.Module | None = None,
+                 sample_rate: float = 1.0, process_group=None, seed: int = 0,
+                 init_std: float = 0.01, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        from partialfc.losses import CosFace  # the default loss; avoids an import cycle
+
+        self.group = process_group
+        self.rank = pdist.get_rank(process_group)
+        self.world_size = pdist.get_world_size(process_group)
+        self.embedding_size = int(embedding_size)
+        self.num_classes = int(num_classes)
+        self.class_start, self.num_local = shard_range(self.num_classes, self.world_size, self.rank)
+        self.loss = loss if loss is not None else CosFace()
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        self.weight = nn.Parameter(init_centres(self.class_start, self.num_local, self.embedding_size,
+                                                init_std, seed, dtype).to(device))
+        self.sampler = CentreSampler(self.num_local, sample_rate, seed, self.rank, device)
+        self.last_sampled: torch.Tensor | None = None  # local indices used by the last step
+
+    @property
+    def sample_rate(self) -> float:
+        return self.sampler.sample_rate
+
+    def _check_and_gather(self, embeddings: torch.Tensor, labels: torch.Tensor):
+        """Validate every rank's input, raising the same error on all ranks, then gather."""
+        dims = embeddings.dim(), labels.dim()
+        labels_int = not labels.is_floating_point() and not labels.is_complex() and labels.dtype != torch.bool
+        status = torch.tensor([dims[0], embeddings.shape[0] if dims[0] else 0,
+                               embeddings.shape[-1] if dims[0] else 0, int(embeddings.is_floating_point()),
+                               int(labels_int), dims[1], labels.shape[0] if dims[1] else 0],
+                              dtype=torch.int64, device=self.weight.device)
+        statuses = gather_sizes(status, self.group)
+        for r, (emb_dim, b, width, emb_float, lab_int, lab_dim, lab_n) in enumerate(statuses):
+            where = f" on rank {r}" if self.world_size > 1 else ""
+            if emb_dim != 2 or width != self.embedding_size:
+                raise InputError(f"embeddings{where} must have shape (batch, {self.embedding_size}), "
+                                 f"got {emb_dim} dims of width {width}")
+            if not emb_float:
+                raise InputError(f"embeddings{where} must be floating point")
+            if not lab_int:
+                raise InputError(f"labels{where} must be an integer tensor (e.g. torch.int64), "
+                                 "got a floating-point, complex or bool tensor")
+            if lab_dim != 1 or lab_n != b:
+                raise InputError(f"labels{where} must have shape ({b},) to match the embeddings, "
+                                 f"got {lab_dim} dims of length {lab_n}")
+        sizes = [s[1] for s in statuses]
+        labels = gather_rows(labels.to(device=self.weight.device, dtype=torch.int64), sizes, self.group)
+        embeddings = gather_rows(embeddings, sizes, self.group)
+        if labels.numel() == 0:
+            raise InputError("the global batch is empty")
+        lo, hi, finite = torch.stack([labels.min(), labels.max(),
+                                      torch.isfinite(embeddings).all().to(torch.int64)]).tolist()
+        if lo < 0 or hi >= self.num_classes:
+            bad = lo if lo < 0 else hi
+            raise InputError(f"label {bad} outside [0, {self.num_classes}) (num_classes={self.num_classes})")
+        if not finite:
+            raise InputError("embeddings contain NaN or inf")
+        return embeddings, labels
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        embeddings, labels = self._check_and_gather(embeddings, labels)
+        local = labels - self.class_start
+        in_shard = (local >= 0) & (local < self.num_local)
+        if self.sampler.samples_everything:
+            index, centres = None, self.weight
+            target_col = torch.where(in_shard, local, -1)
+        else:
+            positives = torch.unique(local[in_shard])
+            index = self.sampler.sample(positives)
+            centres = F.embedding(index, self.weight, sparse=True)
+            pos = torch.searchsorted(index, local.clamp(0, max(self.num_local - 1, 0)))
+            target_col = torch.where(in_shard, pos, -1)
+        self.last_sampled = index
+        cos = F.linear(F.normalize(embeddings, dim=1), F.normalize(centres, dim=1))
+        cos = cos.to(torch.promote_types(cos.dtype, torch.float32)).clamp(-1.0, 1.0)
+        return self.loss(cos, target_col, self.group).mean()
+
+    def get_extra_state(self) -> dict:
+        return {"sampler": self.sampler.state_dict(), "class_start": self.class_start,
+                "num_local": self.num_local, "num_classes": self.num_classes}
+
+    def set_extra_state(self, state: dict) -> None:
+        if (state["class_start"], state["num_local"]) != (self.class_start, self.num_local):
+            raise ValueError(f"checkpoint shard covers classes [{state['class_start']}, "
+                             f"{state['class_start'] + state['num_local']}), this rank owns "
+                             f"[{self.class_start}, {self.class_start + self.num_local}); "
+                             "reshard the checkpoint first")
+        self.sampler.load_state_dict(state["sampler"])
+
+    def extra_repr(self) -> str:
+        return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
+                f"class_start={self.class_start}, num_local={self.num_local}, "
+                f"sample_rate={self.sample_rate}, world_size={self.world_size}")

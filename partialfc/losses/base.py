@@ -1,0 +1,83 @@
+"""The common shape of every loss: a transform of the target logit plus an objective.
+
+A loss sees the clamped cosines ``cos`` of shape ``(B, k)`` between the (global) batch of
+embeddings and the ``k`` class centres a rank holds, and ``target_col`` of shape ``(B,)``:
+the column of each row's target on this rank, ``-1`` when it lives on another rank. It
+returns per-row losses ``(B,)``; the objective performs the cross-rank reductions, so the
+same loss works on one process and on a sharded head.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from partialfc.head.objectives import softmax_cross_entropy
+
+GRADIENT_MODES = ("exact", "straight_through")
+EXACT_CLAMP = 1.0 - 1e-7
+
+
+class MarginLoss(nn.Module):
+    """Base class: ``z_j = s * c_j`` for non-targets, ``z_y = s * psi(c_y)`` for the target.
+
+    Subclasses implement :meth:`psi` (on target cosines, shape ``(n,)``) and may override
+    :meth:`objective`. ``gradient="straight_through"`` keeps the forward of ``psi`` but
+    back-propagates as if ``psi(c) = c``. ``inter_threshold`` (inter-class filtering for
+    noisy data) sets non-target cosines above it to 0 before the margin.
+    """
+
+    default_gradient = "exact"
+
+    def __init__(self, s: float = 64.0, gradient: str | None = None,
+                 inter_threshold: float | None = None):
+        super().__init__()
+        if s <= 0:
+            raise ValueError(f"scale s must be > 0, got {s}")
+        gradient = gradient or self.default_gradient
+        if gradient not in GRADIENT_MODES:
+            raise ValueError(f"gradient must be one of {GRADIENT_MODES}, got {gradient!r}")
+        if inter_threshold is not None and not -1.0 <= inter_threshold <= 1.0:
+            raise ValueError(f"inter_threshold must lie in [-1, 1], got {inter_threshold}")
+        self.s = float(s)
+        self.gradient = gradient
+        self.inter_threshold = inter_threshold
+
+    def psi(self, cos_target: torch.Tensor) -> torch.Tensor:
+        """Margin function on target cosines; identity for NormFace."""
+        return cos_target
+
+    def target_logit(self, cos_target: torch.Tensor) -> torch.Tensor:
+        """``s * psi(c_y)`` with the configured gradient mode, shape ``(n,)``."""
+        if self.gradient == "straight_through":
+            with torch.no_grad():
+                shift = self.s * self.psi(cos_target) - self.s * cos_target
+            return self.s * cos_target + shift
+        return self.s * self.psi(cos_target)
+
+    def logits(self, cos: torch.Tensor, target_col: torch.Tensor) -> torch.Tensor:
+        """Full logit block ``(B, k)``: scaled cosines with the target logits transformed."""
+        rows = torch.nonzero(target_col >= 0, as_tuple=True)[0]
+        cols = target_col[rows]
+        if self.inter_threshold is not None:
+            keep_target = torch.zeros_like(cos, dtype=torch.bool)
+            keep_target[rows, cols] = True
+            cos = torch.where((cos > self.inter_threshold) & ~keep_target, torch.zeros_like(cos), cos)
+        logits = self.s * cos
+        return logits.index_put((rows, cols), self.target_logit(cos[rows, cols]))
+
+    def objective(self, logits: torch.Tensor, target_col: torch.Tensor, group) -> torch.Tensor:
+        """Per-row objective over the (possibly sharded) row; softmax cross-entropy here."""
+        return softmax_cross_entropy(logits, target_col, group)
+
+    def forward(self, cos: torch.Tensor, target_col: torch.Tensor, group=None) -> torch.Tensor:
+        """Per-row losses ``(B,)``; on a single process ``target_col`` is simply the labels."""
+        return self.objective(self.logits(cos, target_col), target_col, group)
+
+    def extra_repr(self) -> str:
+        return f"s={self.s}, gradient={self.gradient}, inter_threshold={self.inter_threshold}"
+
+
+def safe_arccos(cos: torch.Tensor) -> torch.Tensor:
+    """``arccos`` on cosines clamped to ``[-1+1e-7, 1-1e-7]`` (finite derivative)."""
+    return torch.arccos(cos.clamp(-EXACT_CLAMP, EXACT_CLAMP))
