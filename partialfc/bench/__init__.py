@@ -1,0 +1,1 @@
+"""Benchmarks: ``partialfc bench head`` and ``partialfc bench data``."""
