@@ -36,6 +36,16 @@ def init_centres(class_start: int, num_local: int, dim: int, std: float, seed: i
     return out
 
 
+def resolve_sample_rate(requested: float | None, loss_rate: float | None) -> float:
+    """The head's rate: as requested, else the one a sampled loss implies (D-Softmax-B: 0,
+    D-Softmax-K: 1/K), else 1. A request that contradicts the loss is an error."""
+    if loss_rate is None:
+        return 1.0 if requested is None else requested
+    if requested is not None and abs(requested - loss_rate) > 1e-12:
+        raise ValueError(f"sample_rate={requested} contradicts the loss, which samples at rate {loss_rate}")
+    return loss_rate
+
+
 class PartialFC(nn.Module):
     """Model-parallel margin-softmax classifier with per-step sampling of class centres.
 
@@ -44,13 +54,16 @@ class PartialFC(nn.Module):
     process when none is initialised). ``weight`` is this rank's shard ``(num_local, D)`` of
     global classes ``[class_start, class_start + num_local)``.
 
+    ``sample_rate=None`` takes the rate the loss asks for (``loss.sample_rate``, e.g. the
+    D-Softmax-B/K variants), or 1.0 (no sampling).
+
     With ``sample_rate < 1`` the sampled rows are looked up with a sparse-gradient embedding,
     so ``weight.grad`` is a sparse tensor holding only the sampled rows; step it with
     :class:`partialfc.head.optim.SparseRowSGD` or :class:`~partialfc.head.optim.SparseRowAdamW`.
     """
 
     def __init__(self, embedding_size: int, num_classes: int, loss: nn.Module | None = None,
-                 sample_rate: float = 1.0, process_group=None, seed: int = 0,
+                 sample_rate: float | None = None, process_group=None, seed: int = 0,
                  init_std: float = 0.01, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -63,6 +76,7 @@ class PartialFC(nn.Module):
         self.num_classes = int(num_classes)
         self.class_start, self.num_local = shard_range(self.num_classes, self.world_size, self.rank)
         self.loss = loss if loss is not None else CosFace()
+        sample_rate = resolve_sample_rate(sample_rate, getattr(self.loss, "sample_rate", None))
         device = torch.device(device) if device is not None else torch.device("cpu")
         self.weight = nn.Parameter(init_centres(self.class_start, self.num_local, self.embedding_size,
                                                 init_std, seed, dtype).to(device))

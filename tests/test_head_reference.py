@@ -1,0 +1,138 @@
+"""The sharded head against a plain single-process float64 full softmax.
+
+Reference: the whole global batch and the whole class matrix in one process, margin applied
+by hand, ``F.cross_entropy``-free log-sum-exp, autograd for the gradients. The head runs on
+1-4 real gloo processes with ``num_classes % world_size != 0`` and unequal local batches.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from partialfc import PartialFC
+from partialfc.head.partial_fc import init_centres
+from partialfc.losses import ArcFace, CosFace, NormFace
+from partialfc.testing import run_distributed
+
+NUM_CLASSES, DIM, SCALE = 23, 8, 16.0
+LOCAL_BATCHES = [5, 3, 6, 2]  # unequal on purpose
+
+
+def make_problem(world_size: int):
+    gen = torch.Generator().manual_seed(1234)
+    batches = LOCAL_BATCHES[:world_size]
+    x = torch.randn(sum(batches), DIM, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, NUM_CLASSES, (sum(batches),), generator=gen)
+    y[0] = NUM_CLASSES - 1  # the last class (last rank) is always a target
+    w = torch.randn(NUM_CLASSES, DIM, generator=gen, dtype=torch.float64)
+    return batches, x, y, w
+
+
+def reference_psi(name: str, c: torch.Tensor) -> torch.Tensor:
+    if name == "normface":
+        return c
+    if name == "cosface":
+        return c - 0.35
+    m = 0.5  # arcface, with the monotone fallback past pi - m
+    theta = torch.arccos(c.clamp(-1 + 1e-7, 1 - 1e-7))
+    return torch.where(theta + m < math.pi, torch.cos(theta + m), c - m * math.sin(m))
+
+
+def reference_loss(name, x, y, w, classes=None):
+    """Mean margin-softmax CE over the global batch; ``classes``: kept global class ids."""
+    cos = F.normalize(x, dim=1) @ F.normalize(w, dim=1).T
+    cols = torch.arange(w.shape[0]) if classes is None else classes
+    cos = cos[:, cols]
+    target = (cols[None, :] == y[:, None])
+    logits = torch.where(target, SCALE * reference_psi(name, cos), SCALE * cos)
+    lse = torch.logsumexp(logits, dim=1)
+    return (lse - logits[target]).mean()
+
+
+def make_loss(name):
+    return {"normface": NormFace(s=SCALE), "cosface": CosFace(s=SCALE, m=0.35),
+            "arcface": ArcFace(s=SCALE, m=0.5)}[name]
+
+
+def _rank_run(rank, world_size, loss_name, sample_rate):
+    batches, x, y, w = make_problem(world_size)
+    lo = sum(batches[:rank])
+    head = PartialFC(DIM, NUM_CLASSES, loss=make_loss(loss_name), sample_rate=sample_rate,
+                     dtype=torch.float64, seed=7)
+    with torch.no_grad():
+        head.weight.copy_(w[head.class_start: head.class_start + head.num_local])
+    x_local = x[lo: lo + batches[rank]].clone().requires_grad_(True)
+    loss = head(x_local, y[lo: lo + batches[rank]])
+    loss.backward()
+    grad_w = head.weight.grad.to_dense() if head.weight.grad.is_sparse else head.weight.grad
+    sampled = None if head.last_sampled is None else (head.last_sampled + head.class_start)
+    return dict(loss=loss.item(), grad_x=x_local.grad, grad_w=grad_w, start=head.class_start,
+                num_local=head.num_local, sampled=sampled)
+
+
+def check_against_reference(results, world_size, loss_name, sampled_classes=None):
+    batches, x, y, w = make_problem(world_size)
+    x = x.clone().requires_grad_(True)
+    w = w.clone().requires_grad_(True)
+    ref = reference_loss(loss_name, x, y, w, sampled_classes)
+    ref.backward()
+    lo = 0
+    for rank, res in enumerate(results):
+        assert res["loss"] == pytest.approx(ref.item(), rel=1e-6), f"rank {rank} loss"
+        torch.testing.assert_close(res["grad_x"], x.grad[lo: lo + batches[rank]], rtol=1e-6, atol=1e-12)
+        rows = slice(res["start"], res["start"] + res["num_local"])
+        torch.testing.assert_close(res["grad_w"], w.grad[rows], rtol=1e-6, atol=1e-12)
+        lo += batches[rank]
+
+
+def test_shards_are_balanced_contiguous():
+    from partialfc.head import shard_range
+
+    for c, world in [(23, 4), (10, 3), (7, 7), (1_000_003, 8)]:
+        ranges = [shard_range(c, world, r) for r in range(world)]
+        assert ranges[0][0] == 0 and sum(n for _, n in ranges) == c
+        assert all(a[0] + a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        assert max(n for _, n in ranges) - min(n for _, n in ranges) <= 1
+
+
+@pytest.mark.parametrize("loss_name", ["normface", "cosface", "arcface"])
+def test_single_process_matches_reference(loss_name):
+    check_against_reference([_rank_run(0, 1, loss_name, 1.0)], 1, loss_name)
+
+
+def _all_losses_run(rank, world_size):
+    return {name: _rank_run(rank, world_size, name, 1.0) for name in ("normface", "cosface", "arcface")}
+
+
+@pytest.mark.required
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_gloo_rate1_matches_full_softmax(world_size):
+    results = run_distributed(_all_losses_run, world_size)
+    for name in ("normface", "cosface", "arcface"):
+        check_against_reference([r[name] for r in results], world_size, name)
+
+
+@pytest.mark.required
+@pytest.mark.multiprocess
+def test_gloo_sampled_matches_reference_on_sampled_set():
+    world_size = 3
+    results = run_distributed(_rank_run, world_size, "arcface", 0.5)
+    classes = torch.cat([r["sampled"] for r in results])
+    assert len(classes) < NUM_CLASSES
+    _, _, y, _ = make_problem(world_size)
+    assert set(y.tolist()) <= set(classes.tolist())
+    check_against_reference(results, world_size, "arcface", classes)
+    for r in results:  # the sparse gradient holds the sampled rows only
+        touched = r["grad_w"].abs().sum(dim=1).nonzero().flatten() + r["start"]
+        assert set(touched.tolist()) <= set(r["sampled"].tolist())
+
+
+def test_init_is_independent_of_world_size():
+    full = init_centres(0, 100_000, 4, 0.01, seed=3)
+    part = init_centres(60_000, 10_000, 4, 0.01, seed=3)  # straddles an init block
+    torch.testing.assert_close(part, full[60_000:70_000], rtol=0, atol=0)
