@@ -10,6 +10,7 @@ after ``timeout`` seconds.
 from __future__ import annotations
 
 import os
+import queue as queue_module
 import socket
 import traceback
 
@@ -53,7 +54,12 @@ def run_distributed(fn, world_size: int, *args, backend: str = "gloo", timeout: 
     errors: list[str] = []
     try:
         for _ in range(world_size):
-            rank, ok, payload = queue.get(timeout=timeout)
+            try:
+                rank, ok, payload = queue.get(timeout=timeout)
+            except queue_module.Empty:
+                missing = sorted(set(range(world_size)) - set(results))
+                errors.append(f"ranks {missing} gave no result within {timeout:.0f} s (hang or crash)")
+                break
             if ok:
                 results[rank] = payload
             else:

@@ -1,0 +1,85 @@
+"""Centre sampling: positives kept, exact counts, uniform negatives, seeded streams."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from partialfc import PartialFC
+from partialfc.head import CentreSampler
+
+
+def test_positives_kept_and_exact_count():
+    sampler = CentreSampler(num_local=1000, sample_rate=0.1, seed=0, rank=0)
+    for n_pos in (0, 1, 37, 100, 250):
+        positives = torch.randperm(1000)[:n_pos].sort().values
+        index = sampler.sample(positives)
+        assert len(index) == max(n_pos, 100)
+        assert len(torch.unique(index)) == len(index)
+        assert set(positives.tolist()) <= set(index.tolist())
+        assert bool((index[1:] > index[:-1]).all())  # sorted
+
+
+def test_rate_one_and_zero():
+    assert CentreSampler(50, 1.0, 0, 0).sample(torch.tensor([3])).tolist() == list(range(50))
+    pos = torch.tensor([2, 9, 40])
+    assert CentreSampler(50, 0.0, 0, 0).sample(pos).tolist() == [2, 9, 40]
+    with pytest.raises(ValueError, match="sample_rate"):
+        CentreSampler(50, 1.5, 0, 0)
+
+
+def test_negatives_are_uniform():
+    """Chi-square over 4000 draws: every non-positive centre equally likely."""
+    n, k, steps = 200, 50, 4000
+    positives = torch.tensor([0, 5, 17, 100, 199])
+    sampler = CentreSampler(n, k / n, seed=11, rank=0)
+    counts = torch.zeros(n)
+    for _ in range(steps):
+        counts[sampler.sample(positives)] += 1
+    assert bool((counts[positives] == steps).all())
+    negatives = torch.ones(n, dtype=torch.bool)
+    negatives[positives] = False
+    observed = counts[negatives]
+    p = (k - len(positives)) / negatives.sum().item()
+    expected = steps * p
+    chi2 = (((observed - expected) ** 2) / (expected * (1 - p))).sum().item()
+    df = negatives.sum().item() - 1
+    assert abs(chi2 - df) < 5 * (2 * df) ** 0.5, f"chi2={chi2:.1f} for df={df}"
+    # the test has power: a sampler biased towards low indices is rejected
+    biased = torch.zeros(n)
+    biased[negatives.nonzero().flatten()[: k - 5]] = steps
+    chi2_biased = (((biased[negatives] - expected) ** 2) / (expected * (1 - p))).sum().item()
+    assert abs(chi2_biased - df) > 5 * (2 * df) ** 0.5
+
+
+def test_draws_differ_across_steps_and_ranks_and_repeat_for_seed():
+    pos = torch.tensor([1, 2, 3])
+    a0, a1 = CentreSampler(500, 0.1, seed=5, rank=0), CentreSampler(500, 0.1, seed=5, rank=1)
+    first, second = a0.sample(pos), a0.sample(pos)
+    assert not torch.equal(first, second)
+    assert not torch.equal(first, a1.sample(pos))
+    again = CentreSampler(500, 0.1, seed=5, rank=0)
+    assert torch.equal(again.sample(pos), first) and torch.equal(again.sample(pos), second)
+    assert not torch.equal(CentreSampler(500, 0.1, seed=6, rank=0).sample(pos), first)
+
+
+def test_sampler_state_round_trips_through_head_state_dict():
+    head = PartialFC(8, 300, sample_rate=0.1, seed=3)
+    x, y = torch.randn(6, 8), torch.randint(0, 300, (6,))
+    head(x, y)
+    state = head.state_dict()
+    head(x, y)
+    expected = head.last_sampled.clone()
+    other = PartialFC(8, 300, sample_rate=0.1, seed=99)
+    other.load_state_dict(state)
+    other(x, y)
+    assert torch.equal(other.last_sampled, expected)
+    assert torch.equal(other.weight, head.weight)
+
+
+def test_head_keeps_batch_positives_and_count():
+    head = PartialFC(8, 1000, sample_rate=0.05)
+    y = torch.randint(0, 1000, (64,))
+    head(torch.randn(64, 8), y)
+    assert set(y.tolist()) <= set(head.last_sampled.tolist())
+    assert len(head.last_sampled) == max(len(torch.unique(y)), 50)
