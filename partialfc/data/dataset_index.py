@@ -1,0 +1,160 @@
+"""Which records of a RecordIO dataset are images, and their exact labels.
+
+Two flavours are detected from the data:
+
+* ``header`` (InsightFace / published face datasets): record 0 has ``flag >= 2``, no image and
+  the label array ``(N+1, N+1+K)``; images are keys ``1..N``; keys ``N+1..N+K`` are identity
+  records (each identity's key range); ``num_classes = K``.
+* ``plain`` (im2rec): every record is an image; ``num_classes = max(label) + 1``.
+
+Opening a dataset reads the header of every image record (a few bytes each), so labels are
+validated once, up front: a label that is not a non-negative integer or lies outside
+``[0, num_classes)``, an offset past the end, a truncated record - each is an error naming the
+file and the record key, or, with ``on_error="skip"``, a record left out and counted in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from partialfc.data.recordio import (IR_SIZE, RecordIOError, RecordReader, exact_label, read_index,
+                                     unpack_payload, unpack_range, write_index)
+
+log = logging.getLogger(__name__)
+
+HEADER, PLAIN = "header", "plain"
+_PREFIX_BYTES = IR_SIZE + 4 * 8  # header plus a short label array
+
+
+def resolve_paths(path: str | os.PathLike) -> tuple[str, str]:
+    """``(rec_path, idx_path)`` from a ``.rec`` path, an ``.idx`` path or their common prefix."""
+    path = str(path)
+    prefix = path[:-4] if path.endswith((".rec", ".idx")) else path
+    rec, idx = prefix + ".rec", prefix + ".idx"
+    for p in (rec, idx):
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"{p} not found (dataset given as {path!r})")
+    return rec, idx
+
+
+@dataclass
+class RecordDataset:
+    """The image records of one ``.rec``/``.idx`` pair.
+
+    ``keys``, ``offsets``, ``labels``: int64 arrays of shape ``(num_images,)`` in index order;
+    ``labels`` are exact class ids in ``[0, num_classes)``. ``skipped`` lists
+    ``(key, reason)`` of records left out with ``on_error="skip"``.
+    """
+
+    rec_path: str
+    idx_path: str
+    flavour: str
+    keys: np.ndarray
+    offsets: np.ndarray
+    labels: np.ndarray
+    num_classes: int
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.keys)
+
+    def label_range(self) -> tuple[int, int]:
+        return (int(self.labels.min()), int(self.labels.max())) if self.num_images else (0, -1)
+
+    def reader(self) -> RecordReader:
+        return RecordReader(self.rec_path)
+
+    def select(self, keep: np.ndarray, skipped: list[tuple[int, str]]) -> "RecordDataset":
+        """A copy holding only the records where ``keep`` (bool, ``(num_images,)``) is true."""
+        return RecordDataset(self.rec_path, self.idx_path, self.flavour, self.keys[keep],
+                             self.offsets[keep], self.labels[keep], self.num_classes,
+                             self.skipped + skipped)
+
+    def write_dali_index(self, path: str | os.PathLike) -> str:
+        """Write an index listing only the image records (what ``fn.readers.mxnet`` needs)."""
+        write_index(path, self.keys, self.offsets)
+        return str(path)
+
+
+def _detect_header(reader: RecordReader, offset_of: dict[int, int]) -> tuple[int, int] | None:
+    """``(first_identity_key, end_key)`` from a dataset-header record at key 0, else None."""
+    if 0 not in offset_of:
+        return None
+    header, labels, image = unpack_payload(reader.read_at(offset_of[0], 0)[0])
+    if header.flag < 2 or image or labels is None:
+        return None
+    first, end = unpack_range(header, labels)
+    return (first, end) if 1 <= first <= end else None
+
+
+def _fail(on_error: str, message: str, skipped: list, key: int) -> None:
+    if on_error == "raise":
+        raise RecordIOError(message)
+    skipped.append((key, message))
+
+
+def open_dataset(path: str | os.PathLike, on_error: str = "raise", verify_images: bool = False,
+                 progress: bool | None = None) -> RecordDataset:
+    """Open a dataset (``.rec``, ``.idx`` or prefix), detect its flavour, read and check labels.
+
+    ``on_error``: ``"raise"`` (default) or ``"skip"`` bad records. ``verify_images`` also
+    decodes every image (slow on big sets; :func:`partialfc.data.tools.find_corrupt_images`).
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    rec_path, idx_path = resolve_paths(path)
+    all_keys, all_offsets = read_index(idx_path)
+    reader = RecordReader(rec_path)
+    header_range = _detect_header(reader, dict(zip(all_keys.tolist(), all_offsets.tolist())))
+    if header_range is None:
+        flavour, image_mask, num_classes = PLAIN, np.ones(len(all_keys), bool), None
+    else:
+        first, end = header_range
+        flavour, num_classes = HEADER, end - first
+        image_mask = (all_keys >= 1) & (all_keys < first)
+        if image_mask.sum() != first - 1:
+            raise RecordIOError(f"{idx_path}: the dataset header announces {first - 1} images "
+                                f"(keys 1..{first - 1}) but the index lists {int(image_mask.sum())}")
+    keys, offsets = all_keys[image_mask], all_offsets[image_mask]
+    labels = np.full(len(keys), -1, dtype=np.int64)
+    skipped: list[tuple[int, str]] = []
+    show = progress if progress is not None else len(keys) > 200_000
+    for i in tqdm(range(len(keys)), desc=f"reading labels of {os.path.basename(rec_path)}",
+                  disable=not show, unit="rec", mininterval=1.0):
+        key, offset = int(keys[i]), int(offsets[i])
+        where = f"{rec_path}: record {key} (offset {offset})"
+        try:
+            prefix = reader.read_prefix(offset, _PREFIX_BYTES, key)
+        except RecordIOError as e:  # already names the file and record
+            _fail(on_error, str(e), skipped, key)
+            continue
+        try:
+            labels[i] = exact_label(*unpack_payload(prefix)[:2])
+        except RecordIOError as e:
+            _fail(on_error, f"{where}: {e}", skipped, key)
+            continue
+        if num_classes is not None and labels[i] >= num_classes:
+            _fail(on_error, f"{where}: label {labels[i]} out of range [0, {num_classes})", skipped, key)
+            labels[i] = -1
+    reader.close()
+    keep = labels >= 0
+    if num_classes is None:
+        num_classes = int(labels[keep].max()) + 1 if keep.any() else 0
+    dataset = RecordDataset(rec_path, idx_path, flavour, keys, offsets, labels, num_classes).select(keep, skipped)
+    if verify_images:
+        from partialfc.data.tools import find_corrupt_images
+        bad = find_corrupt_images(dataset)
+        for key, reason in bad:
+            _fail(on_error, reason, [], key)
+        bad_keys = np.array([k for k, _ in bad], dtype=np.int64)
+        dataset = dataset.select(~np.isin(dataset.keys, bad_keys), bad)
+    if dataset.skipped:
+        log.warning("%s: skipped %d bad record(s), e.g. %s", rec_path, len(dataset.skipped), dataset.skipped[0][1])
+    return dataset
+
