@@ -138,7 +138,9 @@ class PartialFC(nn.Module):
             target_col = torch.where(in_shard, pos, -1)
         self.last_sampled = index
         cos = F.linear(F.normalize(embeddings, dim=1), F.normalize(centres, dim=1))
-        cos = cos.to(torch.promote_types(cos.dtype, torch.float32)).clamp(-1.0, 1.0)
+        cos = cos.to(torch.promote_types(cos.dtype, torch.float32))
+        with torch.no_grad():  # rounding can leave |cos| a hair above 1; the gradient passes through
+            cos.clamp_(-1.0, 1.0)
         return self.loss(cos, target_col, self.group).mean()
 
     def get_extra_state(self) -> dict:
