@@ -15,6 +15,7 @@ import sys
 GROUPS = {
     "bench": ("partialfc.bench.cli", "benchmarks: throughput and memory"),
     "data": ("partialfc.data.cli", "datasets: pack, check, shuffle, synth RecordIO"),
+    # "train": ("partialfc.train.cli", ...), "eval": ("partialfc.eval.cli", ...) join here
 }
 
 
