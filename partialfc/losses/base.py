@@ -23,8 +23,11 @@ class MarginLoss(nn.Module):
 
     Subclasses implement :meth:`psi` (on target cosines, shape ``(n,)``) and may override
     :meth:`objective`. ``gradient="straight_through"`` keeps the forward of ``psi`` but
-    back-propagates as if ``psi(c) = c``. ``inter_threshold`` (inter-class filtering for
-    noisy data) sets non-target cosines above it to 0 before the margin.
+    back-propagates as if ``psi(c) = c``; ``None`` takes the class's ``default_gradient``
+    (the setting behind its paper's published numbers). ``inter_threshold`` (inter-class
+    filtering for noisy data) sets non-target cosines above it to 0 before the margin, in
+    every row (the target entry is never filtered), so the result does not depend on how
+    the classes are sharded.
     """
 
     default_gradient = "exact"
@@ -71,7 +74,11 @@ class MarginLoss(nn.Module):
         return softmax_cross_entropy(logits, target_col, group)
 
     def forward(self, cos: torch.Tensor, target_col: torch.Tensor, group=None) -> torch.Tensor:
-        """Per-row losses ``(B,)``; on a single process ``target_col`` is simply the labels."""
+        """Per-row losses ``(B,)``; on a single process ``target_col`` is simply the labels.
+
+        Half-precision cosines are upcast to fp32 before the margin and the exponentials."""
+        if cos.dtype in (torch.float16, torch.bfloat16):
+            cos = cos.float()
         return self.objective(self.logits(cos, target_col), target_col, group)
 
     def extra_repr(self) -> str:

@@ -5,31 +5,46 @@ from __future__ import annotations
 import inspect
 
 from partialfc.losses.base import MarginLoss
-from partialfc.losses.margins import ArcFace, CosFace, NormFace
+from partialfc.losses.dsoftmax import DSoftmax
+from partialfc.losses.margins import ArcFace, CombinedMargin, CosFace, NormFace
+from partialfc.losses.search import RandomSoftmax, SearchSoftmax
+from partialfc.losses.x2 import X2Softmax
 
 LOSSES: dict[str, type[MarginLoss]] = {
     "normface": NormFace,
     "cosface": CosFace,
     "arcface": ArcFace,
+    "combined": CombinedMargin,
+    "x2softmax": X2Softmax,
+    "dsoftmax": DSoftmax,
+    "search_softmax": SearchSoftmax,
+    "random_softmax": RandomSoftmax,
 }
 
 
+def _own_parameters(klass: type) -> tuple[list[str], bool]:
+    params = inspect.signature(klass.__init__).parameters.values()
+    named = [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    return named, any(p.kind == p.VAR_KEYWORD for p in params)
+
+
 def loss_parameters(cls: type[MarginLoss]) -> list[str]:
-    """Names of the keyword parameters a loss class accepts (its own and the base's)."""
-    names: list[str] = []
-    for klass in cls.__mro__:
-        if klass is object or not issubclass(klass, MarginLoss):
-            continue
-        for name, p in inspect.signature(klass.__init__).parameters.items():
-            if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and name not in names:
-                names.append(name)
+    """Names of the keyword parameters a loss class accepts.
+
+    Convention: a loss's ``__init__`` names its own parameters and forwards ``**kwargs``
+    to :class:`MarginLoss` (``gradient``, ``inter_threshold``), so those are added; the
+    parameters of intermediate classes (e.g. CombinedMargin's m1 for ArcFace) are not."""
+    names, forwards = _own_parameters(cls)
+    if forwards and cls is not MarginLoss:
+        names += [n for n in _own_parameters(MarginLoss)[0] if n not in names]
     return names
 
 
 def build_loss(name: str, **params) -> MarginLoss:
-    """Instantiate the loss registered as ``name`` (case-insensitive) with ``params``.
+    """Instantiate the loss registered as ``name`` (case-insensitive, ``-`` = ``_``) with ``params``.
 
-    Raises ``ValueError`` listing the valid names, or the valid parameters of that loss."""
+    Raises ``ValueError`` listing the valid names, or the valid parameters of that loss;
+    an invalid value raises the loss's own ``ValueError`` naming the parameter and its range."""
     key = name.lower().replace("-", "_")
     if key not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; valid losses: {', '.join(sorted(LOSSES))}")
@@ -39,4 +54,8 @@ def build_loss(name: str, **params) -> MarginLoss:
     if unknown:
         raise ValueError(f"loss {key!r} has no parameter(s) {', '.join(unknown)}; "
                          f"valid parameters: {', '.join(valid)}")
-    return cls(**params)
+    try:
+        return cls(**params)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"invalid parameters for loss {key!r}: {err}; "
+                         f"valid parameters: {', '.join(valid)}") from err

@@ -1,0 +1,345 @@
+"""Every loss against a naive float64 implementation of its formula written here.
+
+The references below re-derive each target-logit transform from losses.md (not from the
+library), form the logits by hand and take ``logsumexp`` / ``log1p`` in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from partialfc.losses import (ArcFace, CombinedMargin, CosFace, DSoftmax, NormFace, RandomSoftmax,
+                              SearchSoftmax, X2Softmax)
+
+CLAMP = 1 - 1e-7
+
+
+def theta_of(c):
+    return torch.arccos(c.clamp(-CLAMP, CLAMP))
+
+
+def ref_combined(c, m1, m2, m3, easy=False):
+    theta = theta_of(c)
+    theta_star = (math.pi - m2) / m1
+    u = max(math.pi - theta_star, 0.0)
+    psi = torch.where(theta <= theta_star, torch.cos(m1 * theta + m2) - m3, c - u * math.sin(u) - m3)
+    return torch.where(c > 0, psi, c) if easy else psi
+
+
+# name -> (library loss, naive psi on target cosines)
+SPECS = {
+    "normface": (lambda **kw: NormFace(s=32.0, **kw), lambda c: c),
+    "cosface": (lambda **kw: CosFace(s=32.0, m=0.35, **kw), lambda c: c - 0.35),
+    "arcface": (lambda **kw: ArcFace(s=64.0, m=0.5, **kw),
+                lambda c: torch.where(theta_of(c) + 0.5 <= math.pi, torch.cos(theta_of(c) + 0.5),
+                                      c - 0.5 * math.sin(0.5))),
+    "arcface_easy": (lambda **kw: ArcFace(s=64.0, m=0.5, easy_margin=True, **kw),
+                     lambda c: torch.where(c > 0, torch.cos(theta_of(c) + 0.5), c)),
+    "combined_1": (lambda **kw: CombinedMargin(s=64.0, m1=1.0, m2=0.3, m3=0.2, **kw),
+                   lambda c: ref_combined(c, 1.0, 0.3, 0.2)),
+    "combined_2": (lambda **kw: CombinedMargin(s=64.0, m1=0.9, m2=0.4, m3=0.15, **kw),
+                   lambda c: ref_combined(c, 0.9, 0.4, 0.15)),
+    "combined_3": (lambda **kw: CombinedMargin(s=32.0, m1=1.2, m2=0.2, m3=0.1, **kw),
+                   lambda c: ref_combined(c, 1.2, 0.2, 0.1)),
+    "x2": (lambda **kw: X2Softmax(**kw), lambda c: -0.9 * theta_of(c) ** 2 + 0.65),
+    "x2_shifted": (lambda **kw: X2Softmax(s=30.0, a=-0.5, h=-0.2, k=0.8, **kw),
+                   lambda c: -0.5 * (theta_of(c) + 0.2) ** 2 + 0.8),
+    "search": (lambda **kw: SearchSoftmax(s=64.0, a=-30.0, **kw), lambda c: c - math.log(31.0) / 64.0),
+}
+ANGULAR = ["arcface", "arcface_easy", "combined_1", "combined_2", "combined_3", "x2", "x2_shifted"]
+
+# Target cosines covering theta near 0 and pi, exactly +-1, and the fallback regions.
+TARGET_COS = torch.tensor([1.0, math.cos(1e-3), 0.97, 0.6, 0.2, 1e-3, -0.3, -0.7, -0.8, -0.86,
+                           -0.9, -0.99, math.cos(math.pi - 1e-3), -1.0], dtype=torch.float64)
+
+
+def make_cos(n_classes=9, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    b = TARGET_COS.numel()
+    cos = torch.rand(b, n_classes, generator=gen, dtype=torch.float64) * 2 - 1
+    labels = torch.randint(0, n_classes, (b,), generator=gen)
+    cos[torch.arange(b), labels] = TARGET_COS
+    cos[0, (labels[0] + 1) % n_classes] = 1.0   # a non-target at exactly +1 ...
+    cos[1, (labels[1] + 1) % n_classes] = -1.0  # ... and at exactly -1
+    return cos.to(dtype), labels
+
+
+def ref_softmax_loss(cos, labels, s, psi, threshold=None, straight_through=False):
+    cos = cos.double()
+    onehot = torch.nn.functional.one_hot(labels, cos.shape[1]).bool()
+    if threshold is not None:
+        cos = torch.where(onehot | (cos <= threshold), cos, torch.zeros_like(cos))
+    target = s * psi(cos)
+    if straight_through:  # forward of the margin, backward of s*c
+        target = s * cos + (target - s * cos).detach()
+    z = torch.where(onehot, target, s * cos)
+    return torch.logsumexp(z, dim=1) - z[onehot]
+
+
+def ref_dsoftmax_loss(cos, labels, s, d, scale=1.0):
+    cos = cos.double()
+    onehot = torch.nn.functional.one_hot(labels, cos.shape[1]).bool()
+    c_y = cos[onehot]
+    intra = torch.log1p(torch.exp(s * (d - c_y)))
+    inter = torch.log1p(scale * torch.where(onehot, 0.0, torch.exp(s * cos)).sum(dim=1))
+    return intra + inter
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("gradient", ["exact", "straight_through"])
+def test_loss_matches_naive_float64(name, gradient):
+    build, psi = SPECS[name]
+    loss = build(gradient=gradient)
+    cos, labels = make_cos()
+    expected = ref_softmax_loss(cos, labels, loss.s, psi)
+    torch.testing.assert_close(loss(cos, labels), expected, rtol=1e-10, atol=1e-10)
+    cos32 = cos.float()
+    got32 = loss(cos32, labels)
+    assert got32.dtype == torch.float32
+    clamp32 = torch.tensor(CLAMP, dtype=torch.float32)  # arccos clamps in the input's precision
+    torch.testing.assert_close(got32.double(), ref_softmax_loss(cos32.clamp(-clamp32, clamp32), labels,
+                                                                loss.s, psi), rtol=1e-5, atol=2e-4)
+
+
+@pytest.mark.parametrize("name", ["cosface", "arcface", "x2", "combined_2"])
+def test_inter_class_filtering(name):
+    build, psi = SPECS[name]
+    loss = build(inter_threshold=0.4)
+    cos, labels = make_cos(seed=3)
+    expected = ref_softmax_loss(cos, labels, loss.s, psi, threshold=0.4)
+    torch.testing.assert_close(loss(cos, labels), expected, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(expected, ref_softmax_loss(cos, labels, loss.s, psi))
+
+
+def smooth_case(seed=1):
+    """Target cosines away from the clamp, fallback thresholds and easy-margin kink."""
+    gen = torch.Generator().manual_seed(seed)
+    cos = (torch.rand(6, 5, generator=gen, dtype=torch.float64) * 1.8 - 0.9)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    cos[torch.arange(6), labels] = torch.tensor([0.95, 0.5, 0.1, -0.4, -0.95, -0.6], dtype=torch.float64)
+    return cos.requires_grad_(True), labels
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_gradcheck_exact(name):
+    loss = SPECS[name][0](gradient="exact")
+    cos, labels = smooth_case()
+    assert torch.autograd.gradcheck(lambda c: loss(c, labels), (cos,))
+
+
+@pytest.mark.parametrize("name", ANGULAR)
+def test_straight_through_target_gradient_is_plain_cosine(name):
+    build, psi = SPECS[name]
+    cos, labels = smooth_case()
+    st = build(gradient="straight_through")
+    grad_st, = torch.autograd.grad(st(cos, labels).sum(), cos)
+    # Reference: dL/dz = softmax(z) - onehot at the margin logits, times dz/dc = s everywhere.
+    with torch.no_grad():
+        onehot = torch.nn.functional.one_hot(labels, cos.shape[1]).double()
+        z = torch.where(onehot.bool(), st.s * psi(cos), st.s * cos)
+        expected = st.s * (torch.softmax(z, dim=1) - onehot)
+    torch.testing.assert_close(grad_st, expected, rtol=1e-10, atol=1e-12)
+    grad_exact, = torch.autograd.grad(build(gradient="exact")(cos, labels).sum(), cos)
+    assert not torch.allclose(grad_exact, grad_st)  # the option really changes the backward
+
+
+def test_default_gradient_modes():
+    assert ArcFace().gradient == "exact" and CombinedMargin().gradient == "exact"
+    assert X2Softmax().gradient == "straight_through"
+    assert X2Softmax(gradient="exact").gradient == "exact"
+
+
+def test_arccos_fallback_region_is_monotone_and_used():
+    c = torch.linspace(-1, 1, 4001, dtype=torch.float64)
+    for loss in (ArcFace(), CombinedMargin(m1=1.2, m2=0.2, m3=0.1), CombinedMargin(m1=0.9, m2=0.4, m3=0.15),
+                 X2Softmax()):
+        assert (torch.diff(loss.psi(c)) >= 0).all(), loss
+    arc = ArcFace(m=0.5)
+    below = torch.tensor([-0.95, -0.999], dtype=torch.float64)
+    torch.testing.assert_close(arc.psi(below), below - 0.5 * math.sin(0.5))
+
+
+# --- D-Softmax --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("regime", ["far", "near", "mixed"])
+@pytest.mark.parametrize("s,d", [(64.0, 0.9), (32.0, 0.5)])
+def test_dsoftmax_matches_naive_float64(regime, s, d):
+    cos, labels = make_cos(n_classes=12, seed=5)
+    negatives = ~torch.nn.functional.one_hot(labels, 12).bool()
+    if regime == "far":
+        cos[negatives] = -1.0
+    elif regime == "near":
+        cos[negatives] = 0.999
+    loss = DSoftmax(s=s, d=d)
+    c = cos.clone().requires_grad_(True)
+    got = loss(c, labels)
+    ref_c = cos.clone().requires_grad_(True)
+    expected = ref_dsoftmax_loss(ref_c, labels, s, d)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    grad, = torch.autograd.grad(got.sum(), c)
+    ref_grad, = torch.autograd.grad(expected.sum(), ref_c)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-9)
+
+
+def test_dsoftmax_rescaled_inter_matches_naive():
+    cos, labels = make_cos(n_classes=12, seed=6)
+    loss = DSoftmax(s=16.0, d=0.7, variant="K", K=8, rescale_inter=True)
+    torch.testing.assert_close(loss(cos, labels), ref_dsoftmax_loss(cos, labels, 16.0, 0.7, scale=8.0),
+                               rtol=1e-10, atol=1e-10)
+
+
+def test_dsoftmax_gradcheck():
+    cos, labels = smooth_case()
+    for loss in (DSoftmax(s=16.0, d=0.6), DSoftmax(s=8.0, d=0.2, variant="K", K=4, rescale_inter=True)):
+        assert torch.autograd.gradcheck(lambda c: loss(c, labels), (cos,))
+
+
+def grads_for_target_values(loss, cos, labels, values):
+    """Gradient w.r.t. the cosines with every row's target cosine set to each of ``values``."""
+    onehot = torch.nn.functional.one_hot(labels, cos.shape[1]).bool()
+    grads = []
+    for value in values:
+        c = torch.where(onehot, value, cos).requires_grad_(True)
+        grads.append(torch.autograd.grad(loss(c, labels).sum(), c)[0])
+    return onehot, grads
+
+
+def test_dsoftmax_inter_gradient_does_not_depend_on_target():
+    cos, labels = make_cos(n_classes=7, seed=8)
+    onehot, grads = grads_for_target_values(DSoftmax(s=32.0, d=0.9), cos, labels, (-0.9, 0.1, 0.95))
+    for g in grads[1:]:
+        torch.testing.assert_close(g[~onehot], grads[0][~onehot], rtol=0, atol=0)
+    # ... whereas the softmax cross-entropy's inter gradient does depend on it.
+    _, softmax_grads = grads_for_target_values(NormFace(s=32.0), cos, labels, (-0.9, 0.95))
+    assert not torch.allclose(softmax_grads[0][~onehot], softmax_grads[1][~onehot])
+    # The intra pull stops once c_y passes d: at c_y = 0.95 it is s*sigmoid(s*(d - c_y)).
+    pull = -grads[2][onehot]
+    expected = 32.0 * torch.sigmoid(torch.tensor(32.0 * (0.9 - 0.95), dtype=torch.float64))
+    torch.testing.assert_close(pull, expected.expand_as(pull), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("variant,K,rate", [("full", None, None), ("B", None, 0.0), ("K", 64, 1 / 64),
+                                            ("k", 10, 0.1)])
+def test_dsoftmax_variant_selects_head_sample_rate(variant, K, rate):
+    from partialfc import PartialFC
+
+    loss = DSoftmax(variant=variant, K=K)
+    assert loss.sample_rate == rate
+    head = PartialFC(8, 1000, loss=loss)
+    assert head.sample_rate == (1.0 if rate is None else rate)
+
+
+# --- Random / Search-Softmax --------------------------------------------------------------
+
+@pytest.mark.parametrize("a", [0.0, -1e-12, -0.5, -3.0, -1e4, -math.exp(64 / 3)])
+def test_search_softmax_equals_unified_form_and_cosface(a):
+    s = 64.0
+    cos, labels = make_cos(seed=9)
+    loss = SearchSoftmax(s=s, a=a)
+    got = loss(cos, labels)
+    # Unified form: L = -log p + log(a*p + 1 - a), p the plain softmax probability of the target,
+    # with a*p + 1 - a written as 1 - a*(1 - p) and log(1 - p) as a log-sum-exp over the
+    # non-targets, to keep float64 accurate for huge |a| and p near 1.
+    z = s * cos
+    onehot = torch.nn.functional.one_hot(labels, z.shape[1]).bool()
+    log_p = torch.log_softmax(z, dim=1)[onehot]
+    log_1mp = torch.logsumexp(z.masked_fill(onehot, float("-inf")), dim=1) - torch.logsumexp(z, dim=1)
+    unified = -log_p + torch.log1p(-a * torch.exp(log_1mp))
+    torch.testing.assert_close(got, unified, rtol=1e-9, atol=1e-9)
+    cosface = CosFace(s=s, m=math.log(1 - a) / s)(cos, labels)
+    torch.testing.assert_close(got, cosface, rtol=1e-12, atol=1e-12)
+
+
+def test_search_softmax_set_a_per_epoch():
+    cos, labels = make_cos(seed=10)
+    loss = SearchSoftmax(s=32.0)
+    torch.testing.assert_close(loss(cos, labels), NormFace(s=32.0)(cos, labels))
+    loss.set_a(-2.0)
+    assert loss.margin == pytest.approx(math.log(3.0) / 32.0)
+    torch.testing.assert_close(loss(cos, labels), CosFace(s=32.0, m=math.log(3.0) / 32.0)(cos, labels))
+    for bad in (0.1, float("nan"), float("-inf")):
+        with pytest.raises(ValueError, match="a <= 0"):
+            loss.set_a(bad)
+    assert loss.a == -2.0  # a rejected value leaves the loss unchanged
+
+
+def test_random_softmax_draws_reproducible_margins():
+    a, b = RandomSoftmax(s=64.0, seed=3), RandomSoftmax(s=64.0, seed=3)
+    draws = [a.set_epoch(e) for e in range(20)]
+    assert draws == [b.set_epoch(e) for e in range(20)]
+    assert len(set(draws)) == 20 and all(x < 0 for x in draws)
+    margins = []
+    for e in range(20):
+        a.set_epoch(e)
+        margins.append(a.margin)
+    assert 0.15 < min(margins) and max(margins) < 0.36
+
+
+# --- X2-Softmax ---------------------------------------------------------------------------
+
+def two_class_margin_deg(psi, phi):
+    """Angular gap between the two classes' decision boundaries for centres ``phi`` apart:
+    class 1's boundary solves psi(cos t) = cos(phi - t) (bisection on [0, phi/2])."""
+    lo, hi = 0.0, phi / 2
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        c = torch.tensor([math.cos(mid)], dtype=torch.float64)
+        if psi(c).item() > math.cos(phi - mid):
+            lo = mid
+        else:
+            hi = mid
+    return math.degrees(phi - 2 * lo)
+
+
+def test_x2_decision_margin_grows_above_90_degrees():
+    x2 = X2Softmax()
+    angles = [math.radians(a) for a in range(90, 181, 10)]
+    margins = [two_class_margin_deg(x2.psi, phi) for phi in angles]
+    assert all(b > a for a, b in zip(margins, margins[1:]))
+    assert margins[0] == pytest.approx(36.0, abs=0.5)   # losses.md: 36 at 90 degrees,
+    assert margins[6] == pytest.approx(44.0, abs=0.5)   # 44 at 150,
+    assert margins[-1] == pytest.approx(53.0, abs=0.5)  # 53 at 180
+    arc = [two_class_margin_deg(ArcFace().psi, phi) for phi in angles]
+    assert max(arc) - min(arc) < 1e-6 and arc[0] == pytest.approx(math.degrees(0.5), abs=1e-6)
+
+
+def test_x2_penalty_values():
+    theta = torch.tensor([0.0, 30.0, 45.0, 60.0, 90.0], dtype=torch.float64).deg2rad()
+    c = torch.cos(theta)
+    penalty = c - X2Softmax().psi(c)
+    expected = torch.tensor([0.350, 0.463, 0.612, 0.837, 1.571], dtype=torch.float64)
+    torch.testing.assert_close(penalty, expected, atol=1e-3, rtol=0)
+
+
+# --- numerics -----------------------------------------------------------------------------
+
+ALL_LOSSES = [lambda: NormFace(), lambda: CosFace(), lambda: ArcFace(), lambda: ArcFace(easy_margin=True),
+              lambda: CombinedMargin(), lambda: X2Softmax(), lambda: X2Softmax(gradient="exact"),
+              lambda: DSoftmax(), lambda: DSoftmax(variant="K", K=64, rescale_inter=True),
+              lambda: SearchSoftmax(a=-1e6), lambda: ArcFace(gradient="straight_through", inter_threshold=0.4)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_extreme_inputs_stay_finite(dtype):
+    """s=64, 10^6 classes, cosines exactly +-1 at targets and non-targets, half inputs."""
+    gen = torch.Generator().manual_seed(11)
+    n = 10 ** 6
+    cos = (torch.rand(4, n, generator=gen) * 2 - 1)
+    labels = torch.tensor([0, 1, 2, n - 1])
+    cos[:, :4] = torch.tensor([[1.0, -1.0, 1.0, 1.0], [1.0, -1.0, -1.0, 1.0],
+                               [1.0, 1.0, -1.0, -1.0], [-1.0, -1.0, -1.0, -1.0]])
+    cos[2, 5:] = 1.0  # every negative at +1
+    cos[3, n - 1] = -1.0
+    cos = cos.to(dtype)
+    for make in ALL_LOSSES:
+        loss = make()
+        c = cos.clone().requires_grad_(True)
+        out = loss(c, labels)
+        assert out.dtype == torch.float32
+        out.sum().backward()
+        assert torch.isfinite(out).all() and torch.isfinite(c.grad).all(), loss
+        if dtype != torch.float32:  # upcast before the margin: same as fp32 on the rounded input
+            torch.testing.assert_close(out, loss(cos.float(), labels), rtol=0, atol=0)
