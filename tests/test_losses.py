@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from partialfc.losses import (ArcFace, CombinedMargin, CosFace, DSoftmax, NormFace, RandomSoftmax,
-                              SearchSoftmax, X2Softmax)
+                              SearchSoftmax, X2Softmax, build_loss)
 
 CLAMP = 1 - 1e-7
 
@@ -343,3 +343,42 @@ def test_extreme_inputs_stay_finite(dtype):
         assert torch.isfinite(out).all() and torch.isfinite(c.grad).all(), loss
         if dtype != torch.float32:  # upcast before the margin: same as fp32 on the rounded input
             torch.testing.assert_close(out, loss(cos.float(), labels), rtol=0, atol=0)
+
+
+# --- registry -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,params,cls", [
+    ("normface", {}, NormFace), ("CosFace", {"m": 0.35}, CosFace), ("arcface", {"m": 0.5}, ArcFace),
+    ("combined", {"m1": 0.9, "m2": 0.4, "m3": 0.15}, CombinedMargin), ("x2softmax", {"a": -0.8}, X2Softmax),
+    ("dsoftmax", {"variant": "K", "K": 64}, DSoftmax), ("search-softmax", {"a": -1.0}, SearchSoftmax),
+    ("random_softmax", {"sigma": 0.3}, RandomSoftmax)])
+def test_build_loss_by_name(name, params, cls):
+    loss = build_loss(name, **params)
+    assert type(loss) is cls
+    for key, value in params.items():
+        assert getattr(loss, key) == value
+
+
+def test_build_loss_errors_list_valid_choices():
+    with pytest.raises(ValueError, match="valid losses: arcface, combined, cosface, dsoftmax, normface, "
+                                         "random_softmax, search_softmax, x2softmax"):
+        build_loss("sphereface")
+    with pytest.raises(ValueError, match=r"no parameter\(s\) m1; valid parameters: s, m, easy_margin, "
+                                         "gradient, inter_threshold"):
+        build_loss("arcface", m1=1.0)
+    with pytest.raises(ValueError, match="valid parameters: s, d, variant, K, rescale_inter"):
+        build_loss("dsoftmax", k=64)
+
+
+@pytest.mark.parametrize("name,params,message", [
+    ("x2softmax", {"a": 0.1}, "a < 0"), ("x2softmax", {"h": 0.5}, "h <= 0"),
+    ("dsoftmax", {"variant": "Q"}, "full, B, K"), ("dsoftmax", {"variant": "K"}, "needs K >= 1"),
+    ("dsoftmax", {"K": 8}, "only used with variant='K'"), ("dsoftmax", {"rescale_inter": True}, "variant='K' only"),
+    ("dsoftmax", {"d": 2.0}, r"\[-1, 1\]"), ("search_softmax", {"a": 0.5}, "a <= 0"),
+    ("combined", {"m1": 0.0}, "m1 must be > 0"), ("combined", {"m1": 4.0, "m2": 0.0}, "monotone"),
+    ("arcface", {"m": 3.5}, r"\[0, pi\)"), ("cosface", {"s": -1.0}, "s must be > 0"),
+    ("arcface", {"gradient": "fast"}, "exact.*straight_through"), ("random_softmax", {"sigma": 0}, "sigma > 0"),
+    ("cosface", {"s": "big"}, "valid parameters: s, m")])
+def test_build_loss_rejects_invalid_values(name, params, message):
+    with pytest.raises(ValueError, match=message):
+        build_loss(name, **params)
