@@ -76,3 +76,10 @@ def write_header_dataset(prefix, labels, image_seed: int = 0) -> tuple[str, str]
         end = first + labels.count(c)
         records.append((n + 1 + c, hand_label_array_payload([first, end])))
     return write_hand_rec(prefix, records)
+
+
+def write_unique_label_dataset(prefix, n: int) -> tuple[str, str]:
+    """A plain-flavour dataset of ``n`` smooth JPEGs where record ``k`` has label ``k``, so a
+    label identifies the sample. Written by hand."""
+    return write_hand_rec(prefix, [(k, hand_image_payload(k, jpeg_bytes(smooth_image(k)), key=k))
+                                   for k in range(n)])

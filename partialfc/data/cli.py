@@ -1,0 +1,101 @@
+"""``partialfc data pack|check|shuffle|synth|index``."""
+
+from __future__ import annotations
+
+import sys
+
+from partialfc.data.recordio import RecordIOError
+
+
+def _report_errors(func):
+    """Turn a missing or malformed input into a one-line message and exit code 2."""
+    def run(args) -> int:
+        try:
+            return func(args)
+        except (FileNotFoundError, RecordIOError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return run
+
+
+def _pack(args) -> int:
+    from partialfc.data.tools import pack_folder
+    n, k = pack_folder(args.src_dir, args.out_prefix, None if args.size <= 0 else args.size, args.quality, args.workers)
+    print(f"packed {n} images of {k} identities into {args.out_prefix}.rec/.idx (names in {args.out_prefix}.names)")
+    return 0
+
+
+def _check(args) -> int:
+    from partialfc.data.tools import check_dataset
+    report = check_dataset(args.path, decode=not args.no_decode, workers=args.workers)
+    lo, hi = report.label_range
+    print(f"{report.rec_path} ({report.flavour} flavour)\nimages: {report.num_images}\n"
+          f"classes: {report.num_classes}\nlabels: {lo}..{hi}")
+    for _, reason in report.bad_records:
+        print(f"  bad: {reason}")
+    if report.bad_records:
+        print(f"{len(report.bad_records)} bad record(s)")
+        return 1
+    return 0
+
+
+def _shuffle(args) -> int:
+    from partialfc.data.tools import shuffle_dataset
+    n = shuffle_dataset(args.src, args.out_prefix, args.seed)
+    print(f"wrote {n} images in random order to {args.out_prefix}.rec/.idx")
+    return 0
+
+
+def _synth(args) -> int:
+    from partialfc.data.synthetic import write_synthetic_dataset
+    result = write_synthetic_dataset(args.out_prefix, args.identities, args.images_per_identity,
+                                     args.verification_identities, args.verification_pairs, args.seed,
+                                     args.quality, args.shuffle, args.workers)
+    print(f"wrote {result.num_images} images of {result.num_classes} identities to {result.rec_path}"
+          + (f", {result.num_pairs} verification pairs to {result.bin_path}" if result.bin_path else ""))
+    return 0
+
+
+def _index(args) -> int:
+    from partialfc.data.tools import write_dali_index
+    print(f"wrote {write_dali_index(args.path, args.out)} (image records only, for DALI)")
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser("pack", help="pack SRC_DIR/<identity>/<images> into OUT_PREFIX.rec/.idx")
+    p.add_argument("src_dir")
+    p.add_argument("out_prefix")
+    p.add_argument("--size", type=int, default=112, help="resize to SIZE x SIZE (0: keep the size)")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding")
+    p.add_argument("--workers", type=int, default=None)
+    p.set_defaults(func=_report_errors(_pack))
+
+    p = subparsers.add_parser("check", help="count images/classes, label range, list corrupt or truncated records")
+    p.add_argument("path", help="the .rec file or its prefix")
+    p.add_argument("--no-decode", action="store_true", help="check the container and labels only")
+    p.add_argument("--workers", type=int, default=None)
+    p.set_defaults(func=_report_errors(_check))
+
+    p = subparsers.add_parser("shuffle", help="rewrite the image records in random order (plain flavour)")
+    p.add_argument("src")
+    p.add_argument("out_prefix")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_report_errors(_shuffle))
+
+    p = subparsers.add_parser("synth", help="write a learnable synthetic identity dataset and a verification .bin")
+    p.add_argument("out_prefix")
+    p.add_argument("--identities", type=int, default=1000)
+    p.add_argument("--images-per-identity", type=int, default=20)
+    p.add_argument("--verification-identities", type=int, default=100)
+    p.add_argument("--verification-pairs", type=int, default=1000, help="0: no .bin")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quality", type=int, default=90)
+    p.add_argument("--shuffle", action="store_true", help="random record order (plain flavour), for DALI")
+    p.add_argument("--workers", type=int, default=None)
+    p.set_defaults(func=_report_errors(_synth))
+
+    p = subparsers.add_parser("index", help="write the index DALI needs (image records only)")
+    p.add_argument("path", help="the .rec file or its prefix")
+    p.add_argument("--out", default=None, help="default: PREFIX.dali.idx")
+    p.set_defaults(func=_report_errors(_index))

@@ -1,0 +1,95 @@
+"""What every training loader shares: the output contract, sharding arithmetic, and the
+epoch/batch position that makes a run resumable.
+
+Contract: iterating a loader yields one epoch of ``(images, labels)`` batches, ``images``
+float32 ``(N, 3, 112, 112)`` normalised as ``(x / 255 - 0.5) / 0.5`` and ``labels`` int64
+``(N,)`` (exact class ids), both on the loader's device. Every rank yields the same number of
+batches per epoch (``len(loader)``): with ``drop_last=True`` (training) only full batches and
+each sample at most once; with ``drop_last=False`` each sample exactly once over all ranks, a
+rank's last batch possibly smaller (even empty). Shards follow DALI's split: shard ``s`` of
+``S`` holds samples ``[floor(N s / S), floor(N (s+1) / S))`` of the epoch's order.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+
+from partialfc import dist
+from partialfc.data.dataset_index import RecordDataset, open_dataset
+
+IMAGE_SIZE = 112
+
+
+def shard_bounds(num_samples: int, num_shards: int, shard: int) -> tuple[int, int]:
+    return num_samples * shard // num_shards, num_samples * (shard + 1) // num_shards
+
+
+def batches_per_epoch(num_samples: int, num_shards: int, batch_size: int, drop_last: bool) -> int:
+    """Batches each rank yields per epoch (same on every rank)."""
+    if drop_last:
+        return (num_samples // num_shards) // batch_size
+    return math.ceil(math.ceil(num_samples / num_shards) / batch_size)
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(N, 3, H, W)`` -> float32 ``(x / 255 - 0.5) / 0.5``."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+class EpochLoader:
+    """Base of the loaders: rank layout, the epoch/batch position and its save/restore.
+
+    Subclasses implement ``_batches(epoch, start)`` yielding the batches of ``epoch`` from
+    batch index ``start`` on. Breaking out of an epoch and iterating again resumes where it
+    stopped; ``state_dict()`` / ``load_state_dict()`` carry the position across runs.
+    """
+
+    def __init__(self, dataset: RecordDataset | str, batch_size: int, rank: int | None, world_size: int | None,
+                 drop_last: bool, device: torch.device | str | None, seed: int,
+                 on_error: str = "raise", verify_images: bool = False):
+        self.dataset = dataset if isinstance(dataset, RecordDataset) else open_dataset(
+            dataset, on_error=on_error, verify_images=verify_images)
+        self.batch_size = batch_size
+        self.rank = dist.get_rank() if rank is None else rank
+        self.world_size = dist.get_world_size() if world_size is None else world_size
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
+        self.drop_last = drop_last
+        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.seed = seed
+        self.epoch = 0
+        self.batches_consumed = 0
+        if len(self) == 0:
+            raise ValueError(f"{self.dataset.rec_path}: {self.dataset.num_images} images give no full batch of "
+                             f"{batch_size} on each of {self.world_size} ranks")
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+    @property
+    def num_images(self) -> int:
+        return self.dataset.num_images
+
+    def __len__(self) -> int:
+        return batches_per_epoch(self.dataset.num_images, self.world_size, self.batch_size, self.drop_last)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in self._batches(self.epoch, self.batches_consumed):
+            self.batches_consumed += 1
+            yield batch
+        self.epoch += 1
+        self.batches_consumed = 0
+
+    def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_consumed": self.batches_consumed, "seed": self.seed,
+                "world_size": self.world_size, "rank": self.rank, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batches_consumed = int(state["epoch"]), int(state["batches_consumed"])

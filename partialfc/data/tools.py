@@ -1,0 +1,140 @@
+"""Dataset tools behind ``partialfc data ...``: pack a folder tree, check, shuffle, DALI index."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from partialfc.data.dataset_index import RecordDataset, open_dataset, resolve_paths
+from partialfc.data.images import decode_image, encode_jpeg
+from partialfc.data.parallel import ordered_map
+from partialfc.data.recordio import RecordIOError, RecordReader, RecordWriter, pack_payload, pack_range
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+_CHUNK = 256  # records per parallel task
+
+
+def _check_chunk(task: tuple[str, list[tuple[int, int]]]) -> list[tuple[int, str]]:
+    """Decode every image of ``[(key, offset), ...]``; return ``(key, reason)`` of the bad ones."""
+    from partialfc.data.recordio import unpack_payload
+    rec_path, records = task
+    reader = RecordReader(rec_path)
+    bad = []
+    for key, offset in records:
+        try:
+            decode_image(unpack_payload(reader.read_at(offset, key)[0])[2])
+        except RecordIOError as e:
+            bad.append((key, str(e)))
+        except (OSError, ValueError) as e:
+            bad.append((key, f"{rec_path}: record {key} (offset {offset}): corrupt image ({e})"))
+    reader.close()
+    return bad
+
+
+def find_corrupt_images(dataset: RecordDataset, workers: int | None = None,
+                        progress: bool = True) -> list[tuple[int, str]]:
+    """``(key, reason)`` for every image record that cannot be read or fully decoded."""
+    pairs = list(zip(dataset.keys.tolist(), dataset.offsets.tolist()))
+    chunks = [(dataset.rec_path, pairs[i:i + _CHUNK]) for i in range(0, len(pairs), _CHUNK)]
+    bad: list[tuple[int, str]] = []
+    for result in ordered_map(_check_chunk, chunks, len(chunks), workers if len(chunks) > 1 else 1,
+                              desc="decoding images", unit="chunk", progress=progress, chunksize=1):
+        bad += result
+    return bad
+
+
+@dataclass
+class CheckReport:
+    """What ``partialfc data check`` prints."""
+
+    rec_path: str
+    flavour: str
+    num_images: int
+    num_classes: int
+    label_range: tuple[int, int]
+    bad_records: list[tuple[int, str]] = field(default_factory=list)
+
+
+def check_dataset(path: str, decode: bool = True, workers: int | None = None, progress: bool = True) -> CheckReport:
+    """Read every record (and decode every image when ``decode``); list the bad ones."""
+    dataset = open_dataset(path, on_error="skip", progress=progress)
+    corrupt = find_corrupt_images(dataset, workers, progress) if decode else []
+    return CheckReport(dataset.rec_path, dataset.flavour, dataset.num_images - len(corrupt), dataset.num_classes,
+                       dataset.label_range(), sorted(dataset.skipped + corrupt))
+
+
+def _load_for_pack(task: tuple[str, int, int | None, int]) -> bytes:
+    """JPEG bytes of one source image: the file itself if it is a JPEG of the right size and no
+    resize is asked, else re-encoded (RGB, resized to ``size`` when given)."""
+    from PIL import Image
+    path, quality, size, _ = task
+    data = Path(path).read_bytes()
+    with Image.open(path) as im:
+        if im.format == "JPEG" and im.mode == "RGB" and (size is None or im.size == (size, size)):
+            return data
+        im = im.convert("RGB")
+        if size is not None and im.size != (size, size):
+            im = im.resize((size, size), Image.BILINEAR)
+        return encode_jpeg(im, quality)
+
+
+def list_image_folders(src_dir: str) -> list[tuple[str, list[str]]]:
+    """``[(identity folder name, sorted image paths), ...]`` sorted by folder name; class id =
+    position in this list. Folders without images are skipped."""
+    identities = []
+    for entry in sorted(os.scandir(src_dir), key=lambda e: e.name):
+        if entry.is_dir():
+            files = sorted(f.path for f in os.scandir(entry.path)
+                           if f.is_file() and Path(f.name).suffix.lower() in IMAGE_SUFFIXES)
+            if files:
+                identities.append((entry.name, files))
+    if not identities:
+        raise FileNotFoundError(f"{src_dir}: no identity folders with images")
+    return identities
+
+
+def pack_folder(src_dir: str, out_prefix: str, size: int | None = 112, quality: int = 95,
+                workers: int | None = None, progress: bool = True) -> tuple[int, int]:
+    """Pack ``src_dir/<identity>/<image>`` into a header-flavour ``out_prefix.rec/.idx`` plus
+    ``out_prefix.names`` (class id -> folder name). Atomic. Returns (num_images, num_classes)."""
+    identities = list_image_folders(src_dir)
+    tasks = [(path, quality, size, label) for label, (_, files) in enumerate(identities) for path in files]
+    n, k = len(tasks), len(identities)
+    with RecordWriter(out_prefix + ".rec", out_prefix + ".idx") as writer:
+        writer.write(0, pack_range(n + 1, n + 1 + k))
+        for key, (jpeg, task) in enumerate(zip(ordered_map(_load_for_pack, tasks, n, workers, desc="packing",
+                                                           unit="img", progress=progress, chunksize=32),
+                                               tasks), start=1):
+            writer.write(key, pack_payload(task[3], jpeg, key=key))
+        first = 1
+        for label, (_, files) in enumerate(identities):
+            writer.write(n + 1 + label, pack_range(first, first + len(files)))
+            first += len(files)
+    tmp = out_prefix + ".names.tmp"
+    Path(tmp).write_text("".join(f"{name}\n" for name, _ in identities))
+    os.replace(tmp, out_prefix + ".names")
+    return n, k
+
+
+def shuffle_dataset(src: str, out_prefix: str, seed: int = 0, progress: bool = True) -> int:
+    """Copy the image records of ``src`` in a random order into a plain-flavour
+    ``out_prefix.rec/.idx`` (keys ``0..N-1``; identity key ranges no longer hold, so no header).
+    Payloads are copied byte for byte. Returns the number of images."""
+    from tqdm import tqdm
+    dataset = open_dataset(src, progress=progress)
+    order = np.random.default_rng(seed).permutation(dataset.num_images)
+    reader = dataset.reader()
+    with RecordWriter(out_prefix + ".rec", out_prefix + ".idx") as writer:
+        for new_key, i in enumerate(tqdm(order, desc="shuffling", unit="rec", disable=not progress,
+                                         mininterval=0.5)):
+            writer.write(new_key, reader.read_at(int(dataset.offsets[i]), int(dataset.keys[i]))[0])
+    return dataset.num_images
+
+
+def write_dali_index(path: str, out: str | None = None) -> str:
+    """Write the index DALI needs (image records only) to ``out`` (default ``PREFIX.dali.idx``)."""
+    rec, _ = resolve_paths(path)
+    return open_dataset(path).write_dali_index(out or rec[:-4] + ".dali.idx")

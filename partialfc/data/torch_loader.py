@@ -1,0 +1,102 @@
+"""PyTorch ``DataLoader`` over RecordIO, for machines without DALI.
+
+Each epoch draws a global permutation from ``(seed, epoch)`` (same on every rank, so no
+communication), cuts it into DALI-style shards and decodes with Pillow in worker processes.
+Flips are drawn with the permutation, so a position ``(epoch, batch)`` fully determines the
+following batches, whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from partialfc.data.dataset_index import RecordDataset
+from partialfc.data.images import decode_image
+from partialfc.data.loader import IMAGE_SIZE, EpochLoader, normalise, shard_bounds
+from partialfc.data.recordio import RecordIOError, unpack_payload
+
+
+class RecordImages(Dataset):
+    """Item ``(index, flip)`` -> (uint8 ``(3, 112, 112)`` RGB array, exact int label)."""
+
+    def __init__(self, dataset: RecordDataset):
+        self.dataset = dataset
+        self.reader = dataset.reader()
+
+    def __len__(self) -> int:
+        return self.dataset.num_images
+
+    def __getitem__(self, item: tuple[int, bool]) -> tuple[np.ndarray, int]:
+        index, flip = item
+        key, offset = int(self.dataset.keys[index]), int(self.dataset.offsets[index])
+        payload, _ = self.reader.read_at(offset, key)
+        where = f"{self.dataset.rec_path}: record {key}"
+        try:
+            image = decode_image(unpack_payload(payload)[2])
+        except (OSError, ValueError) as e:
+            raise RecordIOError(f"{where}: image cannot be decoded ({e})") from None
+        if image.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
+            raise RecordIOError(f"{where}: image is {image.shape[1]}x{image.shape[0]}, expected "
+                                f"{IMAGE_SIZE}x{IMAGE_SIZE} (aligned face crops)")
+        if flip:
+            image = image[:, ::-1]
+        return image.transpose(2, 0, 1), int(self.dataset.labels[index])
+
+
+def collate(items: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 ``(N, 3, 112, 112)`` and int64 ``(N,)`` (numpy stacking: torch.stack of uint8 is slow)."""
+    if not items:
+        return torch.empty(0, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
+    images, labels = zip(*items)
+    return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64)
+
+
+class EpochBatchSampler:
+    """Batches of ``(index, flip)`` for this rank in one epoch, from batch ``start`` on."""
+
+    def __init__(self, loader: "TorchLoader"):
+        self.loader = loader
+        self.epoch = self.start = 0
+
+    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
+        lo = self.loader
+        n = lo.dataset.num_images
+        rng = np.random.default_rng([lo.seed, self.epoch])
+        order = rng.permutation(n) if lo.shuffle else np.arange(n)
+        flips = (rng.random(n) < 0.5) if lo.flip else np.zeros(n, dtype=bool)
+        begin, end = shard_bounds(n, lo.world_size, lo.rank)
+        for b in range(self.start, len(lo)):
+            idx = range(begin + b * lo.batch_size, min(begin + (b + 1) * lo.batch_size, end))
+            yield [(int(order[i]), bool(flips[i])) for i in idx]
+
+    def __len__(self) -> int:
+        return len(self.loader) - self.start
+
+
+class TorchLoader(EpochLoader):
+    """Multi-process PyTorch loader with the contract of :mod:`partialfc.data.loader`.
+
+    ``dataset``: a path (``.rec``/``.idx``/prefix) or an opened :class:`RecordDataset`.
+    ``rank``/``world_size`` default to the process group (single process if none).
+    """
+
+    def __init__(self, dataset: RecordDataset | str, batch_size: int, rank: int | None = None,
+                 world_size: int | None = None, device: torch.device | str | None = None,
+                 shuffle: bool = True, flip: bool = True, drop_last: bool = True, seed: int = 0,
+                 num_workers: int = 2, on_error: str = "raise", verify_images: bool = False):
+        super().__init__(dataset, batch_size, rank, world_size, drop_last, device, seed, on_error, verify_images)
+        self.shuffle, self.flip = shuffle, flip
+        self.sampler = EpochBatchSampler(self)
+        self.loader = DataLoader(RecordImages(self.dataset), batch_sampler=self.sampler, num_workers=num_workers,
+                                 collate_fn=collate, pin_memory=self.device.type == "cuda",
+                                 persistent_workers=num_workers > 0)
+
+    def _batches(self, epoch: int, start: int):
+        self.sampler.epoch, self.sampler.start = epoch, start
+        for images, labels in self.loader:
+            yield (normalise(images.to(self.device, non_blocking=True)),
+                   labels.to(self.device, non_blocking=True))

@@ -1,0 +1,134 @@
+"""Synthetic identities, the verification .bin, and the dataset tools (pack/check/shuffle)."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from partialfc.data.cli import add_commands
+from partialfc.data.dataset_index import HEADER, PLAIN, open_dataset
+from partialfc.data.images import decode_image
+from partialfc.data.recordio import RecordReader, unpack_payload
+from partialfc.data.synthetic import write_synthetic_dataset
+from partialfc.data.tools import check_dataset, pack_folder, shuffle_dataset
+from partialfc.data.verification_bin import load_bin_images, read_bin, write_bin
+from tests.data_helpers import smooth_image, write_unique_label_dataset
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    prefix = tmp_path_factory.mktemp("synth") / "s"
+    return write_synthetic_dataset(prefix, num_identities=12, images_per_identity=10, verification_identities=6,
+                                   verification_pairs=40, seed=1, workers=2, progress=False)
+
+
+def _images(dataset) -> np.ndarray:
+    reader = RecordReader(dataset.rec_path)
+    return np.stack([decode_image(unpack_payload(reader.read_at(int(o))[0])[2]) for o in dataset.offsets])
+
+
+def test_synthetic_dataset_layout(synth):
+    ds = open_dataset(synth.rec_path)
+    assert (ds.flavour, ds.num_images, ds.num_classes) == (HEADER, 120, 12)
+    assert ds.labels.tolist() == [i // 10 for i in range(120)]
+    assert _images(ds).shape == (120, 112, 112, 3)
+
+
+def test_synthetic_identities_are_learnable(synth):
+    """Nearest class mean on downsampled pixels (a far weaker learner than a CNN) separates
+    identities on held-out views well above chance, while views of one identity still differ."""
+    ds = open_dataset(synth.rec_path)
+    small = np.stack([np.asarray(Image.fromarray(im).resize((16, 16), Image.BILINEAR), np.float32).ravel()
+                      for im in _images(ds)]).reshape(12, 10, -1)
+    means = small[:, :6].mean(1)
+    test = small[:, 6:].reshape(-1, small.shape[-1])
+    pred = ((test[:, None] - means[None]) ** 2).sum(-1).argmin(1)
+    accuracy = (pred == np.repeat(np.arange(12), 4)).mean()
+    assert accuracy > 0.6, accuracy
+    assert np.abs(small[:, 0] - small[:, 1]).mean() > 5  # augmentation really varies the views
+
+
+def test_verification_bin(synth, tmp_path):
+    images, issame = read_bin(synth.bin_path)
+    assert len(images) == 80 and issame.tolist() == [True, False] * 20
+    decoded, issame2 = load_bin_images(synth.bin_path)
+    assert decoded.shape == (80, 3, 112, 112) and decoded.dtype == np.uint8 and (issame2 == issame).all()
+    # Python-2 style files hold numpy byte arrays; read with encoding="bytes"
+    legacy = tmp_path / "legacy.bin"
+    with open(legacy, "wb") as f:
+        pickle.dump(([np.frombuffer(b, np.uint8) for b in images[:4]], [True, False]), f, protocol=2)
+    assert read_bin(legacy)[0] == images[:4]
+    with pytest.raises(ValueError, match="2 per pair"):
+        write_bin(tmp_path / "x.bin", images[:3], [True, False])
+
+
+def test_pack_check_shuffle(tmp_path):
+    src = tmp_path / "faces"
+    counts = {"bob": 3, "alice": 2, "carol": 4}
+    for name, n in counts.items():
+        (src / name).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(smooth_image(hash((name, i)) % 1000, size=120)).save(src / name / f"{i}.png")
+    (src / "empty").mkdir()
+    assert pack_folder(str(src), str(tmp_path / "p"), workers=2, progress=False) == (9, 3)
+    ds = open_dataset(tmp_path / "p")
+    assert ds.flavour == HEADER and ds.labels.tolist() == [0, 0, 1, 1, 1, 2, 2, 2, 2]  # alice, bob, carol
+    assert (tmp_path / "p.names").read_text().split() == ["alice", "bob", "carol"]
+    assert _images(ds).shape == (9, 112, 112, 3)
+
+    report = check_dataset(str(tmp_path / "p.rec"), workers=1, progress=False)
+    assert (report.num_images, report.num_classes, report.label_range, report.bad_records) == (9, 3, (0, 2), [])
+
+    assert shuffle_dataset(str(tmp_path / "p"), str(tmp_path / "q"), seed=0, progress=False) == 9
+    shuffled = open_dataset(tmp_path / "q")
+    assert shuffled.flavour == PLAIN and sorted(shuffled.labels.tolist()) == ds.labels.tolist()
+    assert shuffled.labels.tolist() != ds.labels.tolist()
+    originals = {bytes(RecordReader(ds.rec_path).read_at(int(o))[0]) for o in ds.offsets}
+    assert {bytes(RecordReader(shuffled.rec_path).read_at(int(o))[0]) for o in shuffled.offsets} == originals
+
+
+def _cli(*argv) -> int:
+    import argparse
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args([str(a) for a in argv])
+    return args.func(args)
+
+
+def test_cli_check_lists_corrupt_records(tmp_path, capsys):
+    write_unique_label_dataset(tmp_path / "u", 30)
+    assert _cli("check", tmp_path / "u.rec") == 0
+    out = capsys.readouterr().out
+    assert "images: 30" in out and "classes: 30" in out and "labels: 0..29" in out
+    # corrupt record 4's JPEG in place (same length, so the container stays valid)
+    reader = RecordReader(tmp_path / "u.rec", tmp_path / "u.idx")
+    offset = reader.offset_of[4]
+    payload = reader.read(4)
+    data = bytearray((tmp_path / "u.rec").read_bytes())
+    start = offset + 8 + 24  # the JPEG's SOI and APP0 markers
+    data[start:start + 8] = b"garbage!"
+    (tmp_path / "u.rec").write_bytes(bytes(data))
+    assert payload != RecordReader(tmp_path / "u.rec", tmp_path / "u.idx").read(4)
+    assert _cli("check", tmp_path / "u") == 1
+    out = capsys.readouterr().out
+    assert "record 4" in out and "1 bad record" in out
+
+
+def test_cli_synth_and_index(tmp_path, capsys):
+    assert _cli("synth", tmp_path / "s", "--identities", 5, "--images-per-identity", 4,
+                "--verification-pairs", 10, "--verification-identities", 3, "--shuffle") == 0
+    ds = open_dataset(tmp_path / "s")
+    assert (ds.flavour, ds.num_images, ds.num_classes) == (PLAIN, 20, 5)
+    assert len(read_bin(tmp_path / "s.bin")[1]) == 10
+    assert _cli("pack", tmp_path / "missing", tmp_path / "x") == 2
+    assert _cli("index", tmp_path / "h") == 2  # no such dataset
+    write_unique_label_dataset(tmp_path / "u", 3)
+    assert _cli("index", tmp_path / "u") == 0
+    assert (tmp_path / "u.dali.idx").read_text() == (tmp_path / "u.idx").read_text()  # plain: all records
+    write_synthetic_dataset(tmp_path / "h", 2, 3, verification_pairs=0, workers=1, progress=False)
+    assert _cli("index", tmp_path / "h.rec", "--out", tmp_path / "h.images.idx") == 0
+    lines = (tmp_path / "h.images.idx").read_text().split("\n")[:-1]
+    assert [int(line.split("\t")[0]) for line in lines] == [1, 2, 3, 4, 5, 6]  # no header/identity records
