@@ -83,3 +83,18 @@ def test_head_keeps_batch_positives_and_count():
     head(torch.randn(64, 8), y)
     assert set(y.tolist()) <= set(head.last_sampled.tolist())
     assert len(head.last_sampled) == max(len(torch.unique(y)), 50)
+
+
+def test_sampler_state_from_another_device_type_reseeds_deterministically():
+    pos = torch.tensor([4, 8])
+    sampler = CentreSampler(300, 0.1, seed=1, rank=0)
+    sampler.sample(pos)
+    saved = sampler.state_dict()
+    assert saved["draws"] == 1 and saved["device_type"] == "cpu"
+    from_gpu = dict(saved, device_type="cuda", generator=torch.zeros(16, dtype=torch.uint8))
+    a, b = CentreSampler(300, 0.1, seed=1, rank=0), CentreSampler(300, 0.1, seed=1, rank=0)
+    a.load_state_dict(from_gpu)
+    b.load_state_dict(from_gpu)
+    first = a.sample(pos)
+    assert a.draws == 2 and torch.equal(first, b.sample(pos))
+    assert set(pos.tolist()) <= set(first.tolist()) and len(first) == 30

@@ -13,8 +13,12 @@ import torch
 class CentreSampler:
     """Draws the sampled centre indices of one rank's shard.
 
-    Draws come from a private ``torch.Generator`` seeded with ``(seed, rank)`` so that
-    ranks differ, runs are reproducible and the state goes into a checkpoint.
+    Draws come from a private ``torch.Generator`` seeded with ``(seed, rank)``: ranks differ,
+    runs are reproducible, and the state goes into a checkpoint. The generator lives on the
+    device of the positives it is given. Generator states cannot move between device types
+    (CPU Mersenne twister, CUDA Philox), so when the device changes (the head was moved, or a
+    checkpoint written on another device type is loaded) the stream is re-seeded from
+    ``(seed, rank, draws so far)``: still deterministic, though not the same stream.
     """
 
     def __init__(self, num_local: int, sample_rate: float, seed: int, rank: int,
@@ -24,34 +28,47 @@ class CentreSampler:
         self.num_local = num_local
         self.sample_rate = float(sample_rate)
         self.num_sample = int(sample_rate * num_local)
-        self.device = torch.device(device)
-        self.generator = torch.Generator(device=self.device)
-        # Distinct, well-mixed stream per (seed, rank).
-        self.generator.manual_seed((seed * 1_000_003 + rank * 7919 + 12345) % (2**63 - 1))
+        self.seed, self.rank = int(seed), int(rank)
+        self.draws = 0
+        self.generator = self._seeded(torch.device(device))
+
+    def _seeded(self, device: torch.device) -> torch.Generator:
+        gen = torch.Generator(device=device)
+        gen.manual_seed((self.seed * 1_000_003 + self.rank * 7919 + self.draws * 104_729 + 12345) % (2**63 - 1))
+        return gen
 
     @property
     def samples_everything(self) -> bool:
         return self.num_sample >= self.num_local
 
     def sample(self, positives: torch.Tensor) -> torch.Tensor:
-        """Return the sorted local indices to keep, shape ``(k,)`` int64.
+        """Return the sorted local indices to keep, shape ``(k,)`` int64, on ``positives``'s device.
 
         ``positives``: unique local indices (int64, sorted) of the classes of the global batch
         that live on this rank. ``k = max(len(positives), num_sample)``."""
         if self.samples_everything:
-            return torch.arange(self.num_local, device=self.device)
+            return torch.arange(self.num_local, device=positives.device)
         if positives.numel() >= self.num_sample:
             return positives
+        if self.generator.device.type != positives.device.type:
+            self.generator = self._seeded(positives.device)
+        self.draws += 1
         # Uniform draw without replacement from the non-positives: random keys, positives
         # forced to the top, take the k largest.
-        keys = torch.rand(self.num_local, generator=self.generator, device=self.device)
+        keys = torch.rand(self.num_local, generator=self.generator, device=positives.device)
         keys[positives] = 2.0
         index = torch.topk(keys, self.num_sample, sorted=False).indices
         return torch.sort(index).values
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "sample_rate": self.sample_rate,
-                "num_local": self.num_local}
+        return {"generator": self.generator.get_state(), "device_type": self.generator.device.type,
+                "draws": self.draws, "seed": self.seed, "rank": self.rank,
+                "sample_rate": self.sample_rate, "num_local": self.num_local}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+        """Restore the stream; from another device type, re-seed at the saved draw count."""
+        self.draws = int(state["draws"])
+        if state["device_type"] == self.generator.device.type:
+            self.generator.set_state(state["generator"])
+        else:
+            self.generator = self._seeded(self.generator.device)
