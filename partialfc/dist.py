@@ -30,6 +30,10 @@ def backend_of(group: dist.ProcessGroup | None = None) -> str:
     return dist.get_backend(group) if is_initialized() else "none"
 
 
+class LaunchError(RuntimeError):
+    """The launcher's environment variables are missing or contradict each other."""
+
+
 @dataclass(frozen=True)
 class LaunchEnv:
     """Rank layout read from the launcher's environment variables."""
@@ -37,34 +41,110 @@ class LaunchEnv:
     rank: int
     world_size: int
     local_rank: int
+    local_world_size: int
     master_addr: str
     master_port: int
-    launcher: str  # "torchrun", "slurm" or "single"
+    launcher: str  # "torchrun", "deepspeed", "slurm" or "single"
+
+    @property
+    def device(self) -> torch.device:
+        """``cuda:<local_rank>`` when CUDA is present, else the CPU."""
+        return torch.device(f"cuda:{self.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def detect_launch_env() -> LaunchEnv:
-    """Read the rank layout from torchrun/DeepSpeed (RANK, WORLD_SIZE, LOCAL_RANK) or SLURM
-    (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID); a single process otherwise."""
-    env = os.environ
-    addr = env.get("MASTER_ADDR", "127.0.0.1")
-    port = int(env.get("MASTER_PORT", "29500"))
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
-                         addr, port, "torchrun")
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
-        return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
-                         int(env.get("SLURM_LOCALID", 0)), addr, port, "slurm")
-    return LaunchEnv(0, 1, 0, addr, port, "single")
+def _int(env, name: str) -> int:
+    try:
+        value = int(env[name])
+    except KeyError:
+        raise LaunchError(f"{name} is not set") from None
+    except ValueError:
+        raise LaunchError(f"{name}={env[name]!r} is not an integer") from None
+    if value < 0:
+        raise LaunchError(f"{name}={value} is negative")
+    return value
 
 
-def init_distributed(backend: str | None = None) -> LaunchEnv:
+def _check(rank: int, world: int, local_rank: int, local_world: int, names: str) -> None:
+    if world < 1:
+        raise LaunchError(f"{names}: world size {world} < 1")
+    if rank >= world:
+        raise LaunchError(f"{names}: rank {rank} >= world size {world}")
+    if local_rank >= local_world:
+        raise LaunchError(f"{names}: local rank {local_rank} >= local world size {local_world}")
+    if local_world > world:
+        raise LaunchError(f"{names}: local world size {local_world} > world size {world}")
+
+
+def slurm_master_addr(nodelist: str) -> str:
+    """First host of a SLURM node list (``node[01-04],gpu7`` -> ``node01``), via
+    ``scontrol show hostnames`` when available, else a parser of the common forms."""
+    import shutil
+    import subprocess
+
+    if shutil.which("scontrol"):
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.split():
+            return out.stdout.split()[0]
+    import re
+
+    first = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if not first:
+        raise LaunchError(f"cannot parse SLURM node list {nodelist!r}")
+    prefix, ranges = first.group(1), first.group(2)
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+
+
+def slurm_master_port(job_id: int) -> int:
+    """A port derived from the job id, so concurrent jobs on a node do not collide."""
+    return 15000 + job_id % 20000
+
+
+def detect_launch_env(env=None) -> LaunchEnv:
+    """Read the rank layout from, in order: torchrun / DeepSpeed's launcher (``RANK``,
+    ``WORLD_SIZE``, ``LOCAL_RANK``, ...; also when they run inside a SLURM allocation),
+    ``srun`` with one task per process (``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``),
+    or a single process. Raises :class:`LaunchError` on inconsistent variables."""
+    env = os.environ if env is None else env
+    if any(k in env for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        rank, world, local_rank = _int(env, "RANK"), _int(env, "WORLD_SIZE"), _int(env, "LOCAL_RANK")
+        local_world = _int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else world
+        _check(rank, world, local_rank, local_world, "RANK/WORLD_SIZE/LOCAL_RANK")
+        if world > 1 and "MASTER_ADDR" not in env:
+            raise LaunchError("WORLD_SIZE > 1 but MASTER_ADDR is not set")
+        launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else (
+            "deepspeed" if "CROSS_RANK" in env else "torchrun")
+        return LaunchEnv(rank, world, local_rank, local_world, env.get("MASTER_ADDR", "127.0.0.1"),
+                         _int(env, "MASTER_PORT") if "MASTER_PORT" in env else 29500, launcher)
+    if "SLURM_PROCID" in env:
+        rank, world, local_rank = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"), _int(env, "SLURM_LOCALID")
+        local_world = (int(env["SLURM_NTASKS_PER_NODE"].split("(")[0])
+                       if env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0].isdigit() else world)
+        _check(rank, world, local_rank, local_world, "SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID")
+        if world == 1:
+            return LaunchEnv(0, 1, 0, 1, "127.0.0.1", 29500, "single")
+        if "MASTER_ADDR" in env:
+            addr = env["MASTER_ADDR"]
+        elif "SLURM_JOB_NODELIST" in env:
+            addr = slurm_master_addr(env["SLURM_JOB_NODELIST"])
+        else:
+            raise LaunchError("SLURM_NTASKS > 1 but neither MASTER_ADDR nor SLURM_JOB_NODELIST is set")
+        port = (_int(env, "MASTER_PORT") if "MASTER_PORT" in env
+                else slurm_master_port(_int(env, "SLURM_JOB_ID") if "SLURM_JOB_ID" in env else 0))
+        return LaunchEnv(rank, world, local_rank, local_world, addr, port, "slurm")
+    return LaunchEnv(0, 1, 0, 1, "127.0.0.1", 29500, "single")
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> LaunchEnv:
     """Initialise the default process group from the launch environment (no-op for one
     process). The backend defaults to NCCL when CUDA is available, gloo otherwise."""
+    from datetime import timedelta
+
     launch = detect_launch_env()
     if launch.world_size > 1 and not is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(launch.local_rank)
         dist.init_process_group(backend, init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
-                                rank=launch.rank, world_size=launch.world_size)
+                                rank=launch.rank, world_size=launch.world_size,
+                                timeout=timedelta(seconds=timeout_s))
     return launch
