@@ -9,6 +9,8 @@ rank owns no column at all.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -17,7 +19,7 @@ from test_losses import SPECS, ref_dsoftmax_loss, ref_softmax_loss
 
 from partialfc import PartialFC
 from partialfc.head.objectives import dissected_softmax, softmax_cross_entropy
-from partialfc.losses import ArcFace, DSoftmax
+from partialfc.losses import ArcFace, DSoftmax, RandomSoftmax
 from partialfc.testing import run_distributed
 
 pytestmark = [pytest.mark.required, pytest.mark.multiprocess]
@@ -28,7 +30,7 @@ LOCAL_BATCHES = [5, 3, 6]
 COLUMN_SPLITS = {1: [13], 2: [9, 4], 3: [6, 0, 7]}
 
 RATE1_CASES = ["normface", "cosface", "arcface", "arcface_easy", "combined_2", "x2", "x2_exact", "search",
-               "arcface_filtered", "dsoftmax"]
+               "random", "arcface_filtered", "dsoftmax"]
 # name -> requested sample rate (None: the rate the loss implies)
 SAMPLED_CASES = {"cosface": 0.3, "combined_1": 0.3, "x2": 0.3, "dsoftmax_B": None, "dsoftmax_K": None,
                  "dsoftmax_K_rescaled": None}
@@ -44,6 +46,10 @@ def make_loss(name):
         return SPECS["x2"][0](gradient="exact")
     if name == "arcface_filtered":
         return ArcFace(s=64.0, m=0.5, inter_threshold=0.1)
+    if name == "random":
+        loss = RandomSoftmax(s=32.0, seed=1)
+        loss.set_epoch(3)
+        return loss
     return SPECS[name][0]()
 
 
@@ -52,10 +58,13 @@ def reference_rows(name, cos, labels):
     if name in DSOFTMAX:
         p = DSOFTMAX[name]
         return ref_dsoftmax_loss(cos, labels, p["s"], p["d"], scale=p["K"] if p.get("rescale_inter") else 1.0)
-    spec = {"x2_exact": "x2", "arcface_filtered": "arcface"}.get(name, name)
-    threshold = 0.1 if name == "arcface_filtered" else None
     loss = make_loss(name)
-    return ref_softmax_loss(cos, labels, loss.s, SPECS[spec][1], threshold=threshold,
+    if name == "random":  # CosFace with m = ln(1 - a)/s for the drawn a
+        psi = lambda c: c - math.log(1.0 - loss.a) / loss.s  # noqa: E731
+    else:
+        psi = SPECS[{"x2_exact": "x2", "arcface_filtered": "arcface"}.get(name, name)][1]
+    threshold = 0.1 if name == "arcface_filtered" else None
+    return ref_softmax_loss(cos, labels, loss.s, psi, threshold=threshold,
                             straight_through=loss.gradient == "straight_through")
 
 
