@@ -1,9 +1,12 @@
 """The ``partialfc`` command.
 
-Each command group lives in its own module, which exposes ``add_commands(subparsers)``
-registering its subcommands with ``set_defaults(func=...)``; ``func(args)`` returns the exit
-code. Groups are imported only when they are named, so ``partialfc data ...`` never loads
-the benchmark code and vice versa.
+Two kinds of entries, each in its own module, imported only when named (so ``partialfc
+data ...`` never loads the trainer, and a missing optional extra cannot break the others):
+
+- ``GROUPS``: a command group (``partialfc data pack ...``); the module exposes
+  ``add_commands(subparsers)`` registering subcommands with ``set_defaults(func=...)``.
+- ``COMMANDS``: a single command (``partialfc train CONFIG ...``); the module exposes
+  ``add_arguments(parser)`` and ``run(args) -> int``.
 """
 
 from __future__ import annotations
@@ -15,27 +18,34 @@ import sys
 GROUPS = {
     "bench": ("partialfc.bench.cli", "benchmarks: throughput and memory"),
     "data": ("partialfc.data.cli", "datasets: pack, check, shuffle, synth RecordIO"),
-    # "train": ("partialfc.train.cli", ...), "eval": ("partialfc.eval.cli", ...) join here
+}
+COMMANDS = {
+    "submit": ("partialfc.launch.submit", "render an sbatch script for a training run and submit it"),
 }
 
 
-def build_parser(groups=None) -> argparse.ArgumentParser:
+def build_parser(names=None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="partialfc", description="Partial FC face-recognition training toolkit")
-    sub = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
-    for name in groups or GROUPS:
-        module, help_text = GROUPS[name]
-        group_parser = sub.add_parser(name, help=help_text)
-        importlib.import_module(module).add_commands(group_parser.add_subparsers(dest="command", required=True,
-                                                                                  metavar="SUBCOMMAND"))
+    sub = parser.add_subparsers(dest="entry", required=True, metavar="COMMAND")
+    for name in names or [*GROUPS, *COMMANDS]:
+        if name in GROUPS:
+            module, help_text = GROUPS[name]
+            group = sub.add_parser(name, help=help_text)
+            importlib.import_module(module).add_commands(group.add_subparsers(dest="command", required=True,
+                                                                               metavar="SUBCOMMAND"))
+        else:
+            module_name, help_text = COMMANDS[name]
+            module = importlib.import_module(module_name)
+            command = sub.add_parser(name, help=help_text)
+            module.add_arguments(command)
+            command.set_defaults(func=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Import only the named group (fast start, and a broken optional extra cannot break
-    # the other commands); fall back to all of them for help and errors.
-    groups = [argv[0]] if argv and argv[0] in GROUPS else None
-    args = build_parser(groups).parse_args(argv)
+    names = [argv[0]] if argv and (argv[0] in GROUPS or argv[0] in COMMANDS) else None
+    args = build_parser(names).parse_args(argv)
     return int(args.func(args) or 0)
 
 
