@@ -1,0 +1,1 @@
+"""Launching jobs: rendering and submitting Slurm batch scripts."""
