@@ -10,6 +10,7 @@ after ``timeout`` seconds.
 from __future__ import annotations
 
 import os
+import pickle
 import queue as queue_module
 import socket
 import traceback
@@ -32,8 +33,9 @@ def _worker(rank, world_size, port, backend, fn, args, queue):
     try:
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 init_method=f"tcp://127.0.0.1:{port}")
-        result = fn(rank, world_size, *args)
-        queue.put((rank, True, result))
+        # Plain pickle copies tensor data into the message; the queue's own pickler would
+        # pass shared-memory handles that die with this process before the parent reads them.
+        queue.put((rank, True, pickle.dumps(fn(rank, world_size, *args))))
     except BaseException:  # noqa: BLE001 - forwarded to the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -61,7 +63,7 @@ def run_distributed(fn, world_size: int, *args, backend: str = "gloo", timeout: 
                 errors.append(f"ranks {missing} gave no result within {timeout:.0f} s (hang or crash)")
                 break
             if ok:
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
                 break  # the other ranks may now hang in a collective: stop waiting
