@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Train with DeepSpeed's launcher (config: backbone.engine=deepspeed). Multi-node: a hostfile
+# with lines "host slots=GPUS" and passwordless ssh between the hosts.
+#   bash launch/deepspeed.sh CONFIG [key=value ...]
+#   HOSTFILE=hosts.txt bash launch/deepspeed.sh CONFIG [key=value ...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ $# -ge 1 ] || { echo "usage: bash launch/deepspeed.sh CONFIG [key=value ...]" >&2; exit 2; }
+args=()
+if [ -n "${HOSTFILE:-}" ]; then
+  args+=(--hostfile "$HOSTFILE")
+elif [ -n "${NPROC:-}" ]; then
+  args+=(--num_gpus "$NPROC")
+fi
+exec .venv/bin/deepspeed "${args[@]}" --module partialfc.cli train "$@"

@@ -1,0 +1,31 @@
+"""``partialfc bench head`` writes complete records, a table and a plot (tiny sizes; the
+numbers themselves are not asserted - performance lives in benchmarks, not tests)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+REQUIRED_FIELDS = {"method", "classes", "sample_rate", "world_size", "global_batch", "step_s", "peak_mem_mb"}
+
+
+@pytest.mark.required
+@pytest.mark.multiprocess
+def test_bench_head_writes_json_table_and_png(tmp_path):
+    cmd = [sys.executable, "-m", "partialfc.cli", "bench", "head", "--classes", "500", "--sample-rate",
+           "1.0,0.25", "--batch", "32", "--dim", "16", "--steps", "1", "--nproc", "2", "--out", str(tmp_path),
+           "--name", "tiny"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    records = json.loads((tmp_path / "tiny.json").read_text())
+    assert len(records) == 3  # reference + 2 rates
+    for r in records:
+        assert REQUIRED_FIELDS <= set(r), r
+        assert r["status"] == "ok" and r["step_s"] > 0 and r["peak_mem_mb"] >= 0
+    assert {(r["method"], r["world_size"]) for r in records} == {("full_softmax", 1), ("partialfc", 2)}
+    table = (tmp_path / "tiny.md").read_text()
+    assert table.count("\n| partialfc |") == 2 and "| full_softmax |" in table
+    assert (tmp_path / "tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
