@@ -1,10 +1,23 @@
-"""``partialfc bench head``: step time and peak memory of the Partial FC head against a plain
-``F.cross_entropy`` full softmax (dense class matrix, ``torch.optim.SGD``).
+"""``partialfc bench head``: step time, peak memory and FLOP/s of the classifier head for
+several methods, class counts and world sizes, side by side in one run.
 
-Each configuration runs in fresh processes (``--nproc`` ranks for Partial FC, one for the
-reference) so that peak memory is its own: ``torch.cuda.max_memory_allocated`` on CUDA, the
-growth of peak RSS above the process's baseline on CPU. A step = forward + backward +
-optimizer step of the head alone on random embeddings (``--batch`` is the global batch).
+Methods (``--methods``):
+
+- ``full_softmax``: plain data parallelism, every rank holds the whole class matrix,
+  ``F.cross_entropy`` on the full logits, the dense gradient all-reduced (what DDP does),
+  ``torch.optim.SGD``;
+- ``partialfc``: the sharded head at each ``--sample-rate`` (rate 1 = model-parallel full
+  softmax), ``SparseRowSGD``;
+- ``dsoftmax_b`` / ``dsoftmax_kK`` (e.g. ``dsoftmax_k64``): D-Softmax on the sharded head,
+  batch-sampled and 1/K-sampled.
+
+Each configuration runs in fresh processes, so peak memory is its own:
+``torch.cuda.max_memory_allocated`` on CUDA, the growth of peak RSS over the process's
+baseline on CPU. A step = forward + backward + optimizer step of the head on random
+embeddings; ``--batch`` is the global batch. FLOP/s counts the three matmuls of the head
+(``6 * B * k * D`` per rank, ``k`` = centres used) against a dense matmul measured in the
+same run. ``--budget-mb`` adds the largest class count whose per-rank peak fits the budget, from
+a linear fit of peak memory against classes (an extrapolation, labelled as such).
 """
 
 from __future__ import annotations
@@ -21,18 +34,21 @@ SCALE, MARGIN = 64.0, 0.4
 
 
 def _numbers(text: str, cast):
-    return [cast(float(v)) for v in text.split(",") if v]
+    return [cast(float(v)) for v in str(text).split(",") if v]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classes", default="1e5,1e6", help="comma-separated class counts")
     parser.add_argument("--sample-rate", default="1.0,0.1", help="comma-separated Partial FC rates")
+    parser.add_argument("--methods", default="full_softmax,partialfc",
+                        help="comma-separated: full_softmax, partialfc, dsoftmax_b, dsoftmax_k64, ...")
     parser.add_argument("--batch", type=int, default=512, help="global batch size")
     parser.add_argument("--dim", type=int, default=512, help="embedding size")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--nproc", type=int, default=1, help="ranks of the Partial FC head (gloo on CPU, NCCL on CUDA)")
+    parser.add_argument("--nproc", default="1", help="comma-separated world sizes (gloo on CPU, NCCL on CUDA)")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype of the matmul")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
+    parser.add_argument("--budget-mb", type=float, default=None, help="memory budget per rank for the capacity table")
     parser.add_argument("--no-reference", action="store_true", help="skip the full-softmax reference")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/head"), help="output directory")
     parser.add_argument("--name", default="bench_head", help="base name of the output files")
@@ -62,10 +78,7 @@ def _autocast(device: torch.device, dtype: str):
     return torch.autocast(device.type, dtype=amp, enabled=amp is not None)
 
 
-def _measure_partialfc(rank, world_size, cfg):
-    from partialfc import PartialFC, SparseRowSGD
-    from partialfc.losses import CosFace
-
+def _setup(rank: int, world_size: int, cfg: dict):
     device = torch.device(f"cuda:{rank}" if cfg["device"] == "cuda" else "cpu")
     torch.set_num_threads(max(1, cfg["threads"] // world_size))
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -73,34 +86,47 @@ def _measure_partialfc(rank, world_size, cfg):
         torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats(device)
     local_batch = cfg["batch"] // world_size + (rank < cfg["batch"] % world_size)
-    head = PartialFC(cfg["dim"], cfg["classes"], loss=CosFace(SCALE, MARGIN), sample_rate=cfg["rate"],
-                     device=device)
-    opt = SparseRowSGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     gen = torch.Generator(device=device).manual_seed(rank)
     x = torch.randn(local_batch, cfg["dim"], device=device, generator=gen, requires_grad=True)
     y = torch.randint(0, cfg["classes"], (local_batch,), device=device, generator=gen)
+    return device, baseline, x, y
+
+
+def _head_loss(method: str):
+    from partialfc.losses import CosFace, DSoftmax
+
+    if method == "dsoftmax_b":
+        return DSoftmax(SCALE, variant="B"), None
+    if method.startswith("dsoftmax_k"):
+        return DSoftmax(SCALE, variant="K", K=int(method[len("dsoftmax_k"):])), None
+    return CosFace(SCALE, MARGIN), "rate"
+
+
+def _measure_sharded(rank, world_size, cfg):
+    from partialfc import PartialFC, SparseRowSGD
+
+    device, baseline, x, y = _setup(rank, world_size, cfg)
+    loss, takes_rate = _head_loss(cfg["method"])
+    head = PartialFC(cfg["dim"], cfg["classes"], loss=loss, device=device,
+                     sample_rate=cfg["rate"] if takes_rate else None)
+    opt = SparseRowSGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
 
     def step():
         opt.zero_grad(set_to_none=True)
         with _autocast(device, cfg["dtype"]):
-            loss = head(x, y)
-        loss.backward()
+            out = head(x, y)
+        out.backward()
         opt.step()
 
     step_s = _time_steps(step, cfg["steps"], device)
-    return step_s, _peak_bytes(device, baseline)
+    used = head.num_local if head.last_sampled is None else head.last_sampled.numel()
+    return step_s, _peak_bytes(device, baseline), used, head.sample_rate
 
 
 def _measure_full_softmax(rank, world_size, cfg):
-    device = torch.device("cuda:0" if cfg["device"] == "cuda" else "cpu")
-    torch.set_num_threads(cfg["threads"])
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    device, baseline, x, y = _setup(rank, world_size, cfg)
     weight = torch.nn.Parameter(torch.randn(cfg["classes"], cfg["dim"], device=device) * 0.01)
     opt = torch.optim.SGD([weight], lr=0.1, momentum=0.9, weight_decay=5e-4)
-    x = torch.randn(cfg["batch"], cfg["dim"], device=device, requires_grad=True)
-    y = torch.randint(0, cfg["classes"], (cfg["batch"],), device=device)
     margin = F.one_hot(y, cfg["classes"]).to(x.dtype) * (SCALE * MARGIN)
 
     def step():
@@ -108,10 +134,23 @@ def _measure_full_softmax(rank, world_size, cfg):
         with _autocast(device, cfg["dtype"]):
             logits = F.linear(F.normalize(x), F.normalize(weight)).float() * SCALE - margin
         F.cross_entropy(logits, y).backward()
+        if world_size > 1:  # data parallel: the whole class matrix's gradient is all-reduced
+            torch.distributed.all_reduce(weight.grad)
+            weight.grad /= world_size
         opt.step()
 
     step_s = _time_steps(step, cfg["steps"], device)
-    return step_s, _peak_bytes(device, baseline)
+    return step_s, _peak_bytes(device, baseline), cfg["classes"], 1.0
+
+
+def _matmul_peak(rank, world_size, device_name: str, dtype: str) -> float:
+    """FLOP/s of a large dense matmul on one rank's share of the machine."""
+    device = torch.device("cuda" if device_name == "cuda" else "cpu")
+    n = 8192 if device.type == "cuda" else 2048
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=amp), torch.randn(n, n, device=device, dtype=amp)
+    seconds = _time_steps(lambda: a @ b, 5, device)
+    return 2 * n**3 / seconds
 
 
 def _configs(args) -> list[dict]:
@@ -119,41 +158,80 @@ def _configs(args) -> list[dict]:
 
     base = dict(batch=args.batch, dim=args.dim, device=args.device, dtype=args.dtype, steps=args.steps,
                 threads=len(os.sched_getaffinity(0)))
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.no_reference:
+        methods = [m for m in methods if m != "full_softmax"]
+    for m in methods:
+        if m not in ("full_softmax", "partialfc", "dsoftmax_b") and not (
+                m.startswith("dsoftmax_k") and m[len("dsoftmax_k"):].isdigit()):
+            raise ValueError(f"unknown method {m!r}: use full_softmax, partialfc, dsoftmax_b, dsoftmax_kK")
     out = []
-    for classes in _numbers(args.classes, int):
-        if not args.no_reference:
-            out.append(dict(base, method="full_softmax", classes=classes, rate=1.0, world_size=1))
-        for rate in _numbers(args.sample_rate, float):
-            out.append(dict(base, method="partialfc", classes=classes, rate=rate, world_size=args.nproc))
+    for world in _numbers(args.nproc, int):
+        for classes in _numbers(args.classes, int):
+            for method in methods:
+                rates = _numbers(args.sample_rate, float) if method == "partialfc" else [None]
+                out += [dict(base, method=method, classes=classes, rate=r, world_size=world) for r in rates]
     return out
 
 
-def _run_config(cfg) -> dict:
+def _run_config(cfg, peak_flops: float) -> dict:
     from partialfc.testing import run_distributed
 
-    fn = _measure_full_softmax if cfg["method"] == "full_softmax" else _measure_partialfc
+    fn = _measure_full_softmax if cfg["method"] == "full_softmax" else _measure_sharded
     backend = "nccl" if cfg["device"] == "cuda" else "gloo"
     try:
         per_rank = run_distributed(fn, cfg["world_size"], cfg, backend=backend, timeout=3600)
-        step_s = max(s for s, _ in per_rank)
-        peak = max(m for _, m in per_rank)
+        step_s, peak = max(r[0] for r in per_rank), max(r[1] for r in per_rank)
+        used, rate = max(r[2] for r in per_rank), per_rank[0][3]
         status = "ok"
-    except RuntimeError as err:  # an out-of-memory config is a result, not a crash
-        step_s, peak = float("nan"), float("nan")
+    except RuntimeError as err:  # an out-of-memory configuration is a result, not a crash
+        step_s = peak = float("nan")
+        used, rate = 0, cfg["rate"]
         status = "oom" if "out of memory" in str(err).lower() else "error: " + str(err).splitlines()[-1][:200]
-    return dict(method=cfg["method"], classes=cfg["classes"], sample_rate=cfg["rate"],
-                world_size=cfg["world_size"], global_batch=cfg["batch"], dim=cfg["dim"], dtype=cfg["dtype"],
-                device=cfg["device"], step_s=step_s, samples_per_s=cfg["batch"] / step_s,
-                peak_mem_mb=peak / 2**20, status=status)
+    flops = 6.0 * cfg["batch"] * used * cfg["dim"] / step_s
+    return dict(method=cfg["method"], classes=cfg["classes"], sample_rate=rate, world_size=cfg["world_size"],
+                global_batch=cfg["batch"], dim=cfg["dim"], dtype=cfg["dtype"], device=cfg["device"],
+                step_s=step_s, samples_per_s=cfg["batch"] / step_s, peak_mem_mb=peak / 2**20,
+                centres_per_rank=used, head_tflops=flops / 1e12, matmul_peak_tflops=peak_flops / 1e12,
+                fraction_of_peak=flops / peak_flops, status=status)
+
+
+def _label(r: dict) -> str:
+    if r["method"] == "partialfc":
+        return f"partialfc rate {r['sample_rate']:g}"
+    return r["method"]
 
 
 def _add_ratios(records: list[dict]) -> None:
-    ref = {r["classes"]: r for r in records if r["method"] == "full_softmax" and r["status"] == "ok"}
+    ref = {(r["classes"], r["world_size"]): r for r in records if r["method"] == "full_softmax" and r["status"] == "ok"}
     for r in records:
-        base = ref.get(r["classes"])
-        if base is not None:
+        base = ref.get((r["classes"], r["world_size"]))
+        if base is not None and r["status"] == "ok":
             r["speedup_vs_full"] = base["step_s"] / r["step_s"]
             r["mem_ratio_vs_full"] = r["peak_mem_mb"] / base["peak_mem_mb"]
+
+
+def capacity(records: list[dict], budget_mb: float) -> list[dict]:
+    """Per (method, world size): classes that fit ``budget_mb`` per rank, from a least-squares
+    line through (classes, peak MB) of the measured points (at least two class counts)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r["status"] == "ok":
+            groups.setdefault((_label(r), r["world_size"]), []).append(r)
+    out = []
+    for (label, world), rs in groups.items():
+        xs = [float(r["classes"]) for r in rs]
+        ys = [r["peak_mem_mb"] for r in rs]
+        if len(set(xs)) < 2:
+            continue
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        if slope <= 0:
+            continue
+        out.append(dict(kind="capacity", method=label, world_size=world, budget_mb=budget_mb,
+                        mb_per_million_classes=slope * 1e6, max_classes=int((budget_mb - (my - slope * mx)) / slope),
+                        basis="extrapolated from a linear fit of measured peak memory"))
+    return out
 
 
 def _figure(records: list[dict], title: str):
@@ -162,15 +240,15 @@ def _figure(records: list[dict], title: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
     series: dict[str, list[dict]] = {}
     for r in records:
-        label = "full softmax" if r["method"] == "full_softmax" else f"Partial FC rate {r['sample_rate']:g}"
-        series.setdefault(label, []).append(r)
+        if r["status"] == "ok":
+            series.setdefault(f"{_label(r)} x{r['world_size']}", []).append(r)
     for label, rs in series.items():
         rs = sorted(rs, key=lambda r: r["classes"])
         xs = [r["classes"] for r in rs]
-        style = "k--o" if label == "full softmax" else "-o"
+        style = "k--o" if label.startswith("full_softmax") else "-o"
         ax_t.plot(xs, [r["samples_per_s"] for r in rs], style, label=label)
         ax_m.plot(xs, [r["peak_mem_mb"] for r in rs], style, label=label)
     for ax, ylabel in ((ax_t, "samples / s (head step)"), (ax_m, "peak memory per rank (MB)")):
@@ -179,33 +257,46 @@ def _figure(records: list[dict], title: str):
         ax.set_xlabel("identities (classes)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
-    ax_t.legend()
+    ax_t.legend(fontsize=8)
     fig.suptitle(title)
     return fig
 
 
 def run(args) -> int:
+    import sys
+
     from rich.console import Console
     from rich.progress import track
 
     from partialfc.bench.report import hardware_label, markdown_table, write_outputs
+    from partialfc.testing import run_distributed
 
-    console = Console()
     configs = _configs(args)
-    records = [_run_config(cfg) for cfg in track(configs, description="bench head", console=console)]
+    peak_flops = run_distributed(_matmul_peak, 1, args.device, args.dtype,
+                                 backend="nccl" if args.device == "cuda" else "gloo")[0]
+    records = [_run_config(cfg, peak_flops) for cfg in
+               track(configs, description="bench head", console=Console(stderr=True))]
     _add_ratios(records)
     hardware = hardware_label(args.device)
+    command = "partialfc bench head " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "head"] else ""
     for r in records:
-        r["hardware"] = hardware
+        r.update(hardware=hardware, torch=torch.__version__, command=command)
     columns = [("method", "method"), ("classes", "classes"), ("sample_rate", "rate"), ("world_size", "ranks"),
                ("global_batch", "batch"), ("step_s", "step s"), ("samples_per_s", "samples/s"),
                ("peak_mem_mb", "peak MB/rank"), ("speedup_vs_full", "speed-up vs full"),
-               ("mem_ratio_vs_full", "memory vs full"), ("status", "status")]
-    table = (f"Head step (forward+backward+SGD), dim {args.dim}, {args.dtype}, {hardware}\n\n"
-             + markdown_table(records, columns))
-    fig = _figure(records, f"Partial FC head vs full softmax - batch {args.batch}, dim {args.dim}, "
-                           f"{args.dtype}, {hardware}")
+               ("mem_ratio_vs_full", "memory vs full"), ("fraction_of_peak", "of matmul peak"), ("status", "status")]
+    table = (f"Head step (forward+backward+SGD), dim {args.dim}, {args.dtype}, {hardware}, torch {torch.__version__}; "
+             f"dense matmul peak {peak_flops / 1e12:.3g} TFLOP/s\n\n" + markdown_table(records, columns))
+    if args.budget_mb:
+        fits = capacity(records, args.budget_mb)
+        records += fits
+        table += (f"\nLargest class count (over all ranks) with a per-rank budget of {args.budget_mb:g} MB (extrapolated from the measured "
+                  "points by a linear fit):\n\n" + markdown_table(fits, [
+                      ("method", "method"), ("world_size", "ranks"), ("mb_per_million_classes", "MB per 1M classes"),
+                      ("max_classes", "max classes (all ranks)")]))
+    fig = _figure([r for r in records if r.get("kind") != "capacity"],
+                  f"Classifier head - batch {args.batch}, dim {args.dim}, {args.dtype}, {hardware}")
     paths = write_outputs(args.out, args.name, records, table, fig)
     print(table)
     print("wrote " + ", ".join(str(p) for p in paths))
-    return 0 if all(r["status"] in ("ok", "oom") for r in records) else 1
+    return 0 if all(r.get("status", "ok") in ("ok", "oom") for r in records) else 1
