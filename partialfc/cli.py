@@ -18,8 +18,11 @@ import sys
 GROUPS = {
     "bench": ("partialfc.bench.cli", "benchmarks: throughput and memory"),
     "data": ("partialfc.data.cli", "datasets: pack, check, shuffle, synth RecordIO"),
+    "eval": ("partialfc.eval.cli", "evaluation: verification accuracy on .bin sets"),
+    "export": ("partialfc.train.export_cli", "checkpoint tools: backbone alone, merged class centres"),
 }
 COMMANDS = {
+    "train": ("partialfc.train.cli", "train from a YAML config: partialfc train CONFIG [key=value ...]"),
     "submit": ("partialfc.launch.submit", "render an sbatch script for a training run and submit it"),
 }
 

@@ -1,0 +1,177 @@
+"""Atomic, resumable, reshardable checkpoints.
+
+Layout of ``<run_dir>/checkpoints``::
+
+    step_00001000/
+        trainer.pt              rank 0: backbone, its optimizer, schedules, scaler, step, epoch,
+                                config, run id, world size, the head shards' class ranges
+        head_rank00000.pt ...   one per rank: head rows of global classes
+                                [class_start, class_start + num_local), their optimizer state
+                                rows, the sampler generator, RNG states, data position
+        deepspeed/              the DeepSpeed engine's own checkpoint (engine = deepspeed only)
+    latest                      text file naming the newest complete step directory
+
+A checkpoint is written into ``.tmp-step_*`` and renamed into place by rank 0 only after every
+rank has written its file and ``trainer.pt`` (written last) is on disk; ``latest`` is then
+replaced atomically. A crash mid-write leaves only a ``.tmp-*`` directory, never a
+``step_*`` directory or a ``latest`` that looks valid. All ranks must see the same file
+system.
+
+Resharding: a run restarted on a different number of ranks builds each rank's new class
+range from the old shard files that overlap it (rows of weights and of every per-row
+optimizer state). The samplers' generators cannot be split: on a change of world size each
+rank's generator is reseeded from ``(seed, rank, step)``, so sampling stays reproducible
+but differs from an uninterrupted run. RNG states likewise come from the saved rank when it
+exists and are reseeded otherwise; the data position is converted to the same number of
+samples consumed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+
+from partialfc import dist as pdist
+
+LATEST = "latest"
+TRAINER_FILE = "trainer.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or does not fit this run."""
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def head_file(rank: int) -> str:
+    return f"head_rank{rank:05d}.pt"
+
+
+def _barrier() -> None:
+    if pdist.is_initialized():
+        torch.distributed.barrier()
+
+
+def _save(obj, path: str) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(root: str, step: int, shared: dict | None, rank_state: dict, keep: int = 0,
+                    write_extra=None) -> str:
+    """Collective: every rank passes its ``rank_state``; rank 0 also ``shared``.
+
+    ``write_extra(tmp_dir)`` (called on every rank, e.g. DeepSpeed's own save) writes more
+    files into the checkpoint before it is committed. Keeps the ``keep`` newest checkpoints
+    (0 = all). Returns the final directory."""
+    rank = pdist.get_rank()
+    final = os.path.join(root, step_name(step))
+    tmp = os.path.join(root, ".tmp-" + step_name(step))
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    _save(rank_state, os.path.join(tmp, head_file(rank)))
+    if write_extra is not None:
+        write_extra(tmp)
+    _barrier()
+    if rank == 0:
+        _save(shared, os.path.join(tmp, TRAINER_FILE))
+        if os.path.exists(final):  # saved again at the same step (e.g. on request)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_text_atomic(os.path.join(root, LATEST), step_name(step) + "\n")
+        if keep > 0:
+            for old in list_checkpoints(root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def list_checkpoints(root: str) -> list[str]:
+    """Complete checkpoint directories under ``root``, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    names = sorted(n for n in os.listdir(root) if n.startswith("step_")
+                   and os.path.exists(os.path.join(root, n, TRAINER_FILE)))
+    return [os.path.join(root, n) for n in names]
+
+
+def latest_checkpoint(root: str) -> str | None:
+    """The directory named by ``latest`` (or the newest complete one), None if there is none."""
+    pointer = os.path.join(root, LATEST)
+    if os.path.exists(pointer):
+        with open(pointer) as f:
+            path = os.path.join(root, f.read().strip())
+        if os.path.exists(os.path.join(path, TRAINER_FILE)):
+            return path
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint directory from a step directory or a ``checkpoints`` root / run dir."""
+    for candidate in (path, os.path.join(path, "checkpoints")):
+        if os.path.exists(os.path.join(candidate, TRAINER_FILE)):
+            return candidate
+        if os.path.isdir(candidate) and latest_checkpoint(candidate):
+            return latest_checkpoint(candidate)
+    raise CheckpointError(f"no complete checkpoint at {path} (expected {TRAINER_FILE} in a step_* directory)")
+
+
+def load_shared(path: str) -> dict:
+    file = os.path.join(path, TRAINER_FILE)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as err:
+        raise CheckpointError(f"cannot read checkpoint {file}: {err}") from None
+
+
+def load_rank_file(path: str, rank: int) -> dict:
+    return torch.load(os.path.join(path, head_file(rank)), map_location="cpu", weights_only=False)
+
+
+def gather_head_rows(path: str, shards: list[tuple[int, int]], start: int, count: int) -> dict:
+    """Rows ``[start, start + count)`` of the global head, assembled from the saved shards.
+
+    ``shards[r] = (class_start, num_local)`` of old rank ``r``. Returns ``{"weight": (count, D),
+    "optimizer": {name: (count, ...)}}`` with every per-row optimizer tensor (those whose first
+    dimension is the shard's row count); rows of a shard that had no such state yet are zeros."""
+    pieces: list[tuple[int, int, dict]] = []
+    for old_rank, (lo, n) in enumerate(shards):
+        a, b = max(lo, start), min(lo + n, start + count)
+        if a < b:
+            pieces.append((a - start, b - a, _slice_rows(load_rank_file(path, old_rank), a - lo, b - a)))
+    if not pieces:
+        raise CheckpointError(f"{path}: no saved shard covers classes [{start}, {start + count})")
+    out = {"weight": None, "optimizer": {}}
+    for at, n, rows in pieces:
+        for name, value in [("weight", rows["weight"]), *rows["optimizer"].items()]:
+            dest = out if name == "weight" else out["optimizer"]
+            if dest.get(name) is None:
+                dest[name] = torch.zeros((count, *value.shape[1:]), dtype=value.dtype)
+            dest[name][at:at + n] = value
+    return out
+
+
+def _slice_rows(state: dict, offset: int, count: int) -> dict:
+    rows = {"weight": state["weight"][offset:offset + count], "optimizer": {}}
+    for name, value in state["optimizer_rows"].items():
+        rows["optimizer"][name] = value[offset:offset + count]
+    return rows

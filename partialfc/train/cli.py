@@ -1,0 +1,24 @@
+"""``partialfc train CONFIG [key=value ...]``: train from a YAML config with dotted overrides."""
+
+from __future__ import annotations
+
+import sys
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("config", help="YAML config (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.05 train.max_steps=100")
+
+
+def run(args) -> int:
+    from partialfc.train.checkpoint import CheckpointError
+    from partialfc.train.config import ConfigError, load_config
+    from partialfc.train.trainer import Trainer, TrainingDiverged
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        Trainer(cfg).train()
+    except (ConfigError, CheckpointError, FileNotFoundError, TrainingDiverged) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,45 @@
+"""``partialfc export backbone CKPT OUT`` and ``partialfc export centres CKPT OUT``.
+
+``CKPT`` is a ``step_*`` directory, a ``checkpoints`` folder or a run directory (its latest
+checkpoint)."""
+
+from __future__ import annotations
+
+import sys
+
+
+def _backbone(args) -> int:
+    from partialfc.train.export import export_backbone
+
+    record = export_backbone(args.checkpoint, args.out)
+    print(f"wrote {record['backbone']} (embedding {record['embedding_size']}) to {args.out}")
+    return 0
+
+
+def _centres(args) -> int:
+    from partialfc.train.export import merge_centres
+
+    weight = merge_centres(args.checkpoint, args.out)
+    print(f"wrote class centres {tuple(weight.shape)} to {args.out}")
+    return 0
+
+
+def _reporting_errors(func):
+    def wrapper(args) -> int:
+        from partialfc.train.checkpoint import CheckpointError
+
+        try:
+            return func(args)
+        except CheckpointError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    return wrapper
+
+
+def add_commands(subparsers) -> None:
+    for name, func, help_text in (("backbone", _backbone, "save the backbone of a checkpoint alone"),
+                                  ("centres", _centres, "merge the head's shards into one (classes, D) matrix")):
+        command = subparsers.add_parser(name, help=help_text)
+        command.add_argument("checkpoint")
+        command.add_argument("out")
+        command.set_defaults(func=_reporting_errors(func))

@@ -1,0 +1,363 @@
+"""The training loop over composable pieces: data, backbone engine, sharded head, optimizers,
+checkpoints, logging and verification.
+
+``Trainer(cfg).train()`` runs to ``total_steps`` optimizer steps (one step = ``grad_accum``
+micro-batches per rank) and returns the final metrics. Works as one process or under any
+launcher that :func:`partialfc.dist.init_distributed` understands.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from partialfc import dist as pdist
+from partialfc.eval.verification import VerificationSet
+from partialfc.head import PartialFC
+from partialfc.head.sharding import shard_range
+from partialfc.losses import build_loss
+from partialfc.models import build_backbone
+from partialfc.train import checkpoint as ckpt
+from partialfc.train.config import to_yaml
+from partialfc.train.data import build_loader, prepare_dataset
+from partialfc.train.engine import build_engine
+from partialfc.train.logging import METRICS_FILE, RunLogger, new_run_id, plot_curves
+from partialfc.train.optim import build_optimizer, build_schedule, clip_grads_, grad_norm
+
+CURVES_FILE = "curves.png"
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """``(autocast dtype or None, use a loss scaler)``. ``auto``: bf16 on GPUs that support
+    it, fp16 on older GPUs, fp32 on CPU."""
+    if name == "auto":
+        if device.type != "cuda":
+            return None, False
+        name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return {"fp32": (None, False), "bf16": (torch.bfloat16, False), "fp16": (torch.float16, True)}[name]
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def load_backbone_weights(backbone: torch.nn.Module, path: str) -> None:
+    """Initialise from an exported backbone (``partialfc train export-backbone``) or a
+    checkpoint; the class count of the run that produced it does not matter."""
+    from partialfc.train.export import read_backbone
+
+    state = read_backbone(path)["state_dict"]
+    try:
+        backbone.load_state_dict(state)
+    except RuntimeError as err:
+        raise ckpt.CheckpointError(f"{path} does not fit this backbone: {str(err).splitlines()[0]}") from None
+
+
+class Trainer:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        launch = pdist.init_distributed()
+        self.rank, self.world_size = pdist.get_rank(), pdist.get_world_size()
+        self.device = torch.device(f"cuda:{launch.local_rank}" if torch.cuda.is_available() else "cpu")
+        if cfg.train.threads > 0:
+            torch.set_num_threads(cfg.train.threads)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        prefix, bins = prepare_dataset(cfg)
+        self.loader = build_loader(cfg, prefix, self.device)
+        self.batches = self._batch_stream()
+        self.num_classes = self.loader.num_classes
+        self.steps_per_epoch = len(self.loader) // cfg.train.grad_accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"an epoch has {len(self.loader)} batches per rank, fewer than train.grad_accum="
+                             f"{cfg.train.grad_accum}")
+        self.total_steps = cfg.train.max_steps or max(1, round(cfg.train.epochs * self.steps_per_epoch))
+
+        torch.manual_seed(cfg.seed)  # same backbone initialisation on every rank
+        backbone = build_backbone(cfg.model.backbone, cfg.model.embedding_size,
+                                  gradient_checkpointing=cfg.model.gradient_checkpointing,
+                                  **dict(cfg.model.options)).to(self.device)
+        if cfg.checkpoint.init_backbone:
+            load_backbone_weights(backbone, cfg.checkpoint.init_backbone)
+        torch.manual_seed(cfg.seed * 1_000_003 + self.rank)  # per-rank stream (dropout, ...)
+        self.head = PartialFC(cfg.model.embedding_size, self.num_classes,
+                              loss=build_loss(cfg.loss.name, **dict(cfg.loss.params)),
+                              sample_rate=cfg.head.sample_rate, seed=cfg.seed, init_std=cfg.head.init_std,
+                              device=self.device)
+        self.head_optimizer = build_optimizer([self.head.weight], cfg.head.optimizer, sparse_rows=True)
+        self.head_schedule = build_schedule(self.head_optimizer, cfg.head.optimizer.schedule, self.total_steps)
+        autocast_dtype, use_scaler = resolve_precision(cfg.train.precision, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+        self.engine = build_engine(backbone, cfg, self.total_steps, self.scaler, autocast_dtype)
+        self.autocast_dtype = autocast_dtype if cfg.train.engine == "ddp" else None
+        self.eval_sets = [VerificationSet(p) for p in bins]
+
+        self.step = 0
+        self.skipped_steps = 0
+        self.consecutive_nonfinite = 0
+        self.run_id = new_run_id()
+        self.checkpoint_root = os.path.join(cfg.run_dir, "checkpoints")
+        self.checkpoint_requested = False
+        self.last_accuracy: float | None = None
+        resume = self._resume_path()
+        if resume is not None:
+            self.load(resume)
+        self.logger = RunLogger(cfg.run_dir, self.run_id, cfg.log.wandb, OmegaConf.to_container(cfg),
+                                resume_step=self.step if resume is not None else None)
+        if resume is not None:
+            self.logger.print(f"resumed from {resume} at step {self.step}")
+
+    # ----------------------------------------------------------------- data
+    def _batch_stream(self):
+        while True:
+            yield from self.loader
+
+    @property
+    def epoch(self) -> float:
+        return self.loader.epoch + self.loader.batches_consumed / len(self.loader)
+
+    # ----------------------------------------------------------------- one step
+    def _head_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The head's loss; NaN (with a backward that reaches the backbone only) when any
+        rank's embeddings are non-finite, so that all ranks skip the step together."""
+        bad = torch.tensor([0.0 if torch.isfinite(embeddings).all() else 1.0])
+        if self.world_size > 1:
+            torch.distributed.all_reduce(bad)
+        if bad.item():
+            return embeddings.float().sum() * float("nan")
+        return self.head(embeddings, labels)
+
+    def _global_head_norm(self) -> torch.Tensor:
+        """Head gradient norm over all shards; also shares the checkpoint-request flag."""
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.head_optimizer)
+        local = grad_norm([self.head.weight]).cpu()
+        packed = torch.stack([local.double() ** 2, torch.tensor(float(self.checkpoint_requested), dtype=torch.float64)])
+        if self.world_size > 1:
+            torch.distributed.all_reduce(packed)
+        self.checkpoint_requested = bool(packed[1] > 0)
+        return packed[0].sqrt().float()
+
+    def train_step(self) -> dict:
+        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""
+        accum, wait, losses = self.cfg.train.grad_accum, 0.0, []
+        for i in range(accum):
+            tick = time.perf_counter()
+            images, labels = next(self.batches)
+            wait += time.perf_counter() - tick
+            last = i == accum - 1
+            with self.engine.micro_step(last):
+                autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
+                            if self.autocast_dtype is not None else nullcontext())
+                with autocast:
+                    loss = self._head_loss(self.engine(images), labels)
+                self.engine.backward(loss, last)
+            losses.append(loss.detach().float())
+        loss = torch.stack(losses).mean().cpu()
+        backbone_norm = self.engine.grad_norm()
+        head_norm = self._global_head_norm()
+        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(head_norm)) and (
+            backbone_norm is None or bool(torch.isfinite(backbone_norm)))
+        apply = finite or self.scaler.is_enabled()  # the scaler skips non-finite steps itself
+        backbone_norm = self.engine.step(apply, backbone_norm)
+        if apply:
+            clip_grads_([self.head.weight], self.cfg.head.optimizer.clip_grad_norm, head_norm)
+            self.scaler.step(self.head_optimizer)
+        self.head_optimizer.zero_grad(set_to_none=True)
+        self.scaler.update()
+        self.head_schedule.step()
+        self.step += 1
+        self.skipped_steps += not finite
+        self.consecutive_nonfinite = 0 if finite else self.consecutive_nonfinite + 1
+        return {"loss": float(loss), "finite": finite, "grad_norm_backbone": float(backbone_norm),
+                "grad_norm_head": float(head_norm), "data_wait": wait}
+
+    # ----------------------------------------------------------------- loop
+    def request_checkpoint(self, *_) -> None:
+        """Ask for a checkpoint after the current step (safe from a signal handler)."""
+        self.checkpoint_requested = True
+
+    def train(self) -> dict:
+        """Run to the end; returns ``{"step", "loss", "accuracy", ...}``."""
+        cfg = self.cfg
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGUSR1, self.request_checkpoint)
+        try:
+            if cfg.eval.at_start and self.step == 0:
+                self.evaluate()
+            summary = self._loop()
+            if cfg.eval.at_end:
+                summary.update(self.evaluate())
+            if self.step != getattr(self, "_saved_step", None):
+                self.save()
+            if self.logger.active and cfg.log.plot:
+                plot_curves(self.logger.path, os.path.join(cfg.run_dir, CURVES_FILE))
+            if self.last_accuracy is not None:
+                self.logger.print(f"accuracy: {self.last_accuracy:.3f}")
+            return summary
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGUSR1, previous)
+            self.logger.close()
+
+    def _loop(self) -> dict:
+        cfg = self.cfg
+        every = max(cfg.log.every_steps, 1)
+        start, start_step = time.perf_counter(), self.step
+        window = {"loss": [], "wait": 0.0, "time": time.perf_counter()}
+        last: dict = {}
+        while self.step < self.total_steps:
+            last = self.train_step()
+            if last["finite"]:
+                window["loss"].append(last["loss"])
+            window["wait"] += last["data_wait"]
+            if self.consecutive_nonfinite >= cfg.train.max_consecutive_nonfinite:
+                path = self.save()
+                raise TrainingDiverged(
+                    f"{self.consecutive_nonfinite} consecutive steps with a non-finite loss or gradient "
+                    f"(step {self.step}, last loss {last['loss']}); checkpoint written to {path}. "
+                    "Lower the learning rate, raise warm-up, or use bf16 instead of fp16.")
+            if self.step % every == 0 or self.step == self.total_steps:
+                self._log_train(last, window, start, start_step)
+            if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < self.total_steps:
+                self.evaluate()
+            if (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0) or self.checkpoint_requested:
+                self.save()
+        return {"step": self.step, "loss": last.get("loss"), "skipped_steps": self.skipped_steps}
+
+    def _log_train(self, last: dict, window: dict, start: float, start_step: int) -> None:
+        now = time.perf_counter()
+        elapsed = now - window["time"]
+        steps = len(window["loss"]) or 1
+        per_step = (now - start) / max(self.step - start_step, 1)
+        samples = self.cfg.data.batch_size * self.cfg.train.grad_accum * self.world_size
+        metrics = {"epoch": round(self.epoch, 4),
+                   "loss": float(np.mean(window["loss"])) if window["loss"] else float("nan"),
+                   "lr_backbone": self.engine.lr, "lr_head": self.head_optimizer.param_groups[0]["lr"],
+                   "samples_per_s": samples * steps / max(elapsed, 1e-9),
+                   "eta_s": per_step * (self.total_steps - self.step),
+                   "grad_norm_backbone": last["grad_norm_backbone"], "grad_norm_head": last["grad_norm_head"],
+                   "data_wait_fraction": window["wait"] / max(elapsed, 1e-9), "skipped_steps": self.skipped_steps}
+        self.logger.log("train", self.step, metrics)
+        self.logger.print(
+            f"step {self.step}/{self.total_steps} epoch {metrics['epoch']:.2f} loss {metrics['loss']:.4f} "
+            f"lr {metrics['lr_backbone']:.4g}/{metrics['lr_head']:.4g} {metrics['samples_per_s']:.0f} samples/s "
+            f"eta {int(metrics['eta_s']) // 60}m{int(metrics['eta_s']) % 60:02d}s "
+            f"grad {metrics['grad_norm_backbone']:.3g}/{metrics['grad_norm_head']:.3g} "
+            f"data {100 * metrics['data_wait_fraction']:.0f}% skipped {self.skipped_steps}")
+        window.update(loss=[], wait=0.0, time=now)
+
+    def evaluate(self) -> dict:
+        """Verification accuracy on every ``.bin`` set (all ranks take part)."""
+        out = {}
+        for vs in self.eval_sets:
+            result = vs.evaluate(self.engine.module, batch_size=self.cfg.eval.batch_size, device=self.device,
+                                 autocast_dtype=self.autocast_dtype)
+            name = os.path.basename(vs.path)
+            self.logger.log("eval", self.step, {"set": name, **result.as_dict()})
+            self.logger.print(f"eval {name} step {self.step}: accuracy {result.accuracy:.4f} "
+                              f"+- {result.accuracy_std:.4f}, TAR@FAR=1e-3 {result.tar_at_far_1e3:.4f}")
+            out.setdefault("accuracy", result.accuracy)
+            out[f"accuracy/{name}"] = result.accuracy
+        if "accuracy" in out:
+            self.last_accuracy = out["accuracy"]
+        return out
+
+    # ----------------------------------------------------------------- checkpoints
+    def save(self) -> str:
+        """Collective: write a complete checkpoint of this step."""
+        shared = None
+        if self.rank == 0:
+            shared = {"format": 1, "step": self.step, "skipped_steps": self.skipped_steps, "run_id": self.run_id,
+                      "config": to_yaml(self.cfg), "num_classes": self.num_classes, "world_size": self.world_size,
+                      "model": {"backbone": self.cfg.model.backbone, "embedding_size": self.cfg.model.embedding_size,
+                                "options": OmegaConf.to_container(self.cfg.model.options)},
+                      "head_shards": [shard_range(self.num_classes, self.world_size, r) for r in range(self.world_size)],
+                      "backbone": self.engine.state_dict(), "head_schedule": self.head_schedule.state_dict(),
+                      "head_param_groups": self.head_optimizer.state_dict()["param_groups"],
+                      "scaler": self.scaler.state_dict(), "data": self.loader.state_dict()}
+        rows = {k: v.detach().cpu() for k, v in self.head_optimizer.state.get(self.head.weight, {}).items()
+                if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == self.head.num_local}
+        rank_state = {"class_start": self.head.class_start, "num_local": self.head.num_local,
+                      "num_classes": self.num_classes, "weight": self.head.weight.detach().cpu(),
+                      "optimizer_rows": rows, "sampler": self.head.sampler.state_dict(), "rng": rng_state(),
+                      "data": self.loader.state_dict()}
+        path = ckpt.save_checkpoint(self.checkpoint_root, self.step, shared, rank_state,
+                                    keep=self.cfg.checkpoint.keep, write_extra=self.engine.save_extra)
+        self._saved_step = self.step
+        self.checkpoint_requested = False
+        self.logger.print(f"checkpoint step {self.step} -> {path}")
+        return path
+
+    def _resume_path(self) -> str | None:
+        how = self.cfg.checkpoint.resume
+        if how == "none":
+            return None
+        if how == "auto":
+            return ckpt.latest_checkpoint(self.checkpoint_root)
+        return ckpt.resolve_checkpoint(how)
+
+    def _check_compatible(self, shared: dict, path: str) -> None:
+        mine = {"backbone": self.cfg.model.backbone, "embedding_size": self.cfg.model.embedding_size,
+                "num_classes": self.num_classes}
+        theirs = {**shared["model"], "num_classes": shared["num_classes"]}
+        theirs.pop("options", None)
+        if mine != theirs:
+            raise ckpt.CheckpointError(f"checkpoint {path} was written for {theirs}, this run is {mine}; "
+                                       "to fine-tune on other classes set checkpoint.init_backbone instead")
+
+    def load(self, path: str) -> None:
+        """Restore everything from ``path``; reshards the head if the world size changed."""
+        shared = ckpt.load_shared(path)
+        self._check_compatible(shared, path)
+        try:
+            self.engine.load_state_dict(shared["backbone"], path)
+        except (RuntimeError, ValueError) as err:
+            raise ckpt.CheckpointError(f"cannot load the backbone from {path}: {str(err).splitlines()[0]}") from None
+        self.head_schedule.load_state_dict(shared["head_schedule"])
+        self.scaler.load_state_dict(shared["scaler"])
+        self.step, self.skipped_steps, self.run_id = shared["step"], shared["skipped_steps"], shared["run_id"]
+        rows = ckpt.gather_head_rows(path, shared["head_shards"], self.head.class_start, self.head.num_local)
+        with torch.no_grad():
+            self.head.weight.copy_(rows["weight"])
+        if rows["optimizer"]:
+            self.head_optimizer.load_state_dict({"state": {0: {k: v.to(self.device) for k, v in rows["optimizer"].items()}},
+                                                 "param_groups": shared["head_param_groups"]})
+        if shared["world_size"] == self.world_size:
+            mine = ckpt.load_rank_file(path, self.rank)
+            self.head.sampler.load_state_dict(mine["sampler"])
+            set_rng_state(mine["rng"])
+            self.loader.load_state_dict(mine["data"])
+        else:
+            reseed = self.cfg.seed * 1_000_003 + self.rank * 7919 + self.step
+            self.head.sampler.generator.manual_seed(reseed)
+            torch.manual_seed(reseed)
+            data = dict(shared["data"])
+            consumed = data["batches_consumed"] * data["batch_size"] * shared["world_size"]
+            data["batches_consumed"] = min(consumed // (self.cfg.data.batch_size * self.world_size), len(self.loader))
+            self.loader.load_state_dict(data)
+        self._saved_step = self.step

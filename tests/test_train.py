@@ -1,0 +1,205 @@
+"""End-to-end training on real gloo processes: learning, exact resume, resharding, DeepSpeed,
+wandb, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import torch
+
+from partialfc.testing.multiprocess import run_distributed
+from partialfc.train.checkpoint import CheckpointError, latest_checkpoint, load_shared
+from partialfc.train.config import load_config
+from partialfc.train.logging import read_metrics
+
+
+def tiny_overrides(run_dir, cache_dir, *extra) -> list[str]:
+    """A run of a few seconds: 16 synthetic identities, a few-channel IResNet at 56 px."""
+    return [f"run_dir={run_dir}", f"data.cache_dir={cache_dir}",
+            "data.synthetic.num_identities=32", "data.synthetic.images_per_identity=8",
+            "data.synthetic.verification_identities=32", "data.synthetic.verification_pairs=400",
+            "data.batch_size=16", "data.num_workers=0", "model.backbone=iresnet_tiny", "model.embedding_size=32",
+            "loss.name=cosface", "loss.params={s: 16.0, m: 0.2}",
+            "head.sample_rate=0.5", "optim.lr=0.2", "head.optimizer.lr=0.2", "optim.schedule.warmup_steps=2",
+            "head.optimizer.schedule.warmup_steps=2", "train.max_steps=8", "log.every_steps=1",
+            "log.wandb.mode=disabled", "log.plot=false", "eval.every_steps=0", "eval.batch_size=64",
+            "checkpoint.every_steps=0", *extra]
+
+
+def _train(rank, world, overrides):
+    from partialfc.train.trainer import Trainer
+
+    trainer = Trainer(load_config(None, overrides))
+    summary = trainer.train()
+    return {"summary": summary, "class_start": trainer.head.class_start, "num_local": trainer.head.num_local,
+            "weight": trainer.head.weight.detach().clone(),
+            "backbone": {k: v.clone() for k, v in trainer.engine.module.state_dict().items()}}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """The synthetic dataset, generated once here (daemonic test ranks cannot fork workers)."""
+    from partialfc.train.data import prepare_dataset
+
+    folder = str(tmp_path_factory.mktemp("data"))
+    prepare_dataset(load_config(None, tiny_overrides(folder, folder)))
+    return folder
+
+
+def _assert_learned(run_dir):
+    records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    evals = [r["accuracy"] for r in records if r["kind"] == "eval"]
+    assert len(losses) == 40 and len(evals) == 2  # every step logged; at start and at the end
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    assert evals[1] > evals[0] + 0.02, evals
+    return records
+
+
+@pytest.mark.required
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("world", [1, 2])
+def test_training_learns_and_logs(tmp_path, cache, world):
+    run_dir = str(tmp_path / "run")
+    extra = ["train.max_steps=40", "eval.at_start=true", "log.plot=true"]
+    if world == 1:
+        extra.append("log.wandb.mode=offline")
+    out = run_distributed(_train, world, tiny_overrides(run_dir, cache, *extra))
+    records = _assert_learned(run_dir)
+    assert all(r["step"] == i + 1 for i, r in enumerate(x for x in records if x["kind"] == "train"))
+    assert {"lr_backbone", "lr_head", "samples_per_s", "eta_s", "grad_norm_backbone", "grad_norm_head",
+            "data_wait_fraction", "epoch", "skipped_steps"} <= set(records[1])
+    assert out[0]["summary"]["accuracy"] == records[-1]["accuracy"]
+    assert os.path.getsize(os.path.join(run_dir, "curves.png")) > 1000
+    assert latest_checkpoint(os.path.join(run_dir, "checkpoints")).endswith("step_00000040")
+    if world == 1:  # one offline wandb run holding our metrics, under the run directory
+        files = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "*.wandb"))
+        assert len(files) == 1
+        data = open(files[0], "rb").read()
+        assert b"train/loss" in data and b"eval/accuracy" in data and b"train/lr_head" in data
+
+
+def _interrupted_then_resumed(rank, world, overrides, interrupt_at):
+    """Train ``interrupt_at`` steps, checkpoint, drop the trainer; a new one resumes to the end."""
+    from partialfc.train.trainer import Trainer
+
+    first = Trainer(load_config(None, overrides))
+    for _ in range(interrupt_at):
+        first.train_step()
+    first.save()
+    first.logger.close()
+    del first
+    return _train(rank, world, overrides)
+
+
+@pytest.mark.required
+@pytest.mark.multiprocess
+def test_resume_is_bitwise_exact(tmp_path, cache):
+    common = ("train.deterministic=true", "train.max_steps=6", "log.wandb.mode=offline")
+    straight = run_distributed(_train, 1, tiny_overrides(tmp_path / "a", cache, *common))[0]
+    resumed = run_distributed(_interrupted_then_resumed, 1, tiny_overrides(tmp_path / "b", cache, *common), 3)[0]
+    assert torch.equal(straight["weight"], resumed["weight"])
+    for key, value in straight["backbone"].items():
+        assert torch.equal(value, resumed["backbone"][key]), key
+    # the metrics file has each step once, and the resumed job continued the same wandb run
+    steps = [r["step"] for r in read_metrics(str(tmp_path / "b" / "metrics.jsonl")) if r["kind"] == "train"]
+    assert steps == [4, 5, 6] or steps == list(range(1, 7))
+    runs = glob.glob(str(tmp_path / "b" / "wandb" / "offline-run-*"))
+    assert len(runs) == 2 and len({r.rsplit("-", 1)[1] for r in runs}) == 1
+
+
+def _saved_rows(path):
+    """Independent reference: the saved shard files concatenated in rank order."""
+    files = sorted(glob.glob(os.path.join(path, "head_rank*.pt")))
+    parts = [torch.load(f, weights_only=False) for f in files]
+    return (torch.cat([p["weight"] for p in parts]),
+            torch.cat([p["optimizer_rows"]["momentum_buffer"] for p in parts]), [p["class_start"] for p in parts])
+
+
+def _reshard_check(rank, world, overrides):
+    from partialfc.train.trainer import Trainer
+
+    trainer = Trainer(load_config(None, overrides))
+    lo, n = trainer.head.class_start, trainer.head.num_local
+    momentum = trainer.head_optimizer.state[trainer.head.weight]["momentum_buffer"]
+    before = (lo, n, trainer.head.weight.detach().clone(), momentum.clone(), trainer.step)
+    summary = trainer.train()
+    return before, summary
+
+
+@pytest.mark.required
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("worlds", [(2, 3), (3, 2)])
+def test_resume_on_another_world_size(tmp_path, cache, worlds):
+    saved_world, new_world = worlds
+    run = tmp_path / "run"
+    run_distributed(_train, saved_world, tiny_overrides(run, cache, "train.max_steps=3"))
+    path = latest_checkpoint(str(run / "checkpoints"))
+    weight, momentum, starts = _saved_rows(path)
+    assert len(starts) == saved_world and weight.shape[0] == 32
+    results = run_distributed(_reshard_check, new_world, tiny_overrides(run, cache, "train.max_steps=6"))
+    covered = 0
+    for (lo, n, rows, mom, step), summary in results:
+        assert lo == covered and step == 3
+        assert torch.equal(rows, weight[lo:lo + n]) and torch.equal(mom, momentum[lo:lo + n])
+        assert summary["step"] == 6 and torch.isfinite(torch.tensor(summary["loss"]))
+        covered += n
+    assert covered == 32
+    assert load_shared(latest_checkpoint(str(run / "checkpoints")))["world_size"] == new_world
+
+
+def _deepspeed_run(rank, world, overrides_by_stage):
+    import os
+
+    from partialfc.train.trainer import Trainer
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    out = {}
+    for stage, overrides in overrides_by_stage.items():
+        trainer = Trainer(load_config(None, overrides))
+        summary = trainer.train()
+        resumed = Trainer(load_config(None, [*overrides, "train.max_steps=6"]))
+        out[stage] = {"summary": summary, "resumed_step": resumed.step,
+                      "same": all(torch.equal(a, b) for a, b in zip(trainer.engine.module.state_dict().values(),
+                                                                    resumed.engine.module.state_dict().values())),
+                      "after": resumed.train()}
+    return out
+
+
+@pytest.mark.required
+@pytest.mark.multiprocess
+def test_deepspeed_zero1_and_zero2_train_and_checkpoint(tmp_path, cache):
+    pytest.importorskip("deepspeed")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
+    by_stage = {stage: tiny_overrides(tmp_path / f"zero{stage}", cache, "train.engine=deepspeed",
+                                      f"train.deepspeed.zero_stage={stage}", "train.max_steps=4")
+                for stage in (1, 2)}
+    results = run_distributed(_deepspeed_run, 2, by_stage, timeout=540)
+    for stage in (1, 2):
+        r = results[0][stage]
+        records = read_metrics(str(tmp_path / f"zero{stage}" / "metrics.jsonl"))
+        losses = [x["loss"] for x in records if x["kind"] == "train"]
+        assert r["resumed_step"] == 4 and r["same"] and r["after"]["step"] == 6
+        assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+        assert os.path.isdir(os.path.join(latest_checkpoint(str(tmp_path / f"zero{stage}" / "checkpoints")),
+                                          "deepspeed"))
+
+
+def test_bad_input_gives_clear_errors(tmp_path, cache):
+    from partialfc.cli import main
+
+    config = tmp_path / "bad.yaml"
+    config.write_text("run_dir: x\noptim:\n  lr: 0.1\n  lrr: 0.2\n")
+    assert main(["train", str(config)]) == 2
+    missing = tiny_overrides(tmp_path / "m", cache, "data.synthetic=null", f"data.rec={tmp_path}/nothing")
+    with pytest.raises(FileNotFoundError, match="nothing"):
+        _train(0, 1, missing)
+    run = tmp_path / "run"
+    _train(0, 1, tiny_overrides(run, cache, "train.max_steps=1"))
+    with pytest.raises(CheckpointError, match="embedding_size"):
+        _train(0, 1, tiny_overrides(run, cache, "train.max_steps=2", "model.embedding_size=16"))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        _train(0, 1, tiny_overrides(tmp_path / "ft", cache, f"checkpoint.init_backbone={run}",
+                                    "model.options={widths: [8, 16, 32, 64]}"))
