@@ -58,28 +58,29 @@ class MarginLoss(nn.Module):
             return self.s * cos_target + shift
         return self.s * self.psi(cos_target)
 
-    def logits(self, cos: torch.Tensor, target_col: torch.Tensor) -> torch.Tensor:
-        """Full logit block ``(B, k)``: scaled cosines with the target logits transformed."""
-        rows = torch.nonzero(target_col >= 0, as_tuple=True)[0]
-        cols = target_col[rows]
-        if self.inter_threshold is not None:
-            keep_target = torch.zeros_like(cos, dtype=torch.bool)
-            keep_target[rows, cols] = True
-            cos = torch.where((cos > self.inter_threshold) & ~keep_target, torch.zeros_like(cos), cos)
-        logits = self.s * cos
-        return logits.index_put((rows, cols), self.target_logit(cos[rows, cols]))
+    def objective(self, cos: torch.Tensor, target_col: torch.Tensor, target_logit: torch.Tensor,
+                  group) -> torch.Tensor:
+        """Per-row objective over the (possibly sharded) row of ``z = s * cos`` with
+        ``target_logit`` at the targets; softmax cross-entropy here."""
+        return softmax_cross_entropy(cos, target_col, group, scale=self.s, target_logit=target_logit)
 
-    def objective(self, logits: torch.Tensor, target_col: torch.Tensor, group) -> torch.Tensor:
-        """Per-row objective over the (possibly sharded) row; softmax cross-entropy here."""
-        return softmax_cross_entropy(logits, target_col, group)
+    def filter_inter_class(self, cos: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Inter-class filtering: non-target cosines above ``inter_threshold`` become 0."""
+        keep_target = torch.zeros_like(cos, dtype=torch.bool)
+        keep_target[rows, cols] = True
+        return torch.where((cos > self.inter_threshold) & ~keep_target, torch.zeros_like(cos), cos)
 
     def forward(self, cos: torch.Tensor, target_col: torch.Tensor, group=None) -> torch.Tensor:
         """Per-row losses ``(B,)``; on a single process ``target_col`` is simply the labels.
 
-        Half-precision cosines are upcast to fp32 before the margin and the exponentials."""
-        if cos.dtype in (torch.float16, torch.bfloat16):
-            cos = cos.float()
-        return self.objective(self.logits(cos, target_col), target_col, group)
+        ``cos`` may be half precision (an autocast matmul): the margin and everything after
+        it run in fp32; the gradient comes back in the dtype of ``cos``."""
+        rows = torch.nonzero(target_col >= 0, as_tuple=True)[0]
+        cols = target_col[rows]
+        if self.inter_threshold is not None:  # compare in fp32: a bf16 threshold would round
+            cos = self.filter_inter_class(cos.to(torch.promote_types(cos.dtype, torch.float32)), rows, cols)
+        cos_target = cos[rows, cols].to(torch.promote_types(cos.dtype, torch.float32))
+        return self.objective(cos, target_col, self.target_logit(cos_target), group)
 
     def extra_repr(self) -> str:
         return f"s={self.s}, gradient={self.gradient}, inter_threshold={self.inter_threshold}"

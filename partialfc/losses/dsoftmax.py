@@ -53,10 +53,11 @@ class DSoftmax(MarginLoss):
             return None
         return 0.0 if self.variant == "B" else 1.0 / self.K
 
-    def objective(self, logits: torch.Tensor, target_col: torch.Tensor, group) -> torch.Tensor:
+    def objective(self, cos: torch.Tensor, target_col: torch.Tensor, target_logit: torch.Tensor,
+                  group) -> torch.Tensor:
         inter_scale = float(self.K) if self.rescale_inter else 1.0
-        return dissected_softmax(logits, target_col, group, intra_logit=self.s * self.d,
-                                 inter_scale=inter_scale)
+        return dissected_softmax(cos, target_col, group, intra_logit=self.s * self.d, inter_scale=inter_scale,
+                                 scale=self.s, target_logit=target_logit)
 
     def extra_repr(self) -> str:
         return (f"d={self.d}, variant={self.variant}, K={self.K}, rescale_inter={self.rescale_inter}, "
