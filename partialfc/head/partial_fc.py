@@ -138,9 +138,10 @@ class PartialFC(nn.Module):
             target_col = torch.where(in_shard, pos, -1)
         self.last_sampled = index
         cos = F.linear(F.normalize(embeddings, dim=1), F.normalize(centres, dim=1))
-        cos = cos.to(torch.promote_types(cos.dtype, torch.float32))
         with torch.no_grad():  # rounding can leave |cos| a hair above 1; the gradient passes through
             cos.clamp_(-1.0, 1.0)
+        # cos stays in the matmul's dtype (bf16/fp16 under autocast): the loss upcasts the
+        # target cosines and the objective builds the fp32 logits in one pass.
         return self.loss(cos, target_col, self.group).mean()
 
     def get_extra_state(self) -> dict:
