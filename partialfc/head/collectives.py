@@ -49,7 +49,7 @@ class _GatherRows(torch.autograd.Function):
             padded[r, : sizes[r]] = piece
         if pdist.backend_of(group) == "nccl":
             own = grad.new_empty((max_n, *grad.shape[1:]))
-            dist.reduce_scatter_tensor(own, padded, group=group)
+            dist.reduce_scatter_tensor(own, padded.reshape(-1, *grad.shape[1:]), group=group)
         else:  # gloo has no reduce-scatter: sum everything, keep our block
             dist.all_reduce(padded, group=group)
             own = padded[rank]
