@@ -203,3 +203,37 @@ def test_bad_input_gives_clear_errors(tmp_path, cache):
     with pytest.raises(CheckpointError, match="does not fit"):
         _train(0, 1, tiny_overrides(tmp_path / "ft", cache, f"checkpoint.init_backbone={run}",
                                     "model.options={widths: [8, 16, 32, 64]}"))
+
+
+def _accumulate(rank, world):
+    from partialfc.train.engine import DDPEngine
+
+    cfg = load_config(None, ["run_dir=unused", "data.rec=unused", "train.grad_accum=2"])
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    engine = DDPEngine(model, cfg, 10, torch.amp.GradScaler("cpu", enabled=False))
+    generator = torch.Generator().manual_seed(rank)
+    inputs, grads = [torch.randn(3, 4, generator=generator) for _ in range(2)], []
+    for i, x in enumerate(inputs):
+        with engine.micro_step(last=i == 1):
+            engine.backward(engine(x).square().mean(), last=i == 1)
+        grads.append(model.weight.grad.clone())
+    return inputs, grads
+
+
+@pytest.mark.required
+@pytest.mark.multiprocess
+def test_gradient_accumulation_divides_the_loss_and_syncs_once():
+    results = run_distributed(_accumulate, 2)
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(4, 1)
+
+    def grad_of(batches):
+        reference.zero_grad()
+        (sum(reference(x).square().mean() for x in batches) / len(batches)).backward()
+        return reference.weight.grad.clone()
+
+    everything = [x for inputs, _ in results for x in inputs]
+    for inputs, (inner, final) in results:
+        torch.testing.assert_close(inner, grad_of(inputs[:1]) / 2)  # local only: no all-reduce yet
+        torch.testing.assert_close(final, grad_of(everything))  # mean over ranks and micro-steps

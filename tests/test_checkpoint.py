@@ -1,0 +1,93 @@
+"""Checkpoint atomicity, export tools, fine-tuning, non-finite steps (single process)."""
+
+import os
+
+import pytest
+import torch
+
+from partialfc.cli import main
+from partialfc.train import checkpoint as ckpt
+from partialfc.train.config import load_config
+from test_train import cache, tiny_overrides  # noqa: F401  (fixture)
+
+
+def test_a_crash_mid_write_leaves_no_valid_checkpoint(tmp_path):
+    root = str(tmp_path / "checkpoints")
+    ckpt.save_checkpoint(root, 1, {"step": 1}, {"weight": torch.zeros(2, 2)})
+
+    def crash(directory):
+        raise KeyboardInterrupt("killed while writing")
+
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(root, 2, {"step": 2}, {"weight": torch.ones(2, 2)}, write_extra=crash)
+    assert ckpt.latest_checkpoint(root).endswith("step_00000001")
+    assert [os.path.basename(p) for p in ckpt.list_checkpoints(root)] == ["step_00000001"]
+    for step in (2, 3, 4):
+        ckpt.save_checkpoint(root, step, {"step": step}, {"weight": torch.ones(2, 2)}, keep=2)
+    assert [os.path.basename(p) for p in ckpt.list_checkpoints(root)] == ["step_00000003", "step_00000004"]
+    assert ckpt.load_shared(ckpt.latest_checkpoint(root)) == {"step": 4}
+
+
+def test_gather_rows_across_uneven_shards(tmp_path):
+    full = torch.arange(7 * 3, dtype=torch.float32).view(7, 3)
+    shards = [(0, 3), (3, 2), (5, 2)]
+    for rank, (lo, n) in enumerate(shards):
+        torch.save({"weight": full[lo:lo + n], "optimizer_rows": {"momentum_buffer": -full[lo:lo + n]}},
+                   tmp_path / ckpt.head_file(rank))
+    rows = ckpt.gather_head_rows(str(tmp_path), shards, 2, 4)
+    assert torch.equal(rows["weight"], full[2:6]) and torch.equal(rows["optimizer"]["momentum_buffer"], -full[2:6])
+
+
+def test_export_merge_finetune_and_eval(tmp_path, cache, capsys):  # noqa: F811
+    from partialfc.train.trainer import Trainer
+
+    run = tmp_path / "run"
+    trainer = Trainer(load_config(None, tiny_overrides(run, cache, "train.max_steps=2")))
+    trainer.train()
+    assert main(["export", "backbone", str(run), str(tmp_path / "bb.pt")]) == 0
+    assert main(["export", "centres", str(run), str(tmp_path / "centres.pt")]) == 0
+    centres = torch.load(tmp_path / "centres.pt")
+    assert torch.equal(centres, trainer.head.weight.detach())  # one process owns every class
+    bins = trainer.eval_sets[0].path
+    assert main(["eval", "verify", "--checkpoint", str(tmp_path / "bb.pt"), "--bin", bins, "--json"]) == 0
+    assert '"accuracy"' in capsys.readouterr().out
+    assert main(["eval", "verify", "--checkpoint", str(tmp_path / "nothing"), "--bin", bins]) == 2
+    # fine-tune on a different class count from the exported backbone
+    tuned = Trainer(load_config(None, tiny_overrides(tmp_path / "ft", cache, "train.max_steps=1",
+                                                     f"checkpoint.init_backbone={tmp_path / 'bb.pt'}")))
+    for key, value in trainer.engine.module.state_dict().items():
+        assert torch.equal(value, tuned.engine.module.state_dict()[key]), key
+
+
+def test_nonfinite_steps_are_skipped_then_training_stops(tmp_path, cache):  # noqa: F811
+    from partialfc.train.trainer import Trainer, TrainingDiverged
+
+    trainer = Trainer(load_config(None, tiny_overrides(tmp_path / "nan", cache, "train.max_steps=6",
+                                                       "train.max_consecutive_nonfinite=3")))
+    trainer.train_step()
+    before = [p.detach().clone() for p in trainer.engine.module.parameters()]
+    head_before = trainer.head.weight.detach().clone()
+    hook = trainer.engine.module.register_forward_hook(lambda m, i, out: out * float("nan"))
+    assert not trainer.train_step()["finite"]
+    assert trainer.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.engine.module.parameters()))
+    assert torch.equal(head_before, trainer.head.weight)
+    with pytest.raises(TrainingDiverged, match="3 consecutive steps"):
+        trainer.train()
+    hook.remove()
+    assert ckpt.latest_checkpoint(str(tmp_path / "nan" / "checkpoints")).endswith("step_00000004")
+
+
+def test_checkpoint_on_request_after_the_current_step(tmp_path, cache):  # noqa: F811
+    import signal
+
+    from partialfc.train.trainer import Trainer
+
+    trainer = Trainer(load_config(None, tiny_overrides(tmp_path / "req", cache, "train.max_steps=3",
+                                                       "eval.at_end=false")))
+    original = signal.getsignal(signal.SIGUSR1)
+    trainer.train_step()
+    trainer.request_checkpoint()  # what the SIGUSR1 handler installed by train() calls
+    trainer.train()
+    names = [os.path.basename(p) for p in ckpt.list_checkpoints(str(tmp_path / "req" / "checkpoints"))]
+    assert names == ["step_00000002", "step_00000003"] and signal.getsignal(signal.SIGUSR1) == original
