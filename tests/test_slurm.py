@@ -52,3 +52,67 @@ def test_submit_rejects_inconsistent_options(tmp_path):
         done = submit(str(config), *args, "--dry-run")
         assert done.returncode == 2 and message in done.stderr, done.stderr
     assert "not found" in submit(str(tmp_path / "missing.yaml"), "--tasks-per-node", "1", "--dry-run").stderr
+
+
+def tiny_training(tmp_path, steps: int) -> list[str]:
+    """Overrides that make the demo a seconds-long run (cached data under tmp_path)."""
+    return [f"data.cache_dir={tmp_path / 'data'}", "data.synthetic.num_identities=16",
+            "data.synthetic.images_per_identity=8", "data.synthetic.verification_identities=8",
+            "data.synthetic.verification_pairs=40", "data.batch_size=8", "data.num_workers=0",
+            f"train.max_steps={steps}", "train.threads=1", "eval.every_steps=0", "eval.at_start=false",
+            "log.every_steps=1", "log.wandb.mode=disabled", "log.plot=false", "checkpoint.every_steps=0"]
+
+
+def metrics_steps(run_dir) -> list[int]:
+    import json
+
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines if '"train"' in line]
+
+
+def test_submit_demo_training_with_two_tasks(cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    done = submit("configs/demo.yaml", *tiny_training(tmp_path, 4), "--tasks-per-node", "2", "--cpus-per-task", "1",
+                  "--overcommit", "--time", "00:10:00", "--run-dir", str(run_dir), env=cluster.env)
+    assert done.returncode == 0, done.stderr
+    job_id = int(done.stdout.split()[2].rstrip(":"))
+    info = cluster.wait(job_id, timeout=400)
+    log = next(run_dir.glob("slurm-*.out")).read_text()
+    assert info["JobState"] == "COMPLETED", log
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    shared = __import__("torch").load(run_dir / "checkpoints" / latest / "trainer.pt", weights_only=False)
+    assert shared["world_size"] == 2 and shared["step"] == 4  # ranks and world size came from Slurm
+    assert sorted(p.name for p in (run_dir / "checkpoints" / latest).glob("head_rank*.pt")) == [
+        "head_rank00000.pt", "head_rank00001.pt"]
+    assert metrics_steps(run_dir)[-1] == 4
+
+
+def test_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path):
+    import time
+
+    run_dir = tmp_path / "run"
+    steps = 400
+    done = submit("configs/demo.yaml", *tiny_training(tmp_path, steps), "--tasks-per-node", "2", "--cpus-per-task",
+                  "1", "--overcommit", "--time", "00:15:00", "--run-dir", str(run_dir), env=cluster.env)
+    assert done.returncode == 0, done.stderr
+    job_id = int(done.stdout.split()[2].rstrip(":"))
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # wait until training is under way
+        if (run_dir / "metrics.jsonl").exists() and len(metrics_steps(run_dir)) >= 5:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("training did not start: " + "".join(p.read_text() for p in run_dir.glob("slurm-*.out")))
+    # what --signal=B:USR1@T does before the time limit: USR1 to the batch shell only
+    subprocess.run(["scancel", "--signal=USR1", "--batch", str(job_id)], check=True, env=cluster.env)
+    info = cluster.wait(job_id, timeout=600, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
+    log = next(run_dir.glob("slurm-*.out")).read_text()
+    assert info["JobState"] == "COMPLETED", log
+    assert int(info.get("Restarts", 0)) == 1, info
+    assert "checkpoint written; requeueing" in log
+    import re
+
+    stopped = [int(s) for s in re.findall(r"stopped on request at step (\d+)", log)]
+    resumed = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", log)]
+    assert stopped and resumed == stopped[:1] and 0 < stopped[0] < steps, log
+    assert metrics_steps(run_dir)[-1] == steps

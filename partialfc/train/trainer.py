@@ -31,6 +31,7 @@ from partialfc.train.data import build_loader, prepare_dataset
 from partialfc.train.engine import build_engine
 from partialfc.train.logging import METRICS_FILE, RunLogger, new_run_id, plot_curves
 from partialfc.train.optim import build_optimizer, build_schedule, clip_grads_, grad_norm
+from partialfc.train.preemption import Preempted, StopRequest
 
 CURVES_FILE = "curves.png"
 
@@ -121,6 +122,8 @@ class Trainer:
         self.run_id = new_run_id()
         self.checkpoint_root = os.path.join(cfg.run_dir, "checkpoints")
         self.checkpoint_requested = False
+        self.stop = StopRequest()
+        self.stop_requested = False
         self.last_accuracy: float | None = None
         resume = self._resume_path()
         if resume is not None:
@@ -151,14 +154,16 @@ class Trainer:
         return self.head(embeddings, labels)
 
     def _global_head_norm(self) -> torch.Tensor:
-        """Head gradient norm over all shards; also shares the checkpoint-request flag."""
+        """Head gradient norm over all shards; also shares the checkpoint and stop requests,
+        so that every rank acts on them at the same step."""
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.head_optimizer)
         local = grad_norm([self.head.weight]).cpu()
-        packed = torch.stack([local.double() ** 2, torch.tensor(float(self.checkpoint_requested), dtype=torch.float64)])
+        flags = torch.tensor([float(self.checkpoint_requested), float(self.stop.local_flag())], dtype=torch.float64)
+        packed = torch.cat([(local.double() ** 2).reshape(1), flags])
         if self.world_size > 1:
             torch.distributed.all_reduce(packed)
-        self.checkpoint_requested = bool(packed[1] > 0)
+        self.checkpoint_requested, self.stop_requested = bool(packed[1] > 0), bool(packed[2] > 0)
         return packed[0].sqrt().float()
 
     def train_step(self) -> dict:
@@ -206,6 +211,7 @@ class Trainer:
         previous = None
         if threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGUSR1, self.request_checkpoint)
+        self.stop.install()
         try:
             if cfg.eval.at_start and self.step == 0:
                 self.evaluate()
@@ -222,6 +228,7 @@ class Trainer:
         finally:
             if previous is not None:
                 signal.signal(signal.SIGUSR1, previous)
+            self.stop.uninstall()
             self.logger.close()
 
     def _loop(self) -> dict:
@@ -245,6 +252,10 @@ class Trainer:
                 self._log_train(last, window, start, start_step)
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < self.total_steps:
                 self.evaluate()
+            if self.stop_requested:
+                path = self.save()
+                self.logger.print(f"stopped on request at step {self.step}; checkpoint {path}")
+                raise Preempted(self.step, path)
             if (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0) or self.checkpoint_requested:
                 self.save()
         return {"step": self.step, "loss": last.get("loss"), "skipped_steps": self.skipped_steps}
