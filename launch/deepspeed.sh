@@ -12,4 +12,4 @@ if [ -n "${HOSTFILE:-}" ]; then
 elif [ -n "${NPROC:-}" ]; then
   args+=(--num_gpus "$NPROC")
 fi
-exec .venv/bin/deepspeed "${args[@]}" --module partialfc.cli train "$@"
+exec .venv/bin/deepspeed "${args[@]}" --no_local_rank --module partialfc.cli train "$@"
