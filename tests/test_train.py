@@ -106,8 +106,9 @@ def test_resume_is_bitwise_exact(tmp_path, cache):
     # the metrics file has each step once, and the resumed job continued the same wandb run
     steps = [r["step"] for r in read_metrics(str(tmp_path / "b" / "metrics.jsonl")) if r["kind"] == "train"]
     assert steps == [4, 5, 6] or steps == list(range(1, 7))
-    runs = glob.glob(str(tmp_path / "b" / "wandb" / "offline-run-*"))
-    assert len(runs) == 2 and len({r.rsplit("-", 1)[1] for r in runs}) == 1
+    # two offline run folders (wandb adds "-1" when both start in the same second), one run id
+    runs = glob.glob(str(tmp_path / "b" / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(runs) == 2 and len({os.path.basename(r) for r in runs}) == 1, runs
 
 
 def _saved_rows(path):
