@@ -20,6 +20,14 @@ def _rows_and_values(param: torch.Tensor, grad: torch.Tensor):
     return None, grad
 
 
+def _run_closure(closure):
+    """The optimizer-closure convention: re-evaluate the loss with gradients enabled."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def _take(t: torch.Tensor, rows):
     return t if rows is None else t.index_select(0, rows)
 
@@ -46,10 +54,7 @@ class SparseRowSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _run_closure(closure)
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
@@ -84,10 +89,7 @@ class SparseRowAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _run_closure(closure)
         for group in self.param_groups:
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
