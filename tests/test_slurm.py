@@ -70,10 +70,12 @@ def metrics_steps(run_dir) -> list[int]:
     return [json.loads(line)["step"] for line in lines if '"train"' in line]
 
 
-def test_submit_demo_training_with_two_tasks(cluster, tmp_path):
+@pytest.mark.parametrize("pattern", ["task-per-gpu", "torchrun"])
+def test_submit_demo_training_with_two_ranks(cluster, tmp_path, pattern):
     run_dir = tmp_path / "run"
-    done = submit("configs/demo.yaml", *tiny_training(tmp_path, 4), "--tasks-per-node", "2", "--cpus-per-task", "1",
-                  "--overcommit", "--time", "00:10:00", "--run-dir", str(run_dir), env=cluster.env)
+    done = submit("configs/demo.yaml", *tiny_training(tmp_path, 4), "--pattern", pattern, "--tasks-per-node", "2",
+                  "--cpus-per-task", "1", "--overcommit", "--time", "00:10:00", "--run-dir", str(run_dir),
+                  env=cluster.env)
     assert done.returncode == 0, done.stderr
     job_id = int(done.stdout.split()[2].rstrip(":"))
     info = cluster.wait(job_id, timeout=400)
