@@ -17,6 +17,19 @@ def hardware_label(device: str) -> str:
     return f"{platform.processor() or platform.machine()} CPU x{os.cpu_count()}"
 
 
+def stamp_records(records: list[dict], benchmark: str, device: str) -> str:
+    """Add ``hardware``, ``torch`` and ``command`` (the ``partialfc bench <benchmark> ...``
+    command line when run from the CLI, else "") to every record; return the hardware label."""
+    import sys
+
+    hardware = hardware_label(device)
+    from_cli = sys.argv[1:3] == ["bench", benchmark]
+    command = f"partialfc bench {benchmark} " + " ".join(sys.argv[3:]) if from_cli else ""
+    for r in records:
+        r.update(hardware=hardware, torch=torch.__version__, command=command)
+    return hardware
+
+
 def markdown_table(records: list[dict], columns: list[tuple[str, str]]) -> str:
     """``columns``: (key, header) pairs; floats get 4 significant digits."""
     def cell(v):
