@@ -263,12 +263,10 @@ def _figure(records: list[dict], title: str):
 
 
 def run(args) -> int:
-    import sys
-
     from rich.console import Console
     from rich.progress import track
 
-    from partialfc.bench.report import hardware_label, markdown_table, write_outputs
+    from partialfc.bench.report import markdown_table, stamp_records, write_outputs
     from partialfc.testing import run_distributed
 
     configs = _configs(args)
@@ -277,10 +275,7 @@ def run(args) -> int:
     records = [_run_config(cfg, peak_flops) for cfg in
                track(configs, description="bench head", console=Console(stderr=True))]
     _add_ratios(records)
-    hardware = hardware_label(args.device)
-    command = "partialfc bench head " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "head"] else ""
-    for r in records:
-        r.update(hardware=hardware, torch=torch.__version__, command=command)
+    hardware = stamp_records(records, "head", args.device)
     columns = [("method", "method"), ("classes", "classes"), ("sample_rate", "rate"), ("world_size", "ranks"),
                ("global_batch", "batch"), ("step_s", "step s"), ("samples_per_s", "samples/s"),
                ("peak_mem_mb", "peak MB/rank"), ("speedup_vs_full", "speed-up vs full"),
