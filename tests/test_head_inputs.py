@@ -88,3 +88,16 @@ def test_bf16_autocast_close_to_fp32(sample_rate):
     assert low.dtype == torch.float32
     assert torch.isfinite(low)
     assert low.item() == pytest.approx(ref.item(), rel=0.02)
+
+
+def test_half_embeddings_without_autocast_are_promoted_to_the_centres_dtype():
+    """A bf16 backbone without autocast (a DeepSpeed bf16 engine) feeds an fp32 head."""
+    head = PartialFC(16, 50, loss=CosFace(s=32), sample_rate=0.5)
+    x, y = torch.randn(8, 16).bfloat16(), torch.randint(0, 50, (8,))
+    state = head.sampler.generator.get_state()
+    low = x.clone().requires_grad_(True)
+    out = head(low, y)
+    out.backward()
+    head.sampler.generator.set_state(state)
+    assert low.grad.dtype == torch.bfloat16 and torch.isfinite(low.grad).all()
+    assert out.item() == pytest.approx(head(x.float(), y).item(), rel=1e-6)

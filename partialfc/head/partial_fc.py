@@ -137,6 +137,8 @@ class PartialFC(nn.Module):
             pos = torch.searchsorted(index, local.clamp(0, max(self.num_local - 1, 0)))
             target_col = torch.where(in_shard, pos, -1)
         self.last_sampled = index
+        if not torch.is_autocast_enabled(embeddings.device.type):  # e.g. bf16 from a DeepSpeed engine
+            embeddings = embeddings.to(centres.dtype)
         cos = F.linear(F.normalize(embeddings, dim=1), F.normalize(centres, dim=1))
         with torch.no_grad():  # rounding can leave |cos| a hair above 1; the gradient passes through
             cos.clamp_(-1.0, 1.0)
