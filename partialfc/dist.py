@@ -105,7 +105,7 @@ def detect_launch_env(env=None) -> LaunchEnv:
     ``srun`` with one task per process (``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``),
     or a single process. Raises :class:`LaunchError` on inconsistent variables."""
     env = os.environ if env is None else env
-    if any(k in env for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+    if "RANK" in env or "WORLD_SIZE" in env:  # LOCAL_RANK alone (set for DeepSpeed) is one process
         rank, world, local_rank = _int(env, "RANK"), _int(env, "WORLD_SIZE"), _int(env, "LOCAL_RANK")
         local_world = _int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else world
         _check(rank, world, local_rank, local_world, "RANK/WORLD_SIZE/LOCAL_RANK")

@@ -73,3 +73,7 @@ def test_slurm_nodelist_first_host(nodelist, first):
 def test_inconsistent_variables_are_clear_errors(env, message):
     with pytest.raises(LaunchError, match=message):
         detect_launch_env(env)
+
+
+def test_local_rank_alone_is_a_single_process():
+    assert detect_launch_env({"LOCAL_RANK": "0"}).launcher == "single"

@@ -238,3 +238,19 @@ def test_gradient_accumulation_divides_the_loss_and_syncs_once():
     for inputs, (inner, final) in results:
         torch.testing.assert_close(inner, grad_of(inputs[:1]) / 2)  # local only: no all-reduce yet
         torch.testing.assert_close(final, grad_of(everything))  # mean over ranks and micro-steps
+
+
+@pytest.mark.required
+def test_deepspeed_engine_on_a_single_process_without_launcher(tmp_path, cache):
+    """`partialfc train ... train.engine=deepspeed` as a plain process (no torchrun, no MPI)."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "ds1"
+    cmd = [sys.executable, "-m", "partialfc.cli", "train", "configs/demo.yaml",
+           *tiny_overrides(run_dir, cache, "train.engine=deepspeed", "train.max_steps=2", "train.threads=1")]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**env, "DS_ACCELERATOR": "cpu"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert latest_checkpoint(str(run_dir / "checkpoints")).endswith("step_00000002")
+    assert os.path.isdir(os.path.join(latest_checkpoint(str(run_dir / "checkpoints")), "deepspeed"))
