@@ -254,3 +254,19 @@ def test_deepspeed_engine_on_a_single_process_without_launcher(tmp_path, cache):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert latest_checkpoint(str(run_dir / "checkpoints")).endswith("step_00000002")
     assert os.path.isdir(os.path.join(latest_checkpoint(str(run_dir / "checkpoints")), "deepspeed"))
+
+
+def test_random_softmax_draws_a_new_a_each_epoch(tmp_path, cache):
+    from partialfc.losses import RandomSoftmax
+    from partialfc.train.trainer import Trainer
+
+    overrides = [o for o in tiny_overrides(tmp_path / "rs", cache) if not o.startswith("loss.")]
+    trainer = Trainer(load_config(None, [*overrides, "loss.name=random_softmax", "loss.params={s: 16.0, seed: 3}"]))
+    seen = []
+    for _ in range(trainer.steps_per_epoch + 1):
+        trainer.train_step()
+        seen.append((trainer.loader.epoch, trainer.head.loss.a))
+    reference = RandomSoftmax(s=16.0, seed=3)
+    assert [a for e, a in seen if e == 0] == [reference.set_epoch(0)] * trainer.steps_per_epoch
+    assert seen[-1] == (1, reference.set_epoch(1)) and seen[-1][1] != seen[0][1] < 0
+    trainer.logger.close()

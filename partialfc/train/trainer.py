@@ -166,6 +166,14 @@ class Trainer:
         self.checkpoint_requested, self.stop_requested = bool(packed[1] > 0), bool(packed[2] > 0)
         return packed[0].sqrt().float()
 
+    def _follow_epoch(self) -> None:
+        """Losses with a per-epoch parameter (Random-Softmax's draw of ``a``) get each new
+        epoch; the draw is seeded by the epoch, so a resumed run draws the same value."""
+        set_epoch = getattr(self.head.loss, "set_epoch", None)
+        if set_epoch is not None and self.loader.epoch != getattr(self, "_loss_epoch", None):
+            self._loss_epoch = self.loader.epoch
+            set_epoch(self._loss_epoch)
+
     def train_step(self) -> dict:
         """One optimizer step over ``grad_accum`` micro-batches; returns its metrics."""
         accum, wait, losses = self.cfg.train.grad_accum, 0.0, []
@@ -173,6 +181,7 @@ class Trainer:
             tick = time.perf_counter()
             images, labels = next(self.batches)
             wait += time.perf_counter() - tick
+            self._follow_epoch()
             last = i == accum - 1
             with self.engine.micro_step(last):
                 autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
