@@ -91,3 +91,26 @@ def test_checkpoint_on_request_after_the_current_step(tmp_path, cache):  # noqa:
     trainer.train()
     names = [os.path.basename(p) for p in ckpt.list_checkpoints(str(tmp_path / "req" / "checkpoints"))]
     assert names == ["step_00000002", "step_00000003"] and signal.getsignal(signal.SIGUSR1) == original
+
+
+def test_retention_after_a_rollback_keeps_what_was_written_last(tmp_path):
+    """Resumed from an earlier step in the same run dir: the new checkpoints survive
+    ``keep`` and ``latest`` names them, not the abandoned higher steps."""
+    from partialfc.train.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
+
+    root = str(tmp_path / "checkpoints")
+    state = {"weight": torch.zeros(2, 3)}
+    for step in (1000, 2000, 1100, 1200):
+        save_checkpoint(root, step, {"step": step}, state, keep=2)
+    names = [os.path.basename(p) for p in list_checkpoints(root)]
+    assert names == ["step_00001100", "step_00001200"]
+    assert latest_checkpoint(root).endswith("step_00001200")
+
+
+def test_rows_for_a_rank_that_owns_no_class(tmp_path):
+    from partialfc.train.checkpoint import gather_head_rows, save_checkpoint
+
+    root = str(tmp_path / "checkpoints")
+    path = save_checkpoint(root, 1, {"step": 1}, {"weight": torch.ones(1, 4), "optimizer_rows": {}})
+    rows = gather_head_rows(path, [(0, 1)], start=1, count=0)
+    assert rows["weight"].shape == (0, 4) and rows["optimizer"] == {}

@@ -270,3 +270,56 @@ def test_random_softmax_draws_a_new_a_each_epoch(tmp_path, cache):
     assert [a for e, a in seen if e == 0] == [reference.set_epoch(0)] * trainer.steps_per_epoch
     assert seen[-1] == (1, reference.set_epoch(1)) and seen[-1][1] != seen[0][1] < 0
     trainer.logger.close()
+
+
+def _overflow_on_rank_one(rank, world, overrides):
+    """fp16: an inf in rank 1's head shard gradient at step 2 only."""
+    from partialfc.train.trainer import Trainer
+
+    trainer = Trainer(load_config(None, overrides))
+    shared_norm, calls = trainer._global_head_norm, {"n": 0}
+
+    def norm_with_overflow():
+        calls["n"] += 1
+        if rank == 1 and calls["n"] == 2:
+            grad = trainer.head.weight.grad.coalesce()
+            values = grad.values().clone()
+            values[0, 0] = float("inf")
+            trainer.head.weight.grad = torch.sparse_coo_tensor(grad.indices(), values, grad.shape)
+        return shared_norm()
+
+    trainer._global_head_norm = norm_with_overflow
+    steps = [(trainer.train_step()["finite"], trainer.scaler.get_scale()) for _ in range(4)]
+    return steps, torch.cat([p.detach().flatten() for p in trainer.engine.module.parameters()])
+
+
+@pytest.mark.required
+@pytest.mark.multiprocess
+def test_fp16_overflow_on_one_rank_is_skipped_by_all(tmp_path, cache):
+    """The skip decision is shared: same finite flags and loss scales, identical backbones."""
+    results = run_distributed(_overflow_on_rank_one, 2, tiny_overrides(tmp_path / "fp16", cache, "train.precision=fp16"))
+    (steps0, backbone0), (steps1, backbone1) = results
+    assert steps0 == steps1 and steps0[1][0] is False and steps0[2][0] is True
+    assert steps0[1][1] == steps0[0][1] / 2  # backed off once, on both ranks
+    assert torch.equal(backbone0, backbone1)
+
+
+def test_resume_with_more_steps_follows_the_new_schedule(tmp_path, cache):
+    """Extending max_steps on resume: the lr follows the new horizon (not stuck at 0), and
+    the head's lr is restored even when its optimizer keeps no state (SGD without momentum)."""
+    from partialfc.train.trainer import Trainer
+
+    run = tmp_path / "extend"
+    common = ("optim.schedule.name=poly", "head.optimizer.schedule.name=poly", "head.optimizer.momentum=0.0")
+    first = Trainer(load_config(None, tiny_overrides(run, cache, "train.max_steps=4", *common)))
+    first.train()
+    resumed = Trainer(load_config(None, tiny_overrides(run, cache, "train.max_steps=10", *common)))
+    assert resumed.step == 4
+    fresh = Trainer(load_config(None, tiny_overrides(tmp_path / "ref", cache, "train.max_steps=10", *common)))
+    for _ in range(4):
+        fresh.train_step()
+    for trainer in (resumed, fresh):
+        trainer.lrs = (trainer.engine.lr, trainer.head_optimizer.param_groups[0]["lr"])
+    assert resumed.lrs == pytest.approx(fresh.lrs) and min(resumed.lrs) > 0
+    for trainer in (resumed, fresh):
+        trainer.logger.close()

@@ -97,8 +97,9 @@ def save_checkpoint(root: str, step: int, shared: dict | None, rank_state: dict,
             shutil.rmtree(final)
         os.replace(tmp, final)
         _write_text_atomic(os.path.join(root, LATEST), step_name(step) + "\n")
-        if keep > 0:
-            for old in list_checkpoints(root)[:-keep]:
+        if keep > 0:  # by write time: after a rollback, higher-numbered steps are the old ones
+            written = sorted(list_checkpoints(root), key=lambda p: os.path.getmtime(os.path.join(p, TRAINER_FILE)))
+            for old in [p for p in written if p != final][:max(len(written) - keep, 0)]:
                 shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
@@ -153,6 +154,9 @@ def gather_head_rows(path: str, shards: list[tuple[int, int]], start: int, count
     ``shards[r] = (class_start, num_local)`` of old rank ``r``. Returns ``{"weight": (count, D),
     "optimizer": {name: (count, ...)}}`` with every per-row optimizer tensor (those whose first
     dimension is the shard's row count); rows of a shard that had no such state yet are zeros."""
+    if count == 0:  # more ranks than classes: this rank owns none
+        dim = load_rank_file(path, 0)["weight"].shape[1:]
+        return {"weight": torch.zeros((0, *dim)), "optimizer": {}}
     pieces: list[tuple[int, int, dict]] = []
     for old_rank, (lo, n) in enumerate(shards):
         a, b = max(lo, start), min(lo + n, start + count)

@@ -13,7 +13,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from partialfc import dist as pdist
-from partialfc.train.optim import build_optimizer, build_schedule, clip_grads_, grad_norm
+from partialfc.train.optim import build_optimizer, build_schedule, clip_grads_, grad_norm, sync_schedule
 
 
 class DDPEngine:
@@ -72,6 +72,7 @@ class DDPEngine:
             raise ValueError(f"{path} was written by the deepspeed engine; resume it with train.engine=deepspeed")
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
+        sync_schedule(self.schedule)
 
     def save_extra(self, directory: str) -> None:
         """Nothing beyond ``state_dict`` (kept in ``trainer.pt``)."""

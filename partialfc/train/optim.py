@@ -48,8 +48,19 @@ def build_optimizer(params, cfg, sparse_rows: bool = False) -> torch.optim.Optim
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR over :class:`WarmupSchedule`; call ``.step()`` once per optimizer step."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupSchedule(cfg, total_steps))
+    """A LambdaLR over :class:`WarmupSchedule`; call ``.step()`` once per optimizer step.
+
+    The factor is wrapped in a plain function so that ``state_dict`` keeps only the step
+    count: a resumed run follows the schedule of its own config (e.g. more steps), not the
+    horizon of the run that wrote the checkpoint."""
+    factor = WarmupSchedule(cfg, total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step))
+
+
+def sync_schedule(schedule: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """After loading a checkpoint: set each group's lr to the schedule's value at its step."""
+    for group, base, factor in zip(schedule.optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
+        group["lr"] = base * factor(schedule.last_epoch)
 
 
 def grad_norm(params) -> torch.Tensor:

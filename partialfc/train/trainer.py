@@ -30,7 +30,7 @@ from partialfc.train.config import to_yaml
 from partialfc.train.data import build_loader, prepare_dataset
 from partialfc.train.engine import build_engine
 from partialfc.train.logging import METRICS_FILE, RunLogger, new_run_id, plot_curves
-from partialfc.train.optim import build_optimizer, build_schedule, clip_grads_, grad_norm
+from partialfc.train.optim import build_optimizer, build_schedule, clip_grads_, grad_norm, sync_schedule
 from partialfc.train.preemption import Preempted, StopRequest
 
 CURVES_FILE = "curves.png"
@@ -121,7 +121,8 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self.run_id = new_run_id()
         self.checkpoint_root = os.path.join(cfg.run_dir, "checkpoints")
-        self.checkpoint_requested = False
+        self.checkpoint_requested = False  # agreed by all ranks
+        self.local_checkpoint_request = False  # this rank's, from SIGUSR1
         self.stop = StopRequest()
         self.stop_requested = False
         self.last_accuracy: float | None = None
@@ -159,7 +160,9 @@ class Trainer:
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.head_optimizer)
         local = grad_norm([self.head.weight]).cpu()
-        flags = torch.tensor([float(self.checkpoint_requested), float(self.stop.local_flag())], dtype=torch.float64)
+        # The signal handler only sets the local request; what the step acts on is the agreed flag.
+        asked, self.local_checkpoint_request = self.local_checkpoint_request, False
+        flags = torch.tensor([float(asked), float(self.stop.local_flag())], dtype=torch.float64)
         packed = torch.cat([(local.double() ** 2).reshape(1), flags])
         if self.world_size > 1:
             torch.distributed.all_reduce(packed)
@@ -195,13 +198,16 @@ class Trainer:
         head_norm = self._global_head_norm()
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(head_norm)) and (
             backbone_norm is None or bool(torch.isfinite(backbone_norm)))
-        apply = finite or self.scaler.is_enabled()  # the scaler skips non-finite steps itself
-        backbone_norm = self.engine.step(apply, backbone_norm)
-        if apply:
+        # ``finite`` is the same on every rank (global loss, all-reduced norms): all ranks
+        # step or skip together; the scaler's own per-optimizer checks would see only this
+        # rank's head shard and could let the ranks' loss scales drift apart.
+        backbone_norm = self.engine.step(finite, backbone_norm)
+        if finite:
             clip_grads_([self.head.weight], self.cfg.head.optimizer.clip_grad_norm, head_norm)
             self.scaler.step(self.head_optimizer)
         self.head_optimizer.zero_grad(set_to_none=True)
-        self.scaler.update()
+        if self.scaler.is_enabled():
+            self.scaler.update(None if finite else self.scaler.get_scale() * self.scaler.get_backoff_factor())
         self.head_schedule.step()
         self.step += 1
         self.skipped_steps += not finite
@@ -211,8 +217,9 @@ class Trainer:
 
     # ----------------------------------------------------------------- loop
     def request_checkpoint(self, *_) -> None:
-        """Ask for a checkpoint after the current step (safe from a signal handler)."""
-        self.checkpoint_requested = True
+        """Ask for a checkpoint (safe from a signal handler): the ranks agree on it at the next
+        step's all-reduce and all save after that step."""
+        self.local_checkpoint_request = True
 
     def train(self) -> dict:
         """Run to the end; returns ``{"step", "loss", "accuracy", ...}``."""
@@ -359,7 +366,8 @@ class Trainer:
         except (RuntimeError, ValueError) as err:
             raise ckpt.CheckpointError(f"cannot load the backbone from {path}: {str(err).splitlines()[0]}") from None
         self.head_schedule.load_state_dict(shared["head_schedule"])
-        self.scaler.load_state_dict(shared["scaler"])
+        if shared["scaler"] and self.scaler.is_enabled():  # a bf16/fp32 run saved no scaler state
+            self.scaler.load_state_dict(shared["scaler"])
         self.step, self.skipped_steps, self.run_id = shared["step"], shared["skipped_steps"], shared["run_id"]
         rows = ckpt.gather_head_rows(path, shared["head_shards"], self.head.class_start, self.head.num_local)
         with torch.no_grad():
@@ -367,6 +375,7 @@ class Trainer:
         if rows["optimizer"]:
             self.head_optimizer.load_state_dict({"state": {0: {k: v.to(self.device) for k, v in rows["optimizer"].items()}},
                                                  "param_groups": shared["head_param_groups"]})
+        sync_schedule(self.head_schedule)
         if shared["world_size"] == self.world_size:
             mine = ckpt.load_rank_file(path, self.rank)
             self.head.sampler.load_state_dict(mine["sampler"])
