@@ -42,3 +42,18 @@ def test_unknown_key_in_a_file(tmp_path):
 def test_shipped_configs_validate(path):
     cfg = load_config(path)
     assert cfg.run_dir
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=-1", "train.epochs must be > 0.0"), ("train.max_steps=0", "train.max_steps must be >= 1"),
+    ("checkpoint.every_steps=-5", "checkpoint.every_steps must be >= 0"),
+    ("head.sample_rate=1.5", r"head.sample_rate must be in \[0.0, 1.0\]"),
+    ("optim.schedule.warmup_fraction=2", "optim.schedule.warmup_fraction must be in"),
+    ("optim.schedule.milestones=[0.5,2]", "milestones are fractions"), ("optim.betas=[0.9]", "two values"),
+    ("train.deepspeed.zero_stage=3", "must be 0, 1 or 2"), ("head.optimizer.lr=-0.1", "head.optimizer.lr must be >= 0"),
+])
+def test_out_of_range_values_are_config_errors(override, message):
+    from partialfc.train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["run_dir=/tmp/x", "data.synthetic.num_identities=4", override])

@@ -182,8 +182,30 @@ def _check(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
-    if cfg.train.deepspeed.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"train.deepspeed.zero_stage must be 0-3, got {cfg.train.deepspeed.zero_stage}")
+    ranges = {"train.epochs": (cfg.train.epochs, 0.0, None, False), "head.sample_rate": (cfg.head.sample_rate, 0.0, 1.0, True),
+              "checkpoint.every_steps": (cfg.checkpoint.every_steps, 0, None, True),
+              "checkpoint.keep": (cfg.checkpoint.keep, 0, None, True), "log.every_steps": (cfg.log.every_steps, 0, None, True),
+              "eval.every_steps": (cfg.eval.every_steps, 0, None, True)}
+    for prefix in ("optim", "head.optimizer"):
+        opt = OmegaConf.select(cfg, prefix)
+        ranges[f"{prefix}.lr"] = (opt.lr, 0.0, None, True)
+        ranges[f"{prefix}.schedule.warmup_fraction"] = (opt.schedule.warmup_fraction, 0.0, 1.0, True)
+        if len(opt.betas) != 2:
+            raise ConfigError(f"{prefix}.betas must hold two values, got {list(opt.betas)}")
+        if any(not 0.0 <= m <= 1.0 for m in opt.schedule.milestones):
+            raise ConfigError(f"{prefix}.schedule.milestones are fractions of training in [0, 1], "
+                              f"got {list(opt.schedule.milestones)}")
+    for key, (value, low, high, inclusive) in ranges.items():
+        if value is None:
+            continue
+        if value < low or (value == low and not inclusive) or (high is not None and value > high):
+            bound = f"in [{low}, {high}]" if high is not None else (f">= {low}" if inclusive else f"> {low}")
+            raise ConfigError(f"{key} must be {bound}, got {value}")
+    if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
+        raise ConfigError(f"train.max_steps must be >= 1 (or null to use train.epochs), got {cfg.train.max_steps}")
+    if cfg.train.deepspeed.zero_stage not in (0, 1, 2):
+        raise ConfigError(f"train.deepspeed.zero_stage must be 0, 1 or 2 (the head stays outside ZeRO), "
+                          f"got {cfg.train.deepspeed.zero_stage}")
     from partialfc.losses import build_loss
     from partialfc.models import BACKBONES
 
