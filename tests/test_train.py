@@ -323,3 +323,29 @@ def test_resume_with_more_steps_follows_the_new_schedule(tmp_path, cache):
     assert resumed.lrs == pytest.approx(fresh.lrs) and min(resumed.lrs) > 0
     for trainer in (resumed, fresh):
         trainer.logger.close()
+
+
+def _backbone_grads(rank, world, overrides, images, labels):
+    """One forward/backward of the trainer's step on this rank's slice of a fixed batch."""
+    from partialfc.train.trainer import Trainer
+
+    trainer = Trainer(load_config(None, overrides))
+    per_rank = len(labels) // world
+    rows = slice(rank * per_rank, (rank + 1) * per_rank)
+    trainer.engine.module.eval()  # batch norm on running statistics: per-sample, comparable across splits
+    trainer.engine.backward(trainer._head_loss(trainer.engine(images[rows]), labels[rows]), True)
+    return torch.cat([p.grad.flatten() for p in trainer.engine.module.parameters() if p.grad is not None])
+
+
+@pytest.mark.required
+@pytest.mark.multiprocess
+def test_backbone_gradient_under_ddp_is_that_of_the_global_mean_loss(tmp_path, cache):
+    """2 DDP ranks with half the batch each give the backbone the same gradient as one
+    process with the whole batch (DDP averages; the trainer compensates)."""
+    gen = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(8, 3, 112, 112, generator=gen), torch.randint(0, 32, (8,), generator=gen)
+    overrides = tiny_overrides(tmp_path / "g", cache, "head.sample_rate=1.0", "model.options={dropout: 0.0}")
+    single = run_distributed(_backbone_grads, 1, overrides, images, labels)[0]
+    pair = run_distributed(_backbone_grads, 2, overrides, images, labels)
+    torch.testing.assert_close(pair[0], pair[1])
+    torch.testing.assert_close(pair[0], single, rtol=1e-4, atol=1e-5)  # fp32 summation order

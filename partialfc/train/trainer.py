@@ -152,6 +152,11 @@ class Trainer:
             torch.distributed.all_reduce(bad)
         if bad.item():
             return embeddings.float().sum() * float("nan")
+        if self.world_size > 1 and embeddings.requires_grad:
+            # The head hands each rank the exact gradient of the global-batch mean for its own
+            # rows; DDP/DeepSpeed then *average* the backbone gradients over the ranks. Scaling
+            # by the world size here makes that average the gradient of the global mean loss.
+            embeddings.register_hook(lambda grad: grad * self.world_size)
         return self.head(embeddings, labels)
 
     def _global_head_norm(self) -> torch.Tensor:
