@@ -42,6 +42,15 @@ def _bad_on_rank_one(rank, world_size):
             messages[case] = "no error"
         except InputError as err:
             messages[case] = str(err)
+    try:  # a dtype that differs from the other rank's
+        head(torch.randn(3, 8, dtype=torch.float64 if rank == 1 else torch.float32), torch.tensor([0, 4, 9]))
+        messages["dtype"] = "no error"
+    except InputError as err:
+        messages["dtype"] = str(err)
+    # an empty rank without autograd next to ranks with it: backward still meets in the collective
+    x = torch.randn(3, 8, requires_grad=True) if rank == 0 else torch.empty(0, 8)
+    head(x, torch.tensor([1, 8, 2]) if rank == 0 else torch.empty(0, dtype=torch.int64)).backward()
+    messages["grad"] = x.grad.shape if rank == 0 else None
     head(torch.randn(2, 8), torch.tensor([1, 8]))  # the group still works afterwards
     return messages
 
@@ -57,6 +66,9 @@ def test_bad_input_on_one_rank_raises_on_every_rank():
             assert re.search(message, text), (case, rank, text)
         if case in ("float_labels", "wrong_width", "label_shape"):
             assert all("on rank 1" in m for m in messages), messages
+    for rank in (0, 1):
+        assert "rank 0: torch.float32, rank 1: torch.float64" in results[rank]["dtype"], results[rank]["dtype"]
+    assert results[0]["grad"] == (3, 8)
 
 
 def test_cosine_exactly_plus_minus_one_is_finite():

@@ -12,6 +12,7 @@ from partialfc.head.sampler import CentreSampler
 from partialfc.head.sharding import shard_range
 
 INIT_BLOCK = 65536  # classes per independently seeded init block
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class InputError(ValueError):
@@ -93,10 +94,17 @@ class PartialFC(nn.Module):
         labels_int = not labels.is_floating_point() and not labels.is_complex() and labels.dtype != torch.bool
         status = torch.tensor([dims[0], embeddings.shape[0] if dims[0] else 0,
                                embeddings.shape[-1] if dims[0] else 0, int(embeddings.is_floating_point()),
-                               int(labels_int), dims[1], labels.shape[0] if dims[1] else 0],
+                               int(labels_int), dims[1], labels.shape[0] if dims[1] else 0,
+                               FLOAT_DTYPES.index(embeddings.dtype) if embeddings.dtype in FLOAT_DTYPES else -1,
+                               int(embeddings.requires_grad)],
                               dtype=torch.int64, device=self.weight.device)
         statuses = gather_sizes(status, self.group)
-        for r, (emb_dim, b, width, emb_float, lab_int, lab_dim, lab_n) in enumerate(statuses):
+        dtypes = {s[7] for s in statuses}
+        if len(dtypes) > 1:
+            raise InputError("embeddings have different dtypes on different ranks: "
+                             + ", ".join(f"rank {r}: {FLOAT_DTYPES[s[7]] if s[7] >= 0 else 'not float'}"
+                                         for r, s in enumerate(statuses)))
+        for r, (emb_dim, b, width, emb_float, lab_int, lab_dim, lab_n, _, _) in enumerate(statuses):
             where = f" on rank {r}" if self.world_size > 1 else ""
             if emb_dim != 2 or width != self.embedding_size:
                 raise InputError(f"embeddings{where} must have shape (batch, {self.embedding_size}), "
@@ -111,6 +119,10 @@ class PartialFC(nn.Module):
                                  f"got {lab_dim} dims of length {lab_n}")
         sizes = [s[1] for s in statuses]
         labels = gather_rows(labels.to(device=self.weight.device, dtype=torch.int64), sizes, self.group)
+        if any(s[8] for s in statuses) and not embeddings.requires_grad:
+            # every rank must take part in the backward's collective, even one whose input
+            # needs no gradient (e.g. an empty batch built without autograd)
+            embeddings = embeddings.detach().requires_grad_(True)
         embeddings = gather_rows(embeddings, sizes, self.group)
         if labels.numel() == 0:
             raise InputError("the global batch is empty")
