@@ -122,6 +122,9 @@ def detect_launch_env(env=None) -> LaunchEnv:
         _check(rank, world, local_rank, local_world, "SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID")
         if world == 1:
             return LaunchEnv(0, 1, 0, 1, "127.0.0.1", 29500, "single")
+        if "SLURM_STEP_ID" not in env and "SLURM_STEPID" not in env:
+            raise LaunchError(f"running in the batch script of a {world}-task SLURM job, not in a job step: "
+                              "start the ranks with srun (or torchrun), or the job waits for ranks that never come")
         if "MASTER_ADDR" in env:
             addr = env["MASTER_ADDR"]
         elif "SLURM_JOB_NODELIST" in env:

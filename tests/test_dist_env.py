@@ -11,7 +11,7 @@ TORCHRUN = dict(RANK="3", WORLD_SIZE="8", LOCAL_RANK="1", LOCAL_WORLD_SIZE="4", 
 DEEPSPEED = dict(RANK="5", WORLD_SIZE="6", LOCAL_RANK="2", MASTER_ADDR="host-a", MASTER_PORT="29500",
                  CROSS_RANK="1", CROSS_SIZE="2", LOCAL_SIZE="3")
 SRUN = dict(SLURM_PROCID="5", SLURM_NTASKS="8", SLURM_LOCALID="1", SLURM_NTASKS_PER_NODE="4(x2)",
-            SLURM_JOB_NODELIST="gpu[012-013]", SLURM_JOB_ID="4242")
+            SLURM_JOB_NODELIST="gpu[012-013]", SLURM_JOB_ID="4242", SLURM_STEP_ID="0")
 
 
 def test_single_process():
@@ -69,6 +69,7 @@ def test_slurm_nodelist_first_host(nodelist, first):
     ({k: v for k, v in SRUN.items() if k != "SLURM_NTASKS"}, "SLURM_NTASKS is not set"),
     ({k: v for k, v in SRUN.items() if k != "SLURM_JOB_NODELIST"}, "SLURM_JOB_NODELIST"),
     ({**SRUN, "SLURM_LOCALID": "-1"}, "negative"),
+    ({k: v for k, v in SRUN.items() if k != "SLURM_STEP_ID"}, "not in a job step: start the ranks with srun"),
 ])
 def test_inconsistent_variables_are_clear_errors(env, message):
     with pytest.raises(LaunchError, match=message):

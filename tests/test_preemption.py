@@ -66,6 +66,7 @@ def test_stop_file_checkpoints_exits_3_and_resume_finishes(tmp_path, cache):
     assert code == EXIT_PREEMPTED, out
     assert "stopped on request at step 1" in out
     assert latest_checkpoint(str(run_dir / "checkpoints")).endswith("step_00000001")
+    assert (tmp_path / "stop.done").read_text() == "1\n"  # the marker the batch script requeues on
     stop_file.unlink()
     code, out = train_cli(run_dir, cache, 6, {"PARTIALFC_STOP_FILE": str(stop_file)})
     assert code == 0, out

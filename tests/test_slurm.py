@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -52,6 +54,10 @@ def test_submit_rejects_inconsistent_options(tmp_path):
         done = submit(str(config), *args, "--dry-run")
         assert done.returncode == 2 and message in done.stderr, done.stderr
     assert "not found" in submit(str(tmp_path / "missing.yaml"), "--tasks-per-node", "1", "--dry-run").stderr
+    spaced = submit(str(config), "--tasks-per-node", "1", "--run-dir", str(tmp_path / "my run"), "--dry-run")
+    assert spaced.returncode == 2 and "white space" in spaced.stderr
+    named = submit(str(config), "--tasks-per-node", "1", "--job-name", "my job", "--dry-run")
+    assert "#SBATCH --job-name=my-job" in named.stdout
 
 
 def tiny_training(tmp_path, steps: int) -> list[str]:
@@ -90,8 +96,6 @@ def test_submit_demo_training_with_two_ranks(cluster, tmp_path, pattern):
 
 
 def test_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path):
-    import time
-
     run_dir = tmp_path / "run"
     steps = 400
     done = submit("configs/demo.yaml", *tiny_training(tmp_path, steps), "--tasks-per-node", "2", "--cpus-per-task",
@@ -111,9 +115,7 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path):
     log = next(run_dir.glob("slurm-*.out")).read_text()
     assert info["JobState"] == "COMPLETED", log
     assert int(info.get("Restarts", 0)) == 1, info
-    assert "checkpoint written; requeueing" in log
-    import re
-
+    assert re.search(r"checkpoint written at step \d+; requeueing", log)
     stopped = [int(s) for s in re.findall(r"stopped on request at step (\d+)", log)]
     resumed = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", log)]
     assert stopped and resumed == stopped[:1] and 0 < stopped[0] < steps, log

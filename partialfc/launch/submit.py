@@ -46,8 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
 
 
-def render(args) -> str:
-    """The batch script for ``args``; raises ``ValueError`` on inconsistent options."""
+def render(args) -> tuple[str, Path]:
+    """``(batch script, run directory)`` for ``args``; ``ValueError`` on inconsistent options."""
     tasks = args.tasks_per_node or args.gpus_per_node
     if args.nodes < 1:
         raise ValueError(f"--nodes must be >= 1, got {args.nodes}")
@@ -64,6 +64,9 @@ def render(args) -> str:
     if not config.exists():
         raise ValueError(f"config {args.config} not found")
     run_dir = (args.run_dir or Path("runs") / config.stem).resolve()
+    if any(c.isspace() for c in str(run_dir)):  # #SBATCH --output cannot be quoted reliably
+        raise ValueError(f"the run directory {str(run_dir)!r} contains white space; choose another --run-dir")
+    job_name = re.sub(r"\s+", "-", args.job_name or f"partialfc-{config.stem}")
     directives = [f"#SBATCH --gpus-per-node={args.gpus_per_node}"] if args.gpus_per_node else []
     directives += [f"#SBATCH --{key}={value}" for key, value in
                    (("partition", args.partition), ("account", args.account), ("qos", args.qos)) if value]
@@ -72,7 +75,7 @@ def render(args) -> str:
     if args.nccl_ifname:
         nccl.append(f"export NCCL_SOCKET_IFNAME={shlex.quote(args.nccl_ifname)}")
     values = dict(
-        job_name=args.job_name or f"partialfc-{config.stem}", nodes=args.nodes, tasks_per_node=tasks,
+        job_name=job_name, nodes=args.nodes, tasks_per_node=tasks,
         cpus_per_task=args.cpus_per_task, cpus_per_node=args.cpus_per_task * tasks, time=args.time,
         signal_seconds=args.signal_seconds, output=run_dir / "slurm-%j.out", extra_directives="\n".join(directives),
         repo=shlex.quote(str(args.template_dir.resolve().parent)), run_dir=shlex.quote(str(run_dir)),
@@ -80,19 +83,18 @@ def render(args) -> str:
         python=shlex.quote(args.python), config=shlex.quote(str(config)),
         overrides=" ".join(shlex.quote(o) for o in [*args.overrides, f"run_dir={run_dir}"]),
     )
-    return Template(template_path.read_text()).substitute(values)
+    return Template(template_path.read_text()).substitute(values), run_dir
 
 
 def run(args) -> int:
     try:
-        script = render(args)
+        script, run_dir = render(args)
     except ValueError as err:
         print(f"partialfc submit: {err}", file=sys.stderr)
         return 2
     if args.dry_run:
         print(script, end="")
         return 0
-    run_dir = Path(re.search(r"^export PARTIALFC_RUN_DIR=(.+)$", script, re.M).group(1).strip("'"))
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / f"submit-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
     path.write_text(script)

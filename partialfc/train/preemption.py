@@ -53,3 +53,11 @@ class StopRequest:
     def local_flag(self) -> bool:
         """This rank's view: a signal arrived or the stop file exists."""
         return self.signalled or bool(self.stop_file and os.path.exists(self.stop_file))
+
+    def acknowledge(self, step: int) -> None:
+        """Rank 0, after the checkpoint: write ``<stop file>.done`` with the step. The batch
+        script requeues on this marker rather than on srun's exit code, which a rank
+        killed while tearing down can turn into 143."""
+        if self.stop_file:
+            with open(self.stop_file + ".done", "w") as f:
+                f.write(f"{step}\n")

@@ -275,6 +275,8 @@ class Trainer:
                 self.evaluate()
             if self.stop_requested:
                 path = self.save()
+                if self.rank == 0:
+                    self.stop.acknowledge(self.step)
                 self.logger.print(f"stopped on request at step {self.step}; checkpoint {path}")
                 raise Preempted(self.step, path)
             if (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0) or self.checkpoint_requested:
