@@ -42,3 +42,15 @@ def test_capacity_fit_recovers_a_linear_memory_model():
     assert fit["max_classes"] == pytest.approx(500_000, rel=1e-9)
     assert fit["mb_per_million_classes"] == pytest.approx(2000)
     assert capacity(records[:1], budget_mb=1100) == []  # one point: no fit
+
+
+def test_full_softmax_reference_is_cosface_cross_entropy():
+    import torch
+    import torch.nn.functional as F
+
+    from partialfc.bench.head import MARGIN, SCALE, full_softmax_cosface
+
+    cos = (torch.rand(6, 40, dtype=torch.float64) * 2 - 1).requires_grad_(True)
+    y = torch.randint(0, 40, (6,))
+    naive = F.cross_entropy(SCALE * (cos - MARGIN * F.one_hot(y, 40)), y)
+    torch.testing.assert_close(full_softmax_cosface(cos, y), naive)

@@ -123,17 +123,24 @@ def _measure_sharded(rank, world_size, cfg):
     return step_s, _peak_bytes(device, baseline), used, head.sample_rate
 
 
+def full_softmax_cosface(cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The plain reference: ``F.cross_entropy`` on all ``(B, C)`` logits, CosFace margin
+    subtracted at the targets in place (no dense one-hot)."""
+    logits = cos.float() * SCALE
+    logits[torch.arange(len(labels), device=labels.device), labels] -= SCALE * MARGIN
+    return F.cross_entropy(logits, labels)
+
+
 def _measure_full_softmax(rank, world_size, cfg):
     device, baseline, x, y = _setup(rank, world_size, cfg)
     weight = torch.nn.Parameter(torch.randn(cfg["classes"], cfg["dim"], device=device) * 0.01)
     opt = torch.optim.SGD([weight], lr=0.1, momentum=0.9, weight_decay=5e-4)
-    margin = F.one_hot(y, cfg["classes"]).to(x.dtype) * (SCALE * MARGIN)
 
     def step():
         opt.zero_grad(set_to_none=True)
         with _autocast(device, cfg["dtype"]):
-            logits = F.linear(F.normalize(x), F.normalize(weight)).float() * SCALE - margin
-        F.cross_entropy(logits, y).backward()
+            cos = F.linear(F.normalize(x), F.normalize(weight))
+        full_softmax_cosface(cos, y).backward()
         if world_size > 1:  # data parallel: the whole class matrix's gradient is all-reduced
             torch.distributed.all_reduce(weight.grad)
             weight.grad /= world_size
@@ -143,8 +150,9 @@ def _measure_full_softmax(rank, world_size, cfg):
     return step_s, _peak_bytes(device, baseline), cfg["classes"], 1.0
 
 
-def _matmul_peak(rank, world_size, device_name: str, dtype: str) -> float:
-    """FLOP/s of a large dense matmul on one rank's share of the machine."""
+def _matmul_peak(rank, world_size, device_name: str, dtype: str, threads: int) -> float:
+    """FLOP/s of a large dense matmul: one GPU, or all ``threads`` CPU cores."""
+    torch.set_num_threads(threads)
     device = torch.device("cuda" if device_name == "cuda" else "cpu")
     n = 8192 if device.type == "cuda" else 2048
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
@@ -188,12 +196,16 @@ def _run_config(cfg, peak_flops: float) -> dict:
         step_s = peak = float("nan")
         used, rate = 0, cfg["rate"]
         status = "oom" if "out of memory" in str(err).lower() else "error: " + str(err).splitlines()[-1][:200]
-    flops = 6.0 * cfg["batch"] * used * cfg["dim"] / step_s
+    # rows per rank: the sharded head sees the gathered global batch, data parallelism its own
+    rows = cfg["batch"] if cfg["method"] != "full_softmax" else -(-cfg["batch"] // cfg["world_size"])
+    flops = 6.0 * rows * used * cfg["dim"] / step_s
+    # CPU ranks share the cores the peak was measured on; each CUDA rank has its own GPU
+    share = cfg["world_size"] if cfg["device"] != "cuda" else 1
     return dict(method=cfg["method"], classes=cfg["classes"], sample_rate=rate, world_size=cfg["world_size"],
                 global_batch=cfg["batch"], dim=cfg["dim"], dtype=cfg["dtype"], device=cfg["device"],
                 step_s=step_s, samples_per_s=cfg["batch"] / step_s, peak_mem_mb=peak / 2**20,
                 centres_per_rank=used, head_tflops=flops / 1e12, matmul_peak_tflops=peak_flops / 1e12,
-                fraction_of_peak=flops / peak_flops, status=status)
+                fraction_of_peak=flops * share / peak_flops, status=status)
 
 
 def _label(r: dict) -> str:
@@ -270,7 +282,7 @@ def run(args) -> int:
     from partialfc.testing import run_distributed
 
     configs = _configs(args)
-    peak_flops = run_distributed(_matmul_peak, 1, args.device, args.dtype,
+    peak_flops = run_distributed(_matmul_peak, 1, args.device, args.dtype, configs[0]["threads"],
                                  backend="nccl" if args.device == "cuda" else "gloo")[0]
     records = [_run_config(cfg, peak_flops) for cfg in
                track(configs, description="bench head", console=Console(stderr=True))]

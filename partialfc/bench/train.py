@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from partialfc.bench.head import MARGIN, SCALE, _autocast, _configs, _head_loss, _label, _peak_bytes, _setup
+from partialfc.bench.head import _autocast, _configs, _head_loss, _label, _peak_bytes, _setup, full_softmax_cosface
 
 PHASES = ("data", "forward", "backward", "comm", "optimizer")
 COLOURS = ("tab:gray", "tab:blue", "tab:orange", "tab:red", "tab:green")
@@ -79,9 +79,7 @@ class FullSoftmax(torch.nn.Module):
         self.sample_rate = 1.0
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        cos = F.linear(F.normalize(embeddings), F.normalize(self.weight)).float()
-        margin = F.one_hot(labels, self.weight.shape[0]) * (SCALE * MARGIN)
-        return F.cross_entropy(cos * SCALE - margin, labels)
+        return full_softmax_cosface(F.linear(F.normalize(embeddings), F.normalize(self.weight)), labels)
 
 
 def _build_head(cfg: dict, device: torch.device):
