@@ -98,3 +98,8 @@ def test_sampler_state_from_another_device_type_reseeds_deterministically():
     first = a.sample(pos)
     assert a.draws == 2 and torch.equal(first, b.sample(pos))
     assert set(pos.tolist()) <= set(first.tolist()) and len(first) == 30
+
+
+def test_sample_count_is_not_lost_to_binary_rounding():
+    assert 0.29 * 100 < 29  # the float product falls just short
+    assert CentreSampler(100, 0.29, seed=0, rank=0).num_sample == 29

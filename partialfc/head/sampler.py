@@ -7,6 +7,8 @@ from the rest of the shard. No importance correction is applied (as in the paper
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -27,7 +29,8 @@ class CentreSampler:
             raise ValueError(f"sample_rate must lie in [0, 1], got {sample_rate}")
         self.num_local = num_local
         self.sample_rate = float(sample_rate)
-        self.num_sample = int(sample_rate * num_local)
+        # int(rate * n), immune to binary rounding (0.29 * 100 is 28.999...): 29, not 28
+        self.num_sample = math.floor(sample_rate * num_local + 1e-9)
         self.seed, self.rank = int(seed), int(rank)
         self.draws = 0
         self.generator = self._seeded(torch.device(device))
