@@ -299,8 +299,11 @@ def test_fp16_overflow_on_one_rank_is_skipped_by_all(tmp_path, cache):
     """The skip decision is shared: same finite flags and loss scales, identical backbones."""
     results = run_distributed(_overflow_on_rank_one, 2, tiny_overrides(tmp_path / "fp16", cache, "train.precision=fp16"))
     (steps0, backbone0), (steps1, backbone1) = results
-    assert steps0 == steps1 and steps0[1][0] is False and steps0[2][0] is True
-    assert steps0[1][1] == steps0[0][1] / 2  # backed off once, on both ranks
+    assert steps0 == steps1 and steps0[1][0] is False  # rank 0 skipped rank 1's overflow too
+    scale = 65536.0  # GradScaler's initial scale; fp16 may overflow on its own in early steps
+    for finite, after in steps0:  # every skip backs off once, on both ranks alike
+        scale = scale if finite else scale / 2
+        assert after == scale, steps0
     assert torch.equal(backbone0, backbone1)
 
 
