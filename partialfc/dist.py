@@ -26,6 +26,15 @@ def get_world_size(group: dist.ProcessGroup | None = None) -> int:
     return dist.get_world_size(group) if is_initialized() else 1
 
 
+def free_port() -> int:
+    """A TCP port on the loopback interface that is free right now (for a local group)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def backend_of(group: dist.ProcessGroup | None = None) -> str:
     return dist.get_backend(group) if is_initialized() else "none"
 

@@ -12,18 +12,13 @@ from __future__ import annotations
 import os
 import pickle
 import queue as queue_module
-import socket
 import traceback
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from partialfc.dist import free_port
 
 
 def _worker(rank, world_size, port, backend, fn, args, queue):
