@@ -68,10 +68,16 @@ class CentreSampler:
                 "draws": self.draws, "seed": self.seed, "rank": self.rank,
                 "sample_rate": self.sample_rate, "num_local": self.num_local}
 
+    def reseed(self, draws: int) -> None:
+        """Start the deterministic stream of ``(seed, rank, draws)``: used when a saved
+        generator cannot be restored (another device type, another world size)."""
+        self.draws = int(draws)
+        self.generator = self._seeded(self.generator.device)
+
     def load_state_dict(self, state: dict) -> None:
         """Restore the stream; from another device type, re-seed at the saved draw count."""
-        self.draws = int(state["draws"])
         if state["device_type"] == self.generator.device.type:
+            self.draws = int(state["draws"])
             self.generator.set_state(state["generator"])
         else:
-            self.generator = self._seeded(self.generator.device)
+            self.reseed(state["draws"])

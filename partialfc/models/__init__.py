@@ -7,7 +7,6 @@ small variants for CPU demos and tests.
 
 from __future__ import annotations
 
-import inspect
 from typing import Callable
 
 from torch import nn

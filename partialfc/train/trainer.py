@@ -29,7 +29,7 @@ from partialfc.train import checkpoint as ckpt
 from partialfc.train.config import to_yaml
 from partialfc.train.data import build_loader, prepare_dataset
 from partialfc.train.engine import build_engine
-from partialfc.train.logging import METRICS_FILE, RunLogger, new_run_id, plot_curves
+from partialfc.train.logging import RunLogger, new_run_id, plot_curves
 from partialfc.train.optim import build_optimizer, build_schedule, clip_grads_, grad_norm, sync_schedule
 from partialfc.train.preemption import Preempted, StopRequest
 
@@ -389,9 +389,8 @@ class Trainer:
             set_rng_state(mine["rng"])
             self.loader.load_state_dict(mine["data"])
         else:
-            reseed = self.cfg.seed * 1_000_003 + self.rank * 7919 + self.step
-            self.head.sampler.generator.manual_seed(reseed)
-            torch.manual_seed(reseed)
+            self.head.sampler.reseed(self.step)
+            torch.manual_seed(self.cfg.seed * 1_000_003 + self.rank * 7919 + self.step)
             data = dict(shared["data"])
             consumed = data["batches_consumed"] * data["batch_size"] * shared["world_size"]
             data["batches_consumed"] = min(consumed // (self.cfg.data.batch_size * self.world_size), len(self.loader))
