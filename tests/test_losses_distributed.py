@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from test_losses import SPECS, ref_dsoftmax_loss, ref_softmax_loss
 
 from partialfc import PartialFC
-from partialfc.head.objectives import dissected_softmax, softmax_cross_entropy
+from partialfc.ops.objectives import dissected_softmax, softmax_cross_entropy
 from partialfc.losses import ArcFace, DSoftmax, RandomSoftmax
 from partialfc.testing import run_distributed
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from partialfc.head.objectives import dissected_softmax, softmax_cross_entropy
+from partialfc.ops.objectives import dissected_softmax, softmax_cross_entropy
 
 
 def problem(seed=0, scale=10.0):

@@ -1,4 +1,4 @@
-"""Sharded classifier: sharding, sampling, collectives, objectives, sparse-row optimizers."""
+"""Sharded classifier: sharding, sampling, sparse-row optimizers (collectives and objectives: ``partialfc.ops``)."""
 
 from partialfc.head.optim import SparseRowAdamW, SparseRowSGD
 from partialfc.head.partial_fc import InputError, PartialFC

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from partialfc import dist as pdist
-from partialfc.head.collectives import gather_rows, gather_sizes
+from partialfc.ops.collectives import gather_rows, gather_sizes
 from partialfc.head.sampler import CentreSampler
 from partialfc.head.sharding import shard_range
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from partialfc.head.objectives import softmax_cross_entropy
+from partialfc.ops.objectives import softmax_cross_entropy
 
 GRADIENT_MODES = ("exact", "straight_through")
 EXACT_CLAMP = 1.0 - 1e-7

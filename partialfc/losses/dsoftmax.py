@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from partialfc.head.objectives import dissected_softmax
+from partialfc.ops.objectives import dissected_softmax
 from partialfc.losses.base import MarginLoss
 
 VARIANTS = ("full", "B", "K")

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from partialfc.head.collectives import all_reduce
+from partialfc.ops.collectives import all_reduce
 
 
 def _row_max(logits: torch.Tensor) -> torch.Tensor:
