@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from partialfc.errors import LaunchError
+
 
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -37,10 +39,6 @@ def free_port() -> int:
 
 def backend_of(group: dist.ProcessGroup | None = None) -> str:
     return dist.get_backend(group) if is_initialized() else "none"
-
-
-class LaunchError(RuntimeError):
-    """The launcher's environment variables are missing or contradict each other."""
 
 
 @dataclass(frozen=True)

@@ -22,16 +22,14 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from partialfc.errors import RecordIOError
+
 MAGIC = 0xCED7230A
 MAGIC_BYTES = struct.pack("<I", MAGIC)
 IR_FORMAT = "<IfQQ"
 IR_SIZE = struct.calcsize(IR_FORMAT)  # 24
 MAX_CHUNK = (1 << 29) - 1
 FLOAT32_EXACT_LIMIT = 1 << 24  # float32 holds every integer up to here, not beyond
-
-
-class RecordIOError(ValueError):
-    """A malformed, truncated or inconsistent record; the message names the file and record."""
 
 
 @dataclass(frozen=True)

@@ -7,16 +7,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from partialfc import dist as pdist
+from partialfc.errors import InputError
 from partialfc.ops.collectives import gather_rows, gather_sizes
 from partialfc.head.sampler import CentreSampler
 from partialfc.head.sharding import shard_range
 
 INIT_BLOCK = 65536  # classes per independently seeded init block
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-class InputError(ValueError):
-    """Raised identically on every rank when some rank's input is invalid."""
 
 
 def init_centres(class_start: int, num_local: int, dim: int, std: float, seed: int,

@@ -34,13 +34,10 @@ import shutil
 import torch
 
 from partialfc import dist as pdist
+from partialfc.errors import CheckpointError
 
 LATEST = "latest"
 TRAINER_FILE = "trainer.pt"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or does not fit this run."""
 
 
 def step_name(step: int) -> str:

@@ -15,9 +15,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the key."""
+from partialfc.errors import ConfigError
 
 
 @dataclass

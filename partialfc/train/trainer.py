@@ -20,6 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from partialfc import dist as pdist
+from partialfc.errors import TrainingDiverged
 from partialfc.eval.verification import VerificationSet
 from partialfc.head import PartialFC
 from partialfc.head.sharding import shard_range
@@ -34,10 +35,6 @@ from partialfc.train.optim import build_optimizer, build_schedule, clip_grads_, 
 from partialfc.train.preemption import Preempted, StopRequest
 
 CURVES_FILE = "curves.png"
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient."""
 
 
 def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
