@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from partialfc.data.dataset_index import RecordDataset
+from partialfc.data.dataset_index import RecordDataset, find_corrupt_images
 from partialfc.data.loader import IMAGE_SIZE, EpochLoader, shard_bounds
 from partialfc.data.recordio import RecordIOError
 
@@ -118,7 +118,6 @@ class DaliLoader(EpochLoader):
         return outputs
 
     def _decode_error(self, epoch: int, error: Exception) -> RecordIOError:
-        from partialfc.data.tools import find_corrupt_images
         bad = find_corrupt_images(self.dataset, progress=False)
         listing = "; ".join(reason for _, reason in bad[:10]) or f"DALI said: {str(error).splitlines()[0]}"
         return RecordIOError(f"{self.dataset.rec_path}: DALI failed in epoch {epoch}: {listing}. Open the "

@@ -22,13 +22,17 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
+from partialfc.data.images import decode_image
+from partialfc.data.parallel import ordered_map
 from partialfc.data.recordio import (IR_SIZE, RecordIOError, RecordReader, exact_label, read_index,
                                      unpack_payload, unpack_range, write_index)
+from partialfc.errors import InputNotFoundError
 
 log = logging.getLogger(__name__)
 
 HEADER, PLAIN = "header", "plain"
 _PREFIX_BYTES = IR_SIZE + 4 * 8  # header plus a short label array
+_CHUNK = 256  # records per parallel task
 
 
 def resolve_paths(path: str | os.PathLike) -> tuple[str, str]:
@@ -38,7 +42,7 @@ def resolve_paths(path: str | os.PathLike) -> tuple[str, str]:
     rec, idx = prefix + ".rec", prefix + ".idx"
     for p in (rec, idx):
         if not os.path.exists(p):
-            raise FileNotFoundError(f"{p} not found (dataset given as {path!r})")
+            raise InputNotFoundError(f"{p} not found (dataset given as {path!r})")
     return rec, idx
 
 
@@ -99,12 +103,40 @@ def _fail(on_error: str, message: str, skipped: list, key: int) -> None:
     skipped.append((key, message))
 
 
+def _check_chunk(task: tuple[str, list[tuple[int, int]]]) -> list[tuple[int, str]]:
+    """Decode every image of ``[(key, offset), ...]``; return ``(key, reason)`` of the bad ones."""
+    rec_path, records = task
+    reader = RecordReader(rec_path)
+    bad = []
+    for key, offset in records:
+        try:
+            decode_image(unpack_payload(reader.read_at(offset, key)[0])[2])
+        except RecordIOError as e:
+            bad.append((key, str(e)))
+        except (OSError, ValueError) as e:
+            bad.append((key, f"{rec_path}: record {key} (offset {offset}): corrupt image ({e})"))
+    reader.close()
+    return bad
+
+
+def find_corrupt_images(dataset: RecordDataset, workers: int | None = None,
+                        progress: bool = True) -> list[tuple[int, str]]:
+    """``(key, reason)`` for every image record that cannot be read or fully decoded."""
+    pairs = list(zip(dataset.keys.tolist(), dataset.offsets.tolist()))
+    chunks = [(dataset.rec_path, pairs[i:i + _CHUNK]) for i in range(0, len(pairs), _CHUNK)]
+    bad: list[tuple[int, str]] = []
+    for result in ordered_map(_check_chunk, chunks, len(chunks), workers if len(chunks) > 1 else 1,
+                              desc="decoding images", unit="chunk", progress=progress, chunksize=1):
+        bad += result
+    return bad
+
+
 def open_dataset(path: str | os.PathLike, on_error: str = "raise", verify_images: bool = False,
                  progress: bool | None = None) -> RecordDataset:
     """Open a dataset (``.rec``, ``.idx`` or prefix), detect its flavour, read and check labels.
 
     ``on_error``: ``"raise"`` (default) or ``"skip"`` bad records. ``verify_images`` also
-    decodes every image (slow on big sets; :func:`partialfc.data.tools.find_corrupt_images`).
+    decodes every image (slow on big sets; :func:`find_corrupt_images`).
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -148,7 +180,6 @@ def open_dataset(path: str | os.PathLike, on_error: str = "raise", verify_images
         num_classes = int(labels[keep].max()) + 1 if keep.any() else 0
     dataset = RecordDataset(rec_path, idx_path, flavour, keys, offsets, labels, num_classes).select(keep, skipped)
     if verify_images:
-        from partialfc.data.tools import find_corrupt_images
         bad = find_corrupt_images(dataset)
         for key, reason in bad:
             _fail(on_error, reason, [], key)

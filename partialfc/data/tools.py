@@ -8,42 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-from partialfc.data.dataset_index import RecordDataset, open_dataset, resolve_paths
-from partialfc.data.images import decode_image, encode_jpeg
+from partialfc.data.dataset_index import find_corrupt_images, open_dataset, resolve_paths
+from partialfc.data.images import encode_jpeg
 from partialfc.data.parallel import ordered_map
-from partialfc.data.recordio import RecordIOError, RecordReader, RecordWriter, pack_payload, pack_range
+from partialfc.data.recordio import RecordReader, RecordWriter, pack_payload, pack_range
+from partialfc.errors import InputNotFoundError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-_CHUNK = 256  # records per parallel task
-
-
-def _check_chunk(task: tuple[str, list[tuple[int, int]]]) -> list[tuple[int, str]]:
-    """Decode every image of ``[(key, offset), ...]``; return ``(key, reason)`` of the bad ones."""
-    from partialfc.data.recordio import unpack_payload
-    rec_path, records = task
-    reader = RecordReader(rec_path)
-    bad = []
-    for key, offset in records:
-        try:
-            decode_image(unpack_payload(reader.read_at(offset, key)[0])[2])
-        except RecordIOError as e:
-            bad.append((key, str(e)))
-        except (OSError, ValueError) as e:
-            bad.append((key, f"{rec_path}: record {key} (offset {offset}): corrupt image ({e})"))
-    reader.close()
-    return bad
-
-
-def find_corrupt_images(dataset: RecordDataset, workers: int | None = None,
-                        progress: bool = True) -> list[tuple[int, str]]:
-    """``(key, reason)`` for every image record that cannot be read or fully decoded."""
-    pairs = list(zip(dataset.keys.tolist(), dataset.offsets.tolist()))
-    chunks = [(dataset.rec_path, pairs[i:i + _CHUNK]) for i in range(0, len(pairs), _CHUNK)]
-    bad: list[tuple[int, str]] = []
-    for result in ordered_map(_check_chunk, chunks, len(chunks), workers if len(chunks) > 1 else 1,
-                              desc="decoding images", unit="chunk", progress=progress, chunksize=1):
-        bad += result
-    return bad
 
 
 @dataclass
@@ -84,6 +55,8 @@ def _load_for_pack(task: tuple[str, int, int | None, int]) -> bytes:
 def list_image_folders(src_dir: str) -> list[tuple[str, list[str]]]:
     """``[(identity folder name, sorted image paths), ...]`` sorted by folder name; class id =
     position in this list. Folders without images are skipped."""
+    if not os.path.isdir(src_dir):
+        raise InputNotFoundError(f"{src_dir}: no such folder")
     identities = []
     for entry in sorted(os.scandir(src_dir), key=lambda e: e.name):
         if entry.is_dir():
@@ -92,7 +65,7 @@ def list_image_folders(src_dir: str) -> list[tuple[str, list[str]]]:
             if files:
                 identities.append((entry.name, files))
     if not identities:
-        raise FileNotFoundError(f"{src_dir}: no identity folders with images")
+        raise InputNotFoundError(f"{src_dir}: no identity folders with images")
     return identities
 
 

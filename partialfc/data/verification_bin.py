@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from partialfc.data.images import decode_image
+from partialfc.errors import InputNotFoundError, VerificationBinError
 
 
 def write_bin(path: str | os.PathLike, images: Sequence[bytes], issame: Sequence[bool]) -> None:
@@ -28,12 +29,14 @@ def write_bin(path: str | os.PathLike, images: Sequence[bytes], issame: Sequence
 
 def read_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
     """``(encoded images (2P), issame bool (P,))`` from a ``.bin`` file (Python 2 or 3 pickle)."""
+    if not os.path.isfile(path):
+        raise InputNotFoundError(f"verification set {path} not found")
     with open(path, "rb") as f:
         bins, issame = pickle.load(f, encoding="bytes")
     images = [b.tobytes() if isinstance(b, np.ndarray) else bytes(b) for b in bins]
     issame = np.asarray(issame, dtype=bool)
     if len(images) != 2 * len(issame):
-        raise ValueError(f"{path}: {len(images)} images for {len(issame)} pairs (need 2 per pair)")
+        raise VerificationBinError(f"{path}: {len(images)} images for {len(issame)} pairs (need 2 per pair)")
     return images, issame
 
 
@@ -45,5 +48,5 @@ def load_bin_images(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         try:
             decoded.append(decode_image(data))
         except (OSError, ValueError) as e:
-            raise ValueError(f"{path}: image {i} (pair {i // 2}) cannot be decoded: {e}") from None
+            raise VerificationBinError(f"{path}: image {i} (pair {i // 2}) cannot be decoded: {e}") from None
     return np.stack(decoded).transpose(0, 3, 1, 2).copy(), issame

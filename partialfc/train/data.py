@@ -11,6 +11,7 @@ import shutil
 import torch
 
 from partialfc import dist as pdist
+from partialfc.errors import InputNotFoundError
 
 
 def synthetic_prefix(cfg) -> str:
@@ -40,7 +41,7 @@ def prepare_dataset(cfg) -> tuple[str, list[str]]:
     if cfg.data.rec is not None:
         prefix = str(cfg.data.rec)
         if not (os.path.exists(prefix) or os.path.exists(prefix + ".rec") or os.path.exists(prefix + ".idx")):
-            raise FileNotFoundError(f"dataset {prefix} not found (data.rec names a .rec file or its prefix)")
+            raise InputNotFoundError(f"dataset {prefix} not found (data.rec names a .rec file or its prefix)")
     else:
         prefix = synthetic_prefix(cfg)
         if pdist.get_rank() == 0 and not os.path.exists(prefix + ".rec"):
@@ -51,7 +52,7 @@ def prepare_dataset(cfg) -> tuple[str, list[str]]:
             bins.insert(0, prefix + ".bin")
     for path in bins:
         if not os.path.exists(path):
-            raise FileNotFoundError(f"verification set {path} not found (eval.bins)")
+            raise InputNotFoundError(f"verification set {path} not found (eval.bins)")
     return prefix, bins
 
 
