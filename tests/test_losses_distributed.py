@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from test_losses import SPECS, ref_dsoftmax_loss, ref_softmax_loss
 
 from partialfc import PartialFC
-from partialfc.ops.objectives import dissected_softmax, softmax_cross_entropy
+from partialfc.ops import Targets, dissected_softmax, softmax_cross_entropy
 from partialfc.losses import ArcFace, DSoftmax, RandomSoftmax
 from partialfc.testing import run_distributed
 
@@ -87,11 +87,11 @@ def _objectives_on_rank(rank, world_size):
     sizes = COLUMN_SPLITS[world_size]
     lo = sum(sizes[:rank])
     local = logits[:, lo: lo + sizes[rank]].clone().requires_grad_(True)
-    target_col = torch.where((cols >= lo) & (cols < lo + sizes[rank]), cols - lo, -1)
+    targets = Targets.from_columns(torch.where((cols >= lo) & (cols < lo + sizes[rank]), cols - lo, -1))
     out = {}
-    for key, fn in [("softmax", lambda z: softmax_cross_entropy(z, target_col)),
-                    ("dissected", lambda z: dissected_softmax(z, target_col, intra_logit=2.0)),
-                    ("dissected_scaled", lambda z: dissected_softmax(z, target_col, intra_logit=-1.0,
+    for key, fn in [("softmax", lambda z: softmax_cross_entropy(z, targets)),
+                    ("dissected", lambda z: dissected_softmax(z, targets, intra_logit=2.0)),
+                    ("dissected_scaled", lambda z: dissected_softmax(z, targets, intra_logit=-1.0,
                                                                      inter_scale=3.0))]:
         loss = fn(local)
         grad, = torch.autograd.grad((loss * upstream).sum(), local)

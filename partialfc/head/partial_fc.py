@@ -8,9 +8,11 @@ from torch import nn
 
 from partialfc import dist as pdist
 from partialfc.errors import InputError
-from partialfc.ops.collectives import gather_rows, gather_sizes
 from partialfc.head.sampler import CentreSampler
 from partialfc.head.sharding import shard_range
+from partialfc.losses import CosFace
+from partialfc.ops.collectives import gather_rows, gather_sizes
+from partialfc.ops.targets import Targets
 
 INIT_BLOCK = 65536  # classes per independently seeded init block
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -65,8 +67,6 @@ class PartialFC(nn.Module):
                  init_std: float = 0.01, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
-        from partialfc.losses import CosFace  # the default loss; avoids an import cycle
-
         self.group = process_group
         self.rank = pdist.get_rank(process_group)
         self.world_size = pdist.get_world_size(process_group)
@@ -138,13 +138,13 @@ class PartialFC(nn.Module):
         in_shard = (local >= 0) & (local < self.num_local)
         if self.sampler.samples_everything:
             index, centres = None, self.weight
-            target_col = torch.where(in_shard, local, -1)
+            targets = Targets.from_columns(torch.where(in_shard, local, -1))
         else:
             positives = torch.unique(local[in_shard])
             index = self.sampler.sample(positives)
             centres = F.embedding(index, self.weight, sparse=True)
             pos = torch.searchsorted(index, local.clamp(0, max(self.num_local - 1, 0)))
-            target_col = torch.where(in_shard, pos, -1)
+            targets = Targets.from_columns(torch.where(in_shard, pos, -1))
         self.last_sampled = index
         if not torch.is_autocast_enabled(embeddings.device.type):  # e.g. bf16 from a DeepSpeed engine
             embeddings = embeddings.to(centres.dtype)
@@ -153,7 +153,7 @@ class PartialFC(nn.Module):
             cos.clamp_(-1.0, 1.0)
         # cos stays in the matmul's dtype (bf16/fp16 under autocast): the loss upcasts the
         # target cosines and the objective builds the fp32 logits in one pass.
-        return self.loss(cos, target_col, self.group).mean()
+        return self.loss(cos, targets, self.group).mean()
 
     def get_extra_state(self) -> dict:
         return {"sampler": self.sampler.state_dict(), "class_start": self.class_start,

@@ -1,10 +1,10 @@
 """The common shape of every loss: a transform of the target logit plus an objective.
 
 A loss sees the clamped cosines ``cos`` of shape ``(B, k)`` between the (global) batch of
-embeddings and the ``k`` class centres a rank holds, and ``target_col`` of shape ``(B,)``:
-the column of each row's target on this rank, ``-1`` when it lives on another rank. It
-returns per-row losses ``(B,)``; the objective performs the cross-rank reductions, so the
-same loss works on one process and on a sharded head.
+embeddings and the ``k`` class centres a rank holds, and the :class:`~partialfc.ops.Targets`
+of those rows (which rows have their target on this rank, in which column; built once by
+the head). It returns per-row losses ``(B,)``; the objective performs the cross-rank
+reductions, so the same loss works on one process and on a sharded head.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from partialfc.ops.objectives import softmax_cross_entropy
+from partialfc.ops.targets import Targets
 
 GRADIENT_MODES = ("exact", "straight_through")
 EXACT_CLAMP = 1.0 - 1e-7
@@ -58,29 +59,29 @@ class MarginLoss(nn.Module):
             return self.s * cos_target + shift
         return self.s * self.psi(cos_target)
 
-    def objective(self, cos: torch.Tensor, target_col: torch.Tensor, target_logit: torch.Tensor,
+    def objective(self, cos: torch.Tensor, targets: Targets, target_logit: torch.Tensor,
                   group) -> torch.Tensor:
         """Per-row objective over the (possibly sharded) row of ``z = s * cos`` with
-        ``target_logit`` at the targets; softmax cross-entropy here."""
-        return softmax_cross_entropy(cos, target_col, group, scale=self.s, target_logit=target_logit)
+        ``target_logit`` (aligned with ``targets.rows``) at the targets; softmax
+        cross-entropy here."""
+        return softmax_cross_entropy(cos, targets, group, scale=self.s, target_logit=target_logit)
 
-    def filter_inter_class(self, cos: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    def filter_inter_class(self, cos: torch.Tensor, targets: Targets) -> torch.Tensor:
         """Inter-class filtering: non-target cosines above ``inter_threshold`` become 0."""
         keep_target = torch.zeros_like(cos, dtype=torch.bool)
-        keep_target[rows, cols] = True
+        keep_target[targets.rows, targets.cols] = True
         return torch.where((cos > self.inter_threshold) & ~keep_target, torch.zeros_like(cos), cos)
 
-    def forward(self, cos: torch.Tensor, target_col: torch.Tensor, group=None) -> torch.Tensor:
-        """Per-row losses ``(B,)``; on a single process ``target_col`` is simply the labels.
+    def forward(self, cos: torch.Tensor, targets: Targets, group=None) -> torch.Tensor:
+        """Per-row losses ``(B,)``. On a single process build ``targets`` from the labels:
+        ``Targets.from_columns(labels)``.
 
         ``cos`` may be half precision (an autocast matmul): the margin and everything after
         it run in fp32; the gradient comes back in the dtype of ``cos``."""
-        rows = torch.nonzero(target_col >= 0, as_tuple=True)[0]
-        cols = target_col[rows]
         if self.inter_threshold is not None:  # compare in fp32: a bf16 threshold would round
-            cos = self.filter_inter_class(cos.to(torch.promote_types(cos.dtype, torch.float32)), rows, cols)
-        cos_target = cos[rows, cols].to(torch.promote_types(cos.dtype, torch.float32))
-        return self.objective(cos, target_col, self.target_logit(cos_target), group)
+            cos = self.filter_inter_class(cos.to(torch.promote_types(cos.dtype, torch.float32)), targets)
+        cos_target = cos[targets.rows, targets.cols].to(torch.promote_types(cos.dtype, torch.float32))
+        return self.objective(cos, targets, self.target_logit(cos_target), group)
 
     def extra_repr(self) -> str:
         return f"s={self.s}, gradient={self.gradient}, inter_threshold={self.inter_threshold}"

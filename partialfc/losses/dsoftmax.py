@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from partialfc.ops.objectives import dissected_softmax
+from partialfc.ops.targets import Targets
 from partialfc.losses.base import MarginLoss
 
 VARIANTS = ("full", "B", "K")
@@ -53,10 +54,10 @@ class DSoftmax(MarginLoss):
             return None
         return 0.0 if self.variant == "B" else 1.0 / self.K
 
-    def objective(self, cos: torch.Tensor, target_col: torch.Tensor, target_logit: torch.Tensor,
+    def objective(self, cos: torch.Tensor, targets: Targets, target_logit: torch.Tensor,
                   group) -> torch.Tensor:
         inter_scale = float(self.K) if self.rescale_inter else 1.0
-        return dissected_softmax(cos, target_col, group, intra_logit=self.s * self.d, inter_scale=inter_scale,
+        return dissected_softmax(cos, targets, group, intra_logit=self.s * self.d, inter_scale=inter_scale,
                                  scale=self.s, target_logit=target_logit)
 
     def extra_repr(self) -> str:

@@ -1,14 +1,14 @@
 """Objectives over a row of logits whose columns are spread over the ranks of a group.
 
 Each rank holds the cosines ``cos (B, k)`` of the same ``B`` rows of the global batch
-against a disjoint set of ``k`` columns (its sampled class centres). ``target_col[i]`` is
-the column of row ``i``'s target on this rank, or ``-1`` when the target lives elsewhere.
-The logits are ``z = scale * cos`` except at the targets, where the caller's
-``target_logit`` (the margin-transformed ``s * psi(c_y)``, one value per row whose target
-is local) is used. Forming ``z``, the reductions and the gradient are fused into one
-autograd function per objective: ``z`` is built once in fp32 (fp64 stays fp64) and turned
-into probabilities in place, and backward writes one gradient block. Reductions return a
-per-row loss vector identical on every rank; backward needs no communication.
+against a disjoint set of ``k`` columns (its sampled class centres); ``targets``
+(:class:`~partialfc.ops.targets.Targets`) says which rows have their target among them and
+in which column. The logits are ``z = scale * cos`` except at the targets, where the
+caller's ``target_logit`` (the margin-transformed ``s * psi(c_y)``, shape ``(n,)``, aligned
+with ``targets.rows``) is used. Forming ``z``, the reductions and the gradient are fused
+into one autograd function per objective: ``z`` is built once in fp32 (fp64 stays fp64) and
+turned into probabilities in place, and backward writes one gradient block. Reductions
+return a per-row loss vector identical on every rank; backward needs no communication.
 
 Both objectives share the same two collectives (MAX of row maxima, then one SUM of (sum of
 exp, target logit)):
@@ -27,17 +27,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from partialfc.ops.collectives import all_reduce
+from partialfc.ops.targets import Targets
 
 
 def _row_max(logits: torch.Tensor) -> torch.Tensor:
     if logits.shape[1] == 0:  # a rank may own no sampled centre at rate 0
         return logits.new_full((logits.shape[0],), float("-inf"))
     return logits.amax(dim=1)
-
-
-def _target_mask(target_col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = torch.nonzero(target_col >= 0, as_tuple=True)[0]
-    return rows, target_col[rows]
 
 
 def _scaled_logits(cos: torch.Tensor, scale: float) -> torch.Tensor:
@@ -76,8 +72,8 @@ def _cos_gradient(weights: torch.Tensor, row_factor: torch.Tensor, scale: float,
 
 class _SoftmaxCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, cos, target_col, target_logit, scale, group):
-        rows, cols = _target_mask(target_col)
+    def forward(ctx, cos, targets, target_logit, scale, group):
+        rows, cols = targets.rows, targets.cols
         z = _scaled_logits(cos, scale)
         z[rows, cols] = target_logit.detach().to(z.dtype)
         row_max, sum_exp, target = _row_statistics(z, rows, target_logit, group, exclude_target=False)
@@ -96,8 +92,8 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
 
 class _DissectedSoftmax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, cos, target_col, target_logit, scale, group, intra_logit, inter_scale):
-        rows, cols = _target_mask(target_col)
+    def forward(ctx, cos, targets, target_logit, scale, group, intra_logit, inter_scale):
+        rows, cols = targets.rows, targets.cols
         z = _scaled_logits(cos, scale)
         z[rows, cols] = float("-inf")  # the inter term runs over the non-targets only
         row_max, sum_exp, target = _row_statistics(z, rows, target_logit, group, exclude_target=True)
@@ -114,26 +110,25 @@ class _DissectedSoftmax(torch.autograd.Function):
         return grad_cos, None, -intra_pull * grad_rows[rows], None, None, None, None
 
 
-def _apply(function: type[torch.autograd.Function], cos, target_col, target_logit, scale, group, *args):
+def _apply(function: type[torch.autograd.Function], cos, targets, target_logit, scale, group, *args):
     """Run ``function`` outside autocast; without ``target_logit`` read it from ``cos``."""
     if target_logit is None:
-        rows, cols = _target_mask(target_col)
-        target_logit = scale * cos[rows, cols].to(torch.promote_types(cos.dtype, torch.float32))
+        target_logit = scale * cos[targets.rows, targets.cols].to(torch.promote_types(cos.dtype, torch.float32))
     with torch.autocast(device_type=cos.device.type, enabled=False):
-        return function.apply(cos, target_col, target_logit, float(scale), group, *args)
+        return function.apply(cos, targets, target_logit, float(scale), group, *args)
 
 
-def softmax_cross_entropy(cos: torch.Tensor, target_col: torch.Tensor, group=None, *, scale: float = 1.0,
+def softmax_cross_entropy(cos: torch.Tensor, targets: Targets, group=None, *, scale: float = 1.0,
                           target_logit: torch.Tensor | None = None) -> torch.Tensor:
     """Per-row ``LSE_j(z_j) - z_y`` over the columns of all ranks, shape ``(B,)``.
 
-    ``z = scale * cos`` with ``target_logit`` (shape ``(n,)``, the rows with a local target in
-    order) at the targets. Two collectives: MAX of the row maxima, then one SUM of (sum of
+    ``z = scale * cos`` with ``target_logit`` (shape ``(n,)``, aligned with ``targets.rows``)
+    at the targets. Two collectives: MAX of the row maxima, then one SUM of (sum of
     exp, target logit). ``dL/dz = softmax - onehot`` is computed locally in backward."""
-    return _apply(_SoftmaxCrossEntropy, cos, target_col, target_logit, scale, group)
+    return _apply(_SoftmaxCrossEntropy, cos, targets, target_logit, scale, group)
 
 
-def dissected_softmax(cos: torch.Tensor, target_col: torch.Tensor, group=None, *, intra_logit: float,
+def dissected_softmax(cos: torch.Tensor, targets: Targets, group=None, *, intra_logit: float,
                       inter_scale: float = 1.0, scale: float = 1.0,
                       target_logit: torch.Tensor | None = None) -> torch.Tensor:
     """Per-row D-Softmax ``softplus(intra_logit - z_y) + log(1 + inter_scale * sum_{j!=y} exp(z_j))``.
@@ -144,5 +139,5 @@ def dissected_softmax(cos: torch.Tensor, target_col: torch.Tensor, group=None, *
     (global MAX floored at 0, SUM of exp); the target logit is gathered by the same SUM.
     Backward is local: ``dL/dz_j = r e^{z_j} / (1 + r sum)`` for ``j != y`` (independent of
     ``z_y``) and ``dL/dz_y = -sigmoid(intra_logit - z_y)``."""
-    return _apply(_DissectedSoftmax, cos, target_col, target_logit, scale, group, float(intra_logit),
+    return _apply(_DissectedSoftmax, cos, targets, target_logit, scale, group, float(intra_logit),
                   float(inter_scale))
