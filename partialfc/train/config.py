@@ -2,20 +2,100 @@
 command-line overrides (``optim.lr=0.05``).
 
 ``load_config(path, overrides)`` returns a :class:`Config`; an unknown key, a wrong type or
-an invalid value is a :class:`ConfigError` naming the key. ``num_classes`` and
-``num_images`` are not configured: they are read from the dataset.
+an invalid value is a :class:`ConfigError` naming the key. Each field carries its own rule:
+closed sets of options are :class:`Choice` enums (OmegaConf rejects other values and lists
+the valid ones), numeric ranges are declared with :func:`bounded`, and a section's rules
+across fields are its ``check(key)`` method.
+
+A YAML file may start from another one: ``base: other.yaml`` (relative to the file naming
+it; bases may have bases) is read first and the file's own keys are merged over it,
+mappings key by key (``loss.params`` included), lists and scalars replaced.
+``num_classes`` and ``num_images`` are not configured: they are read from the dataset.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum
 from typing import Any, Dict, List, Optional
 
-from omegaconf import MISSING, OmegaConf
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from partialfc.errors import ConfigError
+
+
+class Choice(str, Enum):
+    """A closed set of string options. Members compare, hash and print as their value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Loader(Choice):
+    torch = "torch"
+    dali = "dali"
+
+
+class Precision(Choice):
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class Engine(Choice):
+    ddp = "ddp"
+    deepspeed = "deepspeed"
+
+
+class OptimizerName(Choice):
+    sgd = "sgd"
+    adamw = "adamw"
+
+
+class ScheduleName(Choice):
+    poly = "poly"
+    cosine = "cosine"
+    step = "step"
+    constant = "constant"
+
+
+class WandbMode(Choice):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+            note: str = "") -> Any:
+    """A dataclass field whose value, unless None, must be ``>= ge`` / ``> gt`` / ``<= le``
+    (checked by :func:`validate`; ``note`` is added to the message)."""
+    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "note": note})
+
+
+def _check_bounds(key: str, value: Any, ge=None, gt=None, le=None, note: str = "") -> None:
+    if value is None:
+        return
+    if (ge is not None and value < ge) or (gt is not None and value <= gt) or (le is not None and value > le):
+        low = f"[{ge}" if gt is None else f"({gt}"
+        bound = f"in {low}, {le}]" if le is not None else (f"> {gt}" if gt is not None else f">= {ge}")
+        raise ConfigError(f"{key} must be {bound}{f' ({note})' if note else ''}, got {value}")
+
+
+def validate(section: Any, key: str = "") -> None:
+    """Check a config dataclass instance depth first: every field's :func:`bounded` range,
+    then the section's own ``check(key)``. Raises :class:`ConfigError` naming the key."""
+    for f in fields(section):
+        value, name = getattr(section, f.name), f"{key}.{f.name}" if key else f.name
+        if is_dataclass(value):
+            validate(value, name)
+        elif f.metadata:
+            _check_bounds(name, value, **f.metadata)
+    if hasattr(section, "check"):
+        section.check(key)
 
 
 @dataclass
@@ -34,26 +114,44 @@ class DataConfig:
     rec: Optional[str] = None  # .rec path or prefix; or leave null and give `synthetic`
     synthetic: Optional[SyntheticConfig] = None
     cache_dir: str = "runs/data"
-    loader: str = "torch"  # torch | dali
-    batch_size: int = 128  # per rank, per micro-step
+    loader: Loader = Loader.torch
+    batch_size: int = bounded(128, ge=1)  # per rank, per micro-step
     num_workers: int = 2
     shuffle: bool = True
     flip: bool = True
     seed: int = 0
 
+    def check(self, key: str) -> None:
+        if (self.rec is None) == (self.synthetic is None):
+            raise ConfigError(f"give exactly one of {key}.rec (a .rec prefix) and {key}.synthetic")
+
 
 @dataclass
 class ModelConfig:
     backbone: str = "iresnet50"
-    embedding_size: int = 512
+    embedding_size: int = bounded(512, ge=1)
     options: Dict[str, Any] = field(default_factory=dict)  # extra backbone kwargs (dropout, ...)
     gradient_checkpointing: bool = False
+
+    def check(self, key: str) -> None:
+        from partialfc.models import BACKBONES
+
+        if self.backbone not in BACKBONES:
+            raise ConfigError(f"{key}.backbone={self.backbone!r} is unknown; available: {', '.join(sorted(BACKBONES))}")
 
 
 @dataclass
 class LossConfig:
     name: str = "arcface"
     params: Dict[str, Any] = field(default_factory=dict)
+
+    def check(self, key: str) -> None:
+        from partialfc.losses import build_loss
+
+        try:
+            build_loss(self.name, **self.params)
+        except ValueError as err:
+            raise ConfigError(f"{key}: {err}") from None
 
 
 @dataclass
@@ -62,29 +160,37 @@ class ScheduleConfig:
     ``poly`` ((1 - t)^power), ``cosine`` (down to ``min_factor``), ``step`` (times ``gamma``
     at each of ``milestones``, fractions of training in (0, 1)), ``constant``."""
 
-    name: str = "poly"
+    name: ScheduleName = ScheduleName.poly
     warmup_steps: int = 0
-    warmup_fraction: float = 0.0  # alternative to warmup_steps: a fraction of all steps
+    warmup_fraction: float = bounded(0.0, ge=0.0, le=1.0)  # alternative to warmup_steps: a fraction of all steps
     power: float = 2.0
     min_factor: float = 0.0
     milestones: List[float] = field(default_factory=lambda: [0.5, 0.75, 0.9])
     gamma: float = 0.1
 
+    def check(self, key: str) -> None:
+        if any(not 0.0 <= m <= 1.0 for m in self.milestones):
+            raise ConfigError(f"{key}.milestones are fractions of training in [0, 1], got {list(self.milestones)}")
+
 
 @dataclass
 class OptimizerConfig:
-    name: str = "sgd"  # sgd | adamw
-    lr: float = 0.1
+    name: OptimizerName = OptimizerName.sgd
+    lr: float = bounded(0.1, ge=0.0)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     clip_grad_norm: float = 5.0  # 0 = no clipping
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
+    def check(self, key: str) -> None:
+        if len(self.betas) != 2:
+            raise ConfigError(f"{key}.betas must hold two values, got {list(self.betas)}")
+
 
 @dataclass
 class HeadConfig:
-    sample_rate: Optional[float] = None  # null: what the loss implies, else 1.0
+    sample_rate: Optional[float] = bounded(None, ge=0.0, le=1.0)  # null: what the loss implies, else 1.0
     init_std: float = 0.01
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
@@ -94,14 +200,18 @@ class DeepSpeedConfig:
     zero_stage: int = 1
     extra: Dict[str, Any] = field(default_factory=dict)  # merged into the generated DS config
 
+    def check(self, key: str) -> None:
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"{key}.zero_stage must be 0, 1 or 2 (the head stays outside ZeRO), got {self.zero_stage}")
+
 
 @dataclass
 class TrainConfig:
-    epochs: float = 20.0
-    max_steps: Optional[int] = None  # optimizer steps; overrides epochs
-    grad_accum: int = 1
-    precision: str = "auto"  # auto | bf16 | fp16 | fp32
-    engine: str = "ddp"  # ddp | deepspeed
+    epochs: float = bounded(20.0, gt=0.0)
+    max_steps: Optional[int] = bounded(None, ge=1, note="or null to use train.epochs")  # optimizer steps; overrides epochs
+    grad_accum: int = bounded(1, ge=1)
+    precision: Precision = Precision.auto
+    engine: Engine = Engine.ddp
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     max_consecutive_nonfinite: int = 20
     deterministic: bool = False
@@ -110,15 +220,15 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 1000  # 0 = only at the end / on request
-    keep: int = 2  # complete checkpoints kept (older ones are deleted)
+    every_steps: int = bounded(1000, ge=0)  # 0 = only at the end / on request
+    keep: int = bounded(2, ge=0)  # complete checkpoints kept (older ones are deleted)
     resume: str = "auto"  # auto (latest in run_dir if any) | none | a checkpoint path
     init_backbone: Optional[str] = None  # backbone weights to fine-tune from (export or checkpoint)
 
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"  # offline | online | disabled
+    mode: WandbMode = WandbMode.offline
     project: str = "partialfc"
     entity: Optional[str] = None
     name: Optional[str] = None
@@ -126,14 +236,14 @@ class WandbConfig:
 
 @dataclass
 class LogConfig:
-    every_steps: int = 50
+    every_steps: int = bounded(50, ge=0)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     plot: bool = True  # PNG of loss / accuracy curves at the end
 
 
 @dataclass
 class EvalConfig:
-    every_steps: int = 2000  # 0 = only at the end
+    every_steps: int = bounded(2000, ge=0)  # 0 = only at the end
     bins: List[str] = field(default_factory=list)  # .bin paths; the synthetic set's is added
     batch_size: int = 128
     at_start: bool = False
@@ -155,93 +265,60 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-CHOICES = {"data.loader": ("torch", "dali"), "train.precision": ("auto", "bf16", "fp16", "fp32"),
-           "train.engine": ("ddp", "deepspeed"), "optim.name": ("sgd", "adamw"),
-           "head.optimizer.name": ("sgd", "adamw"), "log.wandb.mode": ("offline", "online", "disabled"),
-           "optim.schedule.name": ("poly", "cosine", "step", "constant"),
-           "head.optimizer.schedule.name": ("poly", "cosine", "step", "constant")}
-
-
 def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
     key = getattr(err, "full_key", None)
     reason = str(err).splitlines()[0]
     return ConfigError(f"{source}: {'key ' + repr(key) + ': ' if key else ''}{reason}")
 
 
-def _check(cfg: Config) -> None:
-    for key, valid in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in valid:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(valid)}")
-    if (cfg.data.rec is None) == (cfg.data.synthetic is None):
-        raise ConfigError("give exactly one of data.rec (a .rec prefix) and data.synthetic")
-    positive = {"data.batch_size": cfg.data.batch_size, "train.grad_accum": cfg.train.grad_accum,
-                "model.embedding_size": cfg.model.embedding_size}
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
-    ranges = {"train.epochs": (cfg.train.epochs, 0.0, None, False), "head.sample_rate": (cfg.head.sample_rate, 0.0, 1.0, True),
-              "checkpoint.every_steps": (cfg.checkpoint.every_steps, 0, None, True),
-              "checkpoint.keep": (cfg.checkpoint.keep, 0, None, True), "log.every_steps": (cfg.log.every_steps, 0, None, True),
-              "eval.every_steps": (cfg.eval.every_steps, 0, None, True)}
-    for prefix in ("optim", "head.optimizer"):
-        opt = OmegaConf.select(cfg, prefix)
-        ranges[f"{prefix}.lr"] = (opt.lr, 0.0, None, True)
-        ranges[f"{prefix}.schedule.warmup_fraction"] = (opt.schedule.warmup_fraction, 0.0, 1.0, True)
-        if len(opt.betas) != 2:
-            raise ConfigError(f"{prefix}.betas must hold two values, got {list(opt.betas)}")
-        if any(not 0.0 <= m <= 1.0 for m in opt.schedule.milestones):
-            raise ConfigError(f"{prefix}.schedule.milestones are fractions of training in [0, 1], "
-                              f"got {list(opt.schedule.milestones)}")
-    for key, (value, low, high, inclusive) in ranges.items():
-        if value is None:
-            continue
-        if value < low or (value == low and not inclusive) or (high is not None and value > high):
-            bound = f"in [{low}, {high}]" if high is not None else (f">= {low}" if inclusive else f"> {low}")
-            raise ConfigError(f"{key} must be {bound}, got {value}")
-    if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
-        raise ConfigError(f"train.max_steps must be >= 1 (or null to use train.epochs), got {cfg.train.max_steps}")
-    if cfg.train.deepspeed.zero_stage not in (0, 1, 2):
-        raise ConfigError(f"train.deepspeed.zero_stage must be 0, 1 or 2 (the head stays outside ZeRO), "
-                          f"got {cfg.train.deepspeed.zero_stage}")
-    from partialfc.losses import build_loss
-    from partialfc.models import BACKBONES
-
-    if cfg.model.backbone not in BACKBONES:
-        raise ConfigError(f"model.backbone={cfg.model.backbone!r} is unknown; available: "
-                          f"{', '.join(sorted(BACKBONES))}")
-    try:
-        build_loss(cfg.loss.name, **cfg.loss.params)
-    except ValueError as err:
-        raise ConfigError(f"loss: {err}") from None
+def _read_chain(path: str) -> list[tuple[str, DictConfig]]:
+    """The YAML at ``path`` and the files its ``base:`` keys name, each without its ``base``
+    key, the deepest base first."""
+    chain: list[tuple[str, DictConfig]] = []
+    named_by = None
+    while True:
+        if any(os.path.realpath(path) == os.path.realpath(p) for p, _ in chain):
+            raise ConfigError(f"config {chain[0][0]}: the base files form a cycle: "
+                              f"{' -> '.join([*(p for p, _ in chain), path])}")
+        if not os.path.exists(path):
+            raise ConfigError(f"config file {path} not found" + (f" (the base of {named_by})" if named_by else ""))
+        try:
+            node = OmegaConf.load(path)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+        if not isinstance(node, DictConfig):
+            raise ConfigError(f"config {path} must be a mapping of keys to values")
+        base = node.pop("base", None)
+        chain.append((path, node))
+        if base is None:
+            return chain[::-1]
+        if not isinstance(base, str):
+            raise ConfigError(f"config {path}: base must be a file name, got {base!r}")
+        path, named_by = os.path.join(os.path.dirname(path), base), path
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read ``path`` (YAML; None = defaults), apply ``key=value`` overrides, validate.
+    """Read ``path`` (YAML, over its ``base:`` chain; None = defaults), apply ``key=value``
+    overrides, validate.
 
     Returns an OmegaConf-typed :class:`Config` (attribute access; assignments are type-checked)."""
-    cfg = OmegaConf.structured(Config)
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value, got {bad}")
+    layers = [] if path is None else _read_chain(os.fspath(path))
+    cfg, source = OmegaConf.structured(Config), "overrides"
     try:
-        if path is not None:
-            if not os.path.exists(path):
-                raise ConfigError(f"config file {path} not found")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"overrides must look like key=value, got {bad}")
+        for source, layer in layers:
+            cfg = OmegaConf.merge(cfg, layer)
+        source = "overrides"
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-        if OmegaConf.is_missing(cfg, "run_dir"):
-            raise ConfigError("run_dir is required (the directory for checkpoints, metrics and logs)")
     except OmegaConfBaseException as err:
-        raise _explain(err, str(path) if path else "config") from None
-    _check(cfg)
+        raise _explain(err, source) from None
+    if OmegaConf.is_missing(cfg, "run_dir"):
+        raise ConfigError("run_dir is required (the directory for checkpoints, metrics and logs)")
+    validate(OmegaConf.to_object(cfg))
     return cfg
 
 
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(cfg)
-
-
-def from_yaml(text: str) -> Config:
-    """The config stored in a checkpoint (validated again)."""
-    return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
