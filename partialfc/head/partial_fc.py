@@ -13,6 +13,7 @@ from partialfc.head.sharding import shard_range
 from partialfc.losses import CosFace
 from partialfc.ops.collectives import gather_rows, gather_sizes
 from partialfc.ops.targets import Targets
+from partialfc.seeding import Stream, seeded_generator
 
 INIT_BLOCK = 65536  # classes per independently seeded init block
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -29,7 +30,7 @@ def init_centres(class_start: int, num_local: int, dim: int, std: float, seed: i
     end = class_start + num_local
     for block in range(class_start // INIT_BLOCK, (end - 1) // INIT_BLOCK + 1 if num_local else 0):
         lo, hi = block * INIT_BLOCK, (block + 1) * INIT_BLOCK
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        gen = seeded_generator(seed, Stream.HEAD_INIT, block)
         rows = torch.empty((INIT_BLOCK, dim), dtype=dtype).normal_(0.0, std, generator=gen)
         a, b = max(lo, class_start), min(hi, end)
         out[a - class_start: b - class_start] = rows[a - lo: b - lo]

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from partialfc.seeding import Stream, seeded_generator
+
 
 class CentreSampler:
     """Draws the sampled centre indices of one rank's shard.
@@ -36,9 +38,7 @@ class CentreSampler:
         self.generator = self._seeded(torch.device(device))
 
     def _seeded(self, device: torch.device) -> torch.Generator:
-        gen = torch.Generator(device=device)
-        gen.manual_seed((self.seed * 1_000_003 + self.rank * 7919 + self.draws * 104_729 + 12345) % (2**63 - 1))
-        return gen
+        return seeded_generator(self.seed, Stream.SAMPLER, self.rank, self.draws, device=device)
 
     @property
     def samples_everything(self) -> bool:
