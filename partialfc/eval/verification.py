@@ -18,6 +18,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from partialfc import dist as pdist
+from partialfc.data.loader import normalise
+from partialfc.data.verification_bin import load_bin_images
+from partialfc.ops.collectives import gather_rows
 
 THRESHOLDS = np.arange(0, 4, 0.01)
 
@@ -44,7 +47,7 @@ def embed_images(model: torch.nn.Module, images: torch.Tensor, batch_size: int =
     dtype = next(model.parameters()).dtype
     out = []
     for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size].to(device).float().div_(127.5).sub_(1.0).to(dtype)
+        x = normalise(images[start:start + batch_size].to(device)).to(dtype)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             e = model(x).float() + model(torch.flip(x, dims=[3])).float()
         out.append(F.normalize(e, dim=1).cpu())
@@ -59,18 +62,14 @@ def embed_distributed(model: torch.nn.Module, images: torch.Tensor, **kw) -> tor
     every rank returns all ``N`` embeddings (in order)."""
     world, rank = pdist.get_world_size(), pdist.get_rank()
     n = images.shape[0]
-    lo, hi = n * rank // world, n * (rank + 1) // world
-    local = embed_images(model, images[lo:hi], **kw)
+    bounds = [n * r // world for r in range(world + 1)]
+    local = embed_images(model, images[bounds[rank]:bounds[rank + 1]], **kw)
     if world == 1:
         return local
     dim = torch.tensor([local.shape[1] if local.numel() else 0], dtype=torch.int64)
-    dist.all_reduce(dim, op=dist.ReduceOp.MAX)
-    width = max(n * (r + 1) // world - n * r // world for r in range(world))
-    padded = torch.zeros(width, int(dim), dtype=torch.float32)
-    padded[:hi - lo] = local.reshape(hi - lo, int(dim))
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([parts[r][:n * (r + 1) // world - n * r // world] for r in range(world)])
+    dist.all_reduce(dim, op=dist.ReduceOp.MAX)  # a rank without images does not know the width
+    sizes = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
+    return gather_rows(local.reshape(sizes[rank], int(dim)), sizes, None, differentiable=False)
 
 
 def _accuracy(dist2: np.ndarray, issame: np.ndarray) -> np.ndarray:
@@ -109,8 +108,6 @@ class VerificationSet:
     """A decoded ``.bin`` set: ``images`` uint8 ``(2P, 3, 112, 112)``, ``issame`` ``(P,)``."""
 
     def __init__(self, path: str):
-        from partialfc.data.verification_bin import load_bin_images
-
         self.path = path
         images, self.issame = load_bin_images(path)
         self.images = torch.from_numpy(images)
