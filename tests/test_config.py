@@ -1,10 +1,15 @@
 """Typed configs: overrides, clear errors naming the key, the shipped configs load."""
 
+import dataclasses
 import glob
+import os
+import re
 
 import pytest
+import yaml
+from omegaconf import OmegaConf
 
-from partialfc.train.config import ConfigError, load_config
+from partialfc.train.config import Config, ConfigError, load_config, to_yaml
 
 
 def test_overrides_are_typed_and_applied():
@@ -57,3 +62,86 @@ def test_out_of_range_values_are_config_errors(override, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["run_dir=/tmp/x", "data.synthetic.num_identities=4", override])
+
+
+def test_choices_name_the_key_and_the_valid_values():
+    with pytest.raises(ConfigError, match=r"train\.precision.*'fp8'.*\[auto, bf16, fp16, fp32\]"):
+        load_config("configs/demo.yaml", ["train.precision=fp8"])
+    with pytest.raises(ConfigError, match=r"head\.optimizer\.schedule\.name.*\[poly, cosine, step, constant\]"):
+        load_config("configs/demo.yaml", ["head.optimizer.schedule.name=linear"])
+    cfg = load_config("configs/demo.yaml", ["train.precision=bf16", "log.wandb.mode=disabled"])
+    assert cfg.train.precision == "bf16" and f"{cfg.log.wandb.mode}" == "disabled"
+    assert {"bf16": 1}[cfg.train.precision] == 1 and "precision: bf16" in to_yaml(cfg)
+
+
+def _leaves(tree, prefix=""):
+    """{dotted key: value} of a nested mapping; lists and scalars are leaves, empty mappings none."""
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    return {k: v for key, sub in tree.items() for k, v in _leaves(sub, f"{prefix}{key}.").items()}
+
+
+VARIANTS = [p for p in sorted(glob.glob("configs/*.yaml")) if "base" in yaml.safe_load(open(p))]
+
+
+def test_shipped_configs_are_a_base_and_variants():
+    assert len(VARIANTS) >= 10 and "configs/demo.yaml" not in VARIANTS
+
+
+@pytest.mark.parametrize("path", VARIANTS)
+def test_a_variant_only_overrides_what_it_says(path):
+    own = yaml.safe_load(open(path))
+    parent = os.path.join(os.path.dirname(path), own.pop("base"))
+    said = _leaves(own)
+    mine = _leaves(OmegaConf.to_container(load_config(path)))
+    theirs = _leaves(OmegaConf.to_container(load_config(parent, ["run_dir=parent"])))
+    changed = {k for k in mine.keys() | theirs.keys() if mine.get(k, "absent") != theirs.get(k, "absent")}
+    assert changed <= said.keys()
+    assert all(mine[k] == v for k, v in said.items())
+
+
+def test_base_files_chain_relative_to_the_naming_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "root.yaml").write_text(
+        "run_dir: r\ndata: {rec: x}\nloss: {name: cosface, params: {s: 30.0, m: 0.2}}\neval: {bins: [a, b]}\n")
+    (tmp_path / "sub" / "mid.yaml").write_text("base: root.yaml\noptim: {lr: 0.3}\neval: {bins: [c]}\n")
+    (tmp_path / "top.yaml").write_text("base: sub/mid.yaml\nloss: {params: {m: 0.35}}\n")
+    cfg = load_config(str(tmp_path / "top.yaml"), ["optim.momentum=0.5"])
+    assert cfg.loss.params == {"s": 30.0, "m": 0.35} and cfg.loss.name == "cosface"  # mappings merge key by key
+    assert cfg.eval.bins == ["c"] and cfg.optim.lr == 0.3 and cfg.optim.momentum == 0.5  # lists replaced
+    assert "base" not in to_yaml(cfg)
+
+    (tmp_path / "sub" / "root.yaml").write_text("base: ../top.yaml\n")
+    with pytest.raises(ConfigError, match=r"cycle: .*top\.yaml -> .*mid\.yaml -> .*root\.yaml -> .*top\.yaml"):
+        load_config(str(tmp_path / "top.yaml"))
+    (tmp_path / "sub" / "root.yaml").write_text("base: gone.yaml\n")
+    with pytest.raises(ConfigError, match=r"gone\.yaml not found \(the base of .*root\.yaml\)"):
+        load_config(str(tmp_path / "top.yaml"))
+    (tmp_path / "sub" / "root.yaml").write_text("run_dir: r\ndata: {rec: x, batchsize: 3}\n")
+    with pytest.raises(ConfigError, match=r"root\.yaml: key 'data\.batchsize'"):  # the file holding the bad key
+        load_config(str(tmp_path / "top.yaml"))
+
+
+def _training_yaml_blocks():
+    """(file, text) of every ```yaml block in the docs whose top-level keys are Config sections."""
+    sections = {f.name for f in dataclasses.fields(Config)}
+    for doc in sorted(glob.glob("docs/*.md")) + ["README.md"]:
+        for text in re.findall(r"^```ya?ml\n(.*?)^```", open(doc).read(), re.S | re.M):
+            tree = yaml.safe_load(text)
+            if isinstance(tree, dict) and set(tree) & sections:
+                yield doc, text
+
+
+def test_docs_yaml_examples_load(tmp_path):
+    blocks = list(_training_yaml_blocks())
+    assert blocks, "the docs show at least one training config"
+    for i, (doc, text) in enumerate(blocks):
+        tree, path = yaml.safe_load(text), tmp_path / f"{i}.yaml"
+        path.write_text(text)
+        missing = [] if "run_dir" in tree else ["run_dir=r"]
+        if not {"rec", "synthetic"} & set(tree.get("data") or {}):
+            missing.append("data.rec=unused")
+        try:
+            load_config(str(path), missing)
+        except ConfigError as err:
+            pytest.fail(f"the YAML example in {doc} is rejected: {err}")
