@@ -122,6 +122,30 @@ def test_resume_from_saved_position(unique, make, drop_checkpoint):
     assert [t.tolist() for t in consumed + rest] == [t.tolist() for t in reference]
 
 
+def test_position_saved_on_another_layout_keeps_the_samples_consumed(unique):
+    """4 batches of 16 on each of 2 ranks = 128 samples; on 3 ranks of 8 that is batch 5 (of 8)."""
+    saved = torch_loader(unique, 16, rank=1, world_size=2, seed=5).state_dict()
+    saved.update(epoch=1, batches_consumed=4)
+    resumed = torch_loader(unique, 8, rank=2, world_size=3, seed=5)
+    resumed.load_state_dict(saved)
+    assert (resumed.epoch, resumed.batches_consumed) == (1, 128 // 24)
+    fresh = torch_loader(unique, 8, rank=2, world_size=3, seed=5)
+    epoch_one = [lab.tolist() for epoch in range(2) for _, lab in fresh][len(fresh):]
+    assert [lab.tolist() for _, lab in resumed] == epoch_one[128 // 24:]
+    saved.update(batches_consumed=len(torch_loader(unique, 16, rank=1, world_size=2)))  # the whole epoch
+    resumed.load_state_dict({**saved, "batch_size": 64})
+    assert resumed.batches_consumed == len(resumed)
+
+
+def test_forever_runs_epoch_after_epoch(unique):
+    loader = torch_loader(unique, 16, rank=0, world_size=2, seed=1)
+    stream = loader.forever()
+    got = [next(stream)[1].tolist() for _ in range(2 * len(loader) + 1)]
+    again = torch_loader(unique, 16, rank=0, world_size=2, seed=1)
+    expected = [lab.tolist() for epoch in range(3) for _, lab in again][:len(got)]
+    assert got == expected and (loader.epoch, loader.batches_consumed) == (2, 1)
+
+
 def test_header_dataset_is_read_without_header_records(tmp_path):
     labels = [0] * 5 + [1] * 7 + [2] * 4
     write_header_dataset(tmp_path / "h", labels)

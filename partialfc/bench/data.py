@@ -30,11 +30,7 @@ def _time_loader(loader, warmup: int, batches: int, device) -> tuple[int, float]
     """(images, seconds) over ``batches`` batches after ``warmup``, cycling epochs as needed."""
     import torch
 
-    def batches_forever():
-        while True:
-            yield from loader
-
-    stream = batches_forever()
+    stream = loader.forever()
     for _ in range(warmup):
         next(stream)
     if device.type == "cuda":

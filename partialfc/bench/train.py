@@ -106,15 +106,6 @@ def _build_loader(cfg: dict, device: torch.device):
     return TorchLoader(cfg["data"], num_workers=0, **common)
 
 
-def _batches(loader):
-    """Batches forever, epoch after epoch."""
-    if len(loader) == 0:
-        raise ValueError(f"the synthetic set has fewer images per rank than one batch of {loader.batch_size}: "
-                         "raise --identities or --images-per-identity")
-    while True:
-        yield from loader
-
-
 def _average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
     """Mean of the gradients of ``params`` over all ranks, in one all-reduce of a flat buffer
     (the tensor itself when there is one); parameters without a gradient (unused on every rank) are skipped."""
@@ -138,7 +129,7 @@ def _step_phases(cfg: dict, device: torch.device, world_size: int):
     head, head_opt, replicated_head = _build_head(cfg, device)
     mapping = torch.randperm(cfg["classes"], generator=torch.Generator().manual_seed(0))[:cfg["identities"]]
     mapping = mapping.to(device)
-    stream = _batches(_build_loader(cfg, device))
+    stream = _build_loader(cfg, device).forever()
     state: dict = {}
 
     def data():

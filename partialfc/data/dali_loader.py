@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from partialfc.data.dataset_index import RecordDataset, find_corrupt_images
-from partialfc.data.loader import IMAGE_SIZE, EpochLoader, shard_bounds
+from partialfc.data.loader import IMAGE_SIZE, EpochLoader, batches_per_epoch, shard_bounds
 from partialfc.data.recordio import RecordIOError
+from partialfc.seeding import Stream, derive_seed
 
 _READER = "reader"
 
@@ -83,8 +84,8 @@ class DaliLoader(EpochLoader):
         self.index_path = self.dataset.write_dali_index(f"{self._tmp.name}/images.idx")
         self._sorted = np.argsort(self.dataset.offsets, kind="stable")
         self._sorted_offsets = self.dataset.offsets[self._sorted]
-        n, s = self.dataset.num_images, self.world_size
-        self._runs_per_epoch = -(-(-(-n // s)) // batch_size)  # ceil(ceil(n / s) / batch)
+        # DALI pads every shard to the longest: its iterations per epoch are those of drop_last=False
+        self._runs_per_epoch = batches_per_epoch(self.dataset.num_images, self.world_size, batch_size, False)
         self._pipe = None
         self._pipe_epoch = 0  # epoch at which the pipeline was built (its shard = rank + that)
         self._runs_done = 0  # pipeline iterations done in the current epoch
@@ -102,7 +103,7 @@ class DaliLoader(EpochLoader):
         built_at = self._pipe_epoch if restoring else epoch  # a checkpoint needs its original pipeline
         self._pipe = _build_pipeline(self.index_path, self.dataset.rec_path, self.batch_size,
                                      (self.rank + built_at) % self.world_size, self.world_size, self.shuffle,
-                                     self.flip, self.augment, self.seed * 1_000_003 + built_at,
+                                     self.flip, self.augment, derive_seed(self.seed, Stream.DALI, built_at),
                                      self.num_threads, self._device_id(), self.initial_fill, self._checkpoint)
         self._pipe_epoch, self._checkpoint = built_at, None
         self._runs_done = start if restoring else 0

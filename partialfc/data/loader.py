@@ -87,9 +87,19 @@ class EpochLoader:
     def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
 
+    def forever(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches epoch after epoch, without end; the position advances as in ``__iter__``."""
+        while True:
+            yield from self
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches_consumed": self.batches_consumed, "seed": self.seed,
                 "world_size": self.world_size, "rank": self.rank, "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.batches_consumed = int(state["epoch"]), int(state["batches_consumed"])
+        """Restore the position. Saved with another ``batch_size * world_size``, it becomes the
+        batch after the same number of samples consumed in that epoch (rounded down, at most
+        the end of the epoch)."""
+        per_batch = int(state["batch_size"]) * int(state["world_size"])
+        consumed = int(state["batches_consumed"]) * per_batch // (self.batch_size * self.world_size)
+        self.epoch, self.batches_consumed = int(state["epoch"]), min(consumed, len(self))
