@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from partialfc.data.cli import add_commands
+from partialfc.cli import main
 from partialfc.data.dataset_index import HEADER, PLAIN, open_dataset
 from partialfc.data.images import decode_image
 from partialfc.data.recordio import RecordReader, unpack_payload
@@ -126,11 +126,7 @@ def test_pack_check_shuffle(tmp_path):
 
 
 def _cli(*argv) -> int:
-    import argparse
-    parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args([str(a) for a in argv])
-    return args.func(args)
+    return main(["data", *map(str, argv)])
 
 
 def test_cli_check_lists_corrupt_records(tmp_path, capsys):

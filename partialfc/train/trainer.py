@@ -65,7 +65,7 @@ def set_rng_state(state: dict) -> None:
 def load_backbone_weights(backbone: torch.nn.Module, path: str) -> None:
     """Initialise from an exported backbone (``partialfc train export-backbone``) or a
     checkpoint; the class count of the run that produced it does not matter."""
-    from partialfc.train.export import read_backbone
+    from partialfc.train.artifacts import read_backbone
 
     state = read_backbone(path)["state_dict"]
     try:

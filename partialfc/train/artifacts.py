@@ -1,7 +1,8 @@
-"""Tools over checkpoints: export the backbone alone, merge the head's shards into one matrix.
+"""What a training checkpoint yields outside training: its backbone (alone, as an export
+record or a module) and the head's class centres merged into one matrix.
 
-An exported backbone is a ``torch.save`` of ``{"backbone": name, "embedding_size": int,
-"options": dict, "state_dict": ...}``; :func:`load_backbone` rebuilds the module from it.
+``CKPT`` arguments are a ``step_*`` directory, a ``checkpoints`` folder or a run directory
+(its latest checkpoint); a backbone may also be read from an exported file.
 """
 
 from __future__ import annotations
@@ -10,35 +11,28 @@ import os
 
 import torch
 
-from partialfc.models import build_backbone
+from partialfc.eval.export import build_exported, read_exported, write_exported
 from partialfc.train import checkpoint as ckpt
 
 
 def read_backbone(path: str) -> dict:
     """The backbone record of an exported file or of a checkpoint (directory or run dir)."""
     if os.path.isfile(path):
-        record = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(record, dict) or "state_dict" not in record:
-            raise ckpt.CheckpointError(f"{path} is not an exported backbone (no state_dict)")
-        return record
+        return read_exported(path)
     shared = ckpt.load_shared(ckpt.resolve_checkpoint(path))
     return {**shared["model"], "state_dict": shared["backbone"]["module"]}
 
 
 def export_backbone(checkpoint: str, out: str) -> dict:
-    """Write the backbone of ``checkpoint`` to ``out`` (for deployment or fine-tuning)."""
+    """Write the backbone of ``checkpoint`` to ``out``; returns its record."""
     record = read_backbone(checkpoint)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    torch.save(record, out)
+    write_exported(record, out)
     return record
 
 
 def load_backbone(path: str, device: str | torch.device = "cpu") -> torch.nn.Module:
     """The backbone of an export or a checkpoint, in eval mode."""
-    record = read_backbone(path)
-    model = build_backbone(record["backbone"], record["embedding_size"], **record.get("options", {}))
-    model.load_state_dict(record["state_dict"])
-    return model.to(device).eval()
+    return build_exported(read_backbone(path), device)
 
 
 def merge_centres(checkpoint: str, out: str | None = None) -> torch.Tensor:

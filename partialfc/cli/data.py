@@ -2,21 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
-from partialfc.data.recordio import RecordIOError
-
-
-def _report_errors(func):
-    """Turn a missing or malformed input into a one-line message and exit code 2."""
-    def run(args) -> int:
-        try:
-            return func(args)
-        except (FileNotFoundError, RecordIOError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    return run
-
 
 def _pack(args) -> int:
     from partialfc.data.tools import pack_folder
@@ -69,19 +54,19 @@ def add_commands(subparsers) -> None:
     p.add_argument("--size", type=int, default=112, help="resize to SIZE x SIZE (0: keep the size)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding")
     p.add_argument("--workers", type=int, default=None)
-    p.set_defaults(func=_report_errors(_pack))
+    p.set_defaults(func=_pack)
 
     p = subparsers.add_parser("check", help="count images/classes, label range, list corrupt or truncated records")
     p.add_argument("path", help="the .rec file or its prefix")
     p.add_argument("--no-decode", action="store_true", help="check the container and labels only")
     p.add_argument("--workers", type=int, default=None)
-    p.set_defaults(func=_report_errors(_check))
+    p.set_defaults(func=_check)
 
     p = subparsers.add_parser("shuffle", help="rewrite the image records in random order (plain flavour)")
     p.add_argument("src")
     p.add_argument("out_prefix")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_report_errors(_shuffle))
+    p.set_defaults(func=_shuffle)
 
     p = subparsers.add_parser("synth", help="write a learnable synthetic identity dataset and a verification .bin")
     p.add_argument("out_prefix")
@@ -93,9 +78,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--quality", type=int, default=90)
     p.add_argument("--shuffle", action="store_true", help="random record order (plain flavour), for DALI")
     p.add_argument("--workers", type=int, default=None)
-    p.set_defaults(func=_report_errors(_synth))
+    p.set_defaults(func=_synth)
 
     p = subparsers.add_parser("index", help="write the index DALI needs (image records only)")
     p.add_argument("path", help="the .rec file or its prefix")
     p.add_argument("--out", default=None, help="default: PREFIX.dali.idx")
-    p.set_defaults(func=_report_errors(_index))
+    p.set_defaults(func=_index)

@@ -11,18 +11,14 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from partialfc.train.checkpoint import CheckpointError
-    from partialfc.train.config import ConfigError, load_config
+    from partialfc.train.config import load_config
     from partialfc.train.preemption import EXIT_PREEMPTED, Preempted
-    from partialfc.train.trainer import Trainer, TrainingDiverged
+    from partialfc.train.trainer import Trainer
 
+    cfg = load_config(args.config, args.overrides)
     try:
-        cfg = load_config(args.config, args.overrides)
         Trainer(cfg).train()
     except Preempted as stop:  # the batch script requeues the job; resume picks this checkpoint
         print(stop, file=sys.stderr)
         return EXIT_PREEMPTED
-    except (ConfigError, CheckpointError, FileNotFoundError, TrainingDiverged) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     return 0

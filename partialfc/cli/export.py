@@ -5,11 +5,9 @@ checkpoint)."""
 
 from __future__ import annotations
 
-import sys
-
 
 def _backbone(args) -> int:
-    from partialfc.train.export import export_backbone
+    from partialfc.train.artifacts import export_backbone
 
     record = export_backbone(args.checkpoint, args.out)
     print(f"wrote {record['backbone']} (embedding {record['embedding_size']}) to {args.out}")
@@ -17,23 +15,11 @@ def _backbone(args) -> int:
 
 
 def _centres(args) -> int:
-    from partialfc.train.export import merge_centres
+    from partialfc.train.artifacts import merge_centres
 
     weight = merge_centres(args.checkpoint, args.out)
     print(f"wrote class centres {tuple(weight.shape)} to {args.out}")
     return 0
-
-
-def _reporting_errors(func):
-    def wrapper(args) -> int:
-        from partialfc.train.checkpoint import CheckpointError
-
-        try:
-            return func(args)
-        except CheckpointError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    return wrapper
 
 
 def add_commands(subparsers) -> None:
@@ -42,4 +28,4 @@ def add_commands(subparsers) -> None:
         command = subparsers.add_parser(name, help=help_text)
         command.add_argument("checkpoint")
         command.add_argument("out")
-        command.set_defaults(func=_reporting_errors(func))
+        command.set_defaults(func=func)

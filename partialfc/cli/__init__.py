@@ -1,4 +1,5 @@
-"""The ``partialfc`` command.
+"""The ``partialfc`` command: one module per entry below, and the one place where a
+:class:`~partialfc.errors.PartialFCError` becomes ``error: <message>`` on stderr and exit code 2.
 
 Two kinds of entries, each in its own module, imported only when named (so ``partialfc
 data ...`` never loads the trainer, and a missing optional extra cannot break the others):
@@ -15,15 +16,17 @@ import argparse
 import importlib
 import sys
 
+from partialfc.errors import PartialFCError
+
 GROUPS = {
-    "bench": ("partialfc.bench.cli", "benchmarks: throughput and memory"),
-    "data": ("partialfc.data.cli", "datasets: pack, check, shuffle, synth RecordIO"),
-    "eval": ("partialfc.eval.cli", "evaluation: verification accuracy on .bin sets"),
-    "export": ("partialfc.train.export_cli", "checkpoint tools: backbone alone, merged class centres"),
+    "bench": ("partialfc.cli.bench", "benchmarks: throughput and memory"),
+    "data": ("partialfc.cli.data", "datasets: pack, check, shuffle, synth RecordIO"),
+    "eval": ("partialfc.cli.eval", "evaluation: verification accuracy on .bin sets"),
+    "export": ("partialfc.cli.export", "checkpoint tools: backbone alone, merged class centres"),
 }
 COMMANDS = {
-    "train": ("partialfc.train.cli", "train from a YAML config: partialfc train CONFIG [key=value ...]"),
-    "submit": ("partialfc.launch.submit", "render an sbatch script for a training run and submit it"),
+    "train": ("partialfc.cli.train", "train from a YAML config: partialfc train CONFIG [key=value ...]"),
+    "submit": ("partialfc.cli.submit", "render an sbatch script for a training run and submit it"),
 }
 
 
@@ -46,11 +49,12 @@ def build_parser(names=None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit code, or 2 after printing a :class:`PartialFCError`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     names = [argv[0]] if argv and (argv[0] in GROUPS or argv[0] in COMMANDS) else None
     args = build_parser(names).parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        return int(args.func(args) or 0)
+    except PartialFCError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

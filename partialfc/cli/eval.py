@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 
 
 def _verify(args) -> int:
     from partialfc.eval.verification import VerificationSet
-    from partialfc.train.checkpoint import CheckpointError
-    from partialfc.train.export import load_backbone
+    from partialfc.train.artifacts import load_backbone
 
-    try:
-        model = load_backbone(args.checkpoint, args.device)
-        sets = [VerificationSet(path) for path in args.bin]
-    except (CheckpointError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    model = load_backbone(args.checkpoint, args.device)
+    sets = [VerificationSet(path) for path in args.bin]
     for vs in sets:
         result = vs.evaluate(model, batch_size=args.batch_size, device=args.device)
         print(json.dumps({"bin": vs.path, **result.as_dict()}) if args.json else

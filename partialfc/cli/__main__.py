@@ -1,0 +1,7 @@
+"""``python -m partialfc.cli``: the ``partialfc`` command."""
+
+import sys
+
+from partialfc.cli import main
+
+sys.exit(main())
