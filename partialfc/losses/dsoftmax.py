@@ -14,10 +14,12 @@ import torch
 from partialfc.ops.objectives import dissected_softmax
 from partialfc.ops.targets import Targets
 from partialfc.losses.base import MarginLoss
+from partialfc.losses.registry import register_loss
 
 VARIANTS = ("full", "B", "K")
 
 
+@register_loss("dsoftmax")
 class DSoftmax(MarginLoss):
     """Dissected softmax with intra end point ``d`` (cosine units).
 

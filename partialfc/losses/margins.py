@@ -7,12 +7,15 @@ import math
 import torch
 
 from partialfc.losses.base import MarginLoss, safe_arccos
+from partialfc.losses.registry import register_loss
 
 
+@register_loss("normface")
 class NormFace(MarginLoss):
     """Plain normalised softmax: ``psi(c) = c``."""
 
 
+@register_loss("cosface")
 class CosFace(MarginLoss):
     """Additive cosine margin: ``psi(c) = c - m`` (paper: s=64, m=0.35; large scale: 0.4)."""
 
@@ -36,6 +39,7 @@ def fallback_is_monotone(u: float) -> bool:
     return math.cos(u) + u * math.sin(u) >= 1.0 - 1e-12
 
 
+@register_loss("combined")
 class CombinedMargin(MarginLoss):
     """Combined margin ``psi(c) = cos(m1*theta + m2) - m3`` with all three applied together.
 
@@ -75,6 +79,7 @@ class CombinedMargin(MarginLoss):
                 + super().extra_repr())
 
 
+@register_loss("arcface")
 class ArcFace(CombinedMargin):
     """Additive angular margin: ``psi(c) = cos(theta + m)`` (paper: s=64, m=0.5); past
     ``theta + m > pi`` the monotone fallback ``c - m*sin(m)``; ``easy_margin`` keeps ``c``

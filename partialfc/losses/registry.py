@@ -1,25 +1,27 @@
-"""Choose a loss by name from configuration: ``build_loss("arcface", s=64, m=0.5)``."""
+"""Choose a loss by name from configuration: ``build_loss("arcface", s=64, m=0.5)``.
+
+Each loss class registers itself where it is defined with ``@register_loss("name")``;
+importing :mod:`partialfc.losses` imports every loss module, so the table is complete.
+"""
 
 from __future__ import annotations
 
 import inspect
+from typing import Callable
 
 from partialfc.losses.base import MarginLoss
-from partialfc.losses.dsoftmax import DSoftmax
-from partialfc.losses.margins import ArcFace, CombinedMargin, CosFace, NormFace
-from partialfc.losses.search import RandomSoftmax, SearchSoftmax
-from partialfc.losses.x2 import X2Softmax
 
-LOSSES: dict[str, type[MarginLoss]] = {
-    "normface": NormFace,
-    "cosface": CosFace,
-    "arcface": ArcFace,
-    "combined": CombinedMargin,
-    "x2softmax": X2Softmax,
-    "dsoftmax": DSoftmax,
-    "search_softmax": SearchSoftmax,
-    "random_softmax": RandomSoftmax,
-}
+LOSSES: dict[str, type[MarginLoss]] = {}
+
+
+def register_loss(name: str) -> Callable[[type[MarginLoss]], type[MarginLoss]]:
+    """Class decorator: make the class buildable as ``build_loss(name, ...)``."""
+    def register(cls: type[MarginLoss]) -> type[MarginLoss]:
+        if name in LOSSES:
+            raise ValueError(f"loss name {name!r} is already registered to {LOSSES[name].__name__}")
+        LOSSES[name] = cls
+        return cls
+    return register
 
 
 def _own_parameters(klass: type) -> tuple[list[str], bool]:

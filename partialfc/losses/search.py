@@ -14,8 +14,10 @@ import math
 import torch
 
 from partialfc.losses.base import MarginLoss
+from partialfc.losses.registry import register_loss
 
 
+@register_loss("search_softmax")
 class SearchSoftmax(MarginLoss):
     """Target logit ``s*c_y - ln(1 - a)``, ``a <= 0`` settable per epoch with :meth:`set_a`.
 
@@ -49,6 +51,7 @@ class SearchSoftmax(MarginLoss):
         return f"a={self.a}, delta={self.delta:.6g}, " + super().extra_repr()
 
 
+@register_loss("random_softmax")
 class RandomSoftmax(SearchSoftmax):
     """Random-Softmax: Search-Softmax whose ``a`` is drawn afresh each epoch, never learned.
 

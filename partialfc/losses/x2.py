@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 
 from partialfc.losses.base import MarginLoss, safe_arccos
+from partialfc.losses.registry import register_loss
 
 
+@register_loss("x2softmax")
 class X2Softmax(MarginLoss):
     """``psi(c) = a*(theta - h)**2 + k`` with ``theta = arccos(c)``; target logit ``s*psi``.
 
