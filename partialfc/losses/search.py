@@ -15,6 +15,7 @@ import torch
 
 from partialfc.losses.base import MarginLoss
 from partialfc.losses.registry import register_loss
+from partialfc.seeding import Stream, seeded_generator
 
 
 @register_loss("search_softmax")
@@ -70,7 +71,7 @@ class RandomSoftmax(SearchSoftmax):
 
     def set_epoch(self, epoch: int) -> float:
         """Draw and set this epoch's ``a``; returns it."""
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(epoch))
+        gen = seeded_generator(self.seed, Stream.RANDOM_SOFTMAX, int(epoch))
         x = self.mu + self.sigma * torch.randn((), generator=gen, dtype=torch.float64).item()
         self.set_a(-abs(x) * math.exp(self.s / 3.0))
         return self.a
