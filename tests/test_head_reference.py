@@ -1,67 +1,33 @@
 """The sharded head against a plain single-process float64 full softmax.
 
-Reference: the whole global batch and the whole class matrix in one process, margin applied
-by hand, ``F.cross_entropy``-free log-sum-exp, autograd for the gradients. The head runs on
+Reference (``tests/reference.py``): the whole global batch and the whole class matrix in one
+process, margin applied by hand, ``F.cross_entropy``-free log-sum-exp, autograd for the
+gradients. The head runs on
 1-4 real gloo processes with ``num_classes % world_size != 0`` and unequal local batches.
 """
 
 from __future__ import annotations
 
-import math
+from functools import partial
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from partialfc import PartialFC
 from partialfc.head.partial_fc import init_centres
-from partialfc.losses import ArcFace, CosFace, NormFace
+from partialfc.losses import build_loss
 from partialfc.testing import run_distributed
+from tests.reference import SPECS, head_reference, make_problem
 
 NUM_CLASSES, DIM, SCALE = 23, 8, 16.0
 LOCAL_BATCHES = [5, 3, 6, 2]  # unequal on purpose
-
-
-def make_problem(world_size: int):
-    gen = torch.Generator().manual_seed(1234)
-    batches = LOCAL_BATCHES[:world_size]
-    x = torch.randn(sum(batches), DIM, generator=gen, dtype=torch.float64)
-    y = torch.randint(0, NUM_CLASSES, (sum(batches),), generator=gen)
-    y[0] = NUM_CLASSES - 1  # the last class (last rank) is always a target
-    w = torch.randn(NUM_CLASSES, DIM, generator=gen, dtype=torch.float64)
-    return batches, x, y, w
-
-
-def reference_psi(name: str, c: torch.Tensor) -> torch.Tensor:
-    if name == "normface":
-        return c
-    if name == "cosface":
-        return c - 0.35
-    m = 0.5  # arcface, with the monotone fallback past pi - m
-    theta = torch.arccos(c.clamp(-1 + 1e-7, 1 - 1e-7))
-    return torch.where(theta + m < math.pi, torch.cos(theta + m), c - m * math.sin(m))
-
-
-def reference_loss(name, x, y, w, classes=None):
-    """Mean margin-softmax CE over the global batch; ``classes``: kept global class ids."""
-    cos = F.normalize(x, dim=1) @ F.normalize(w, dim=1).T
-    cols = torch.arange(w.shape[0]) if classes is None else classes
-    cos = cos[:, cols]
-    target = (cols[None, :] == y[:, None])
-    logits = torch.where(target, SCALE * reference_psi(name, cos), SCALE * cos)
-    lse = torch.logsumexp(logits, dim=1)
-    return (lse - logits[target]).mean()
-
-
-def make_loss(name):
-    return {"normface": NormFace(s=SCALE), "cosface": CosFace(s=SCALE, m=0.35),
-            "arcface": ArcFace(s=SCALE, m=0.5)}[name]
+head_problem = partial(make_problem, local_batches=LOCAL_BATCHES, num_classes=NUM_CLASSES, dim=DIM, seed=1234)
 
 
 def _rank_run(rank, world_size, loss_name, sample_rate):
-    batches, x, y, w = make_problem(world_size)
+    batches, x, y, w = head_problem(world_size)
     lo = sum(batches[:rank])
-    head = PartialFC(DIM, NUM_CLASSES, loss=make_loss(loss_name), sample_rate=sample_rate,
+    head = PartialFC(DIM, NUM_CLASSES, loss=SPECS[loss_name].with_scale(SCALE).build(build_loss), sample_rate=sample_rate,
                      dtype=torch.float64, seed=7)
     with torch.no_grad():
         head.weight.copy_(w[head.class_start: head.class_start + head.num_local])
@@ -75,17 +41,14 @@ def _rank_run(rank, world_size, loss_name, sample_rate):
 
 
 def check_against_reference(results, world_size, loss_name, sampled_classes=None):
-    batches, x, y, w = make_problem(world_size)
-    x = x.clone().requires_grad_(True)
-    w = w.clone().requires_grad_(True)
-    ref = reference_loss(loss_name, x, y, w, sampled_classes)
-    ref.backward()
+    batches, x, y, w = head_problem(world_size)
+    ref, grad_x, grad_w = head_reference(SPECS[loss_name].with_scale(SCALE).rows, x, y, w, sampled_classes)
     lo = 0
     for rank, res in enumerate(results):
-        assert res["loss"] == pytest.approx(ref.item(), rel=1e-6), f"rank {rank} loss"
-        torch.testing.assert_close(res["grad_x"], x.grad[lo: lo + batches[rank]], rtol=1e-6, atol=1e-12)
+        assert res["loss"] == pytest.approx(ref, rel=1e-6), f"rank {rank} loss"
+        torch.testing.assert_close(res["grad_x"], grad_x[lo: lo + batches[rank]], rtol=1e-6, atol=1e-12)
         rows = slice(res["start"], res["start"] + res["num_local"])
-        torch.testing.assert_close(res["grad_w"], w.grad[rows], rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(res["grad_w"], grad_w[rows], rtol=1e-6, atol=1e-12)
         lo += batches[rank]
 
 
@@ -124,7 +87,7 @@ def test_gloo_sampled_matches_reference_on_sampled_set():
     results = run_distributed(_rank_run, world_size, "arcface", 0.5)
     classes = torch.cat([r["sampled"] for r in results])
     assert len(classes) < NUM_CLASSES
-    _, _, y, _ = make_problem(world_size)
+    _, _, y, _ = head_problem(world_size)
     assert set(y.tolist()) <= set(classes.tolist())
     check_against_reference(results, world_size, "arcface", classes)
     for r in results:  # the sparse gradient holds the sampled rows only

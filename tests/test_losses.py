@@ -1,6 +1,6 @@
-"""Every loss against a naive float64 implementation of its formula written here.
+"""Every loss against the naive float64 references of ``tests/reference.py``.
 
-The references below re-derive each target-logit transform from losses.md (not from the
+The references re-derive each target-logit transform from losses.md (not from the
 library), form the logits by hand and take ``logsumexp`` / ``log1p`` in float64.
 """
 
@@ -13,44 +13,9 @@ import torch
 
 from partialfc.losses import (ArcFace, CombinedMargin, CosFace, DSoftmax, NormFace, RandomSoftmax,
                               SearchSoftmax, X2Softmax, build_loss)
+from partialfc.losses.registry import LOSSES
 from partialfc.ops import Targets
-
-CLAMP = 1 - 1e-7
-
-
-def theta_of(c):
-    return torch.arccos(c.clamp(-CLAMP, CLAMP))
-
-
-def ref_combined(c, m1, m2, m3, easy=False):
-    theta = theta_of(c)
-    theta_star = (math.pi - m2) / m1
-    u = max(math.pi - theta_star, 0.0)
-    psi = torch.where(theta <= theta_star, torch.cos(m1 * theta + m2) - m3, c - u * math.sin(u) - m3)
-    return torch.where(c > 0, psi, c) if easy else psi
-
-
-# name -> (library loss, naive psi on target cosines)
-SPECS = {
-    "normface": (lambda **kw: NormFace(s=32.0, **kw), lambda c: c),
-    "cosface": (lambda **kw: CosFace(s=32.0, m=0.35, **kw), lambda c: c - 0.35),
-    "arcface": (lambda **kw: ArcFace(s=64.0, m=0.5, **kw),
-                lambda c: torch.where(theta_of(c) + 0.5 <= math.pi, torch.cos(theta_of(c) + 0.5),
-                                      c - 0.5 * math.sin(0.5))),
-    "arcface_easy": (lambda **kw: ArcFace(s=64.0, m=0.5, easy_margin=True, **kw),
-                     lambda c: torch.where(c > 0, torch.cos(theta_of(c) + 0.5), c)),
-    "combined_1": (lambda **kw: CombinedMargin(s=64.0, m1=1.0, m2=0.3, m3=0.2, **kw),
-                   lambda c: ref_combined(c, 1.0, 0.3, 0.2)),
-    "combined_2": (lambda **kw: CombinedMargin(s=64.0, m1=0.9, m2=0.4, m3=0.15, **kw),
-                   lambda c: ref_combined(c, 0.9, 0.4, 0.15)),
-    "combined_3": (lambda **kw: CombinedMargin(s=32.0, m1=1.2, m2=0.2, m3=0.1, **kw),
-                   lambda c: ref_combined(c, 1.2, 0.2, 0.1)),
-    "x2": (lambda **kw: X2Softmax(**kw), lambda c: -0.9 * theta_of(c) ** 2 + 0.65),
-    "x2_shifted": (lambda **kw: X2Softmax(s=30.0, a=-0.5, h=-0.2, k=0.8, **kw),
-                   lambda c: -0.5 * (theta_of(c) + 0.2) ** 2 + 0.8),
-    "search": (lambda **kw: SearchSoftmax(s=64.0, a=-30.0, **kw), lambda c: c - math.log(31.0) / 64.0),
-}
-ANGULAR = ["arcface", "arcface_easy", "combined_1", "combined_2", "combined_3", "x2", "x2_shifted"]
+from tests.reference import ANGULAR, CLAMP, SPECS, dsoftmax_rows
 
 # Target cosines covering theta near 0 and pi, exactly +-1, and the fallback regions.
 TARGET_COS = torch.tensor([1.0, math.cos(1e-3), 0.97, 0.6, 0.2, 1e-3, -0.3, -0.7, -0.8, -0.86,
@@ -68,51 +33,36 @@ def make_cos(n_classes=9, dtype=torch.float64, seed=0):
     return cos.to(dtype), labels
 
 
-def ref_softmax_loss(cos, labels, s, psi, threshold=None, straight_through=False):
-    cos = cos.double()
-    onehot = torch.nn.functional.one_hot(labels, cos.shape[1]).bool()
-    if threshold is not None:
-        cos = torch.where(onehot | (cos <= threshold), cos, torch.zeros_like(cos))
-    target = s * psi(cos)
-    if straight_through:  # forward of the margin, backward of s*c
-        target = s * cos + (target - s * cos).detach()
-    z = torch.where(onehot, target, s * cos)
-    return torch.logsumexp(z, dim=1) - z[onehot]
-
-
-def ref_dsoftmax_loss(cos, labels, s, d, scale=1.0):
-    cos = cos.double()
-    onehot = torch.nn.functional.one_hot(labels, cos.shape[1]).bool()
-    c_y = cos[onehot]
-    intra = torch.log1p(torch.exp(s * (d - c_y)))
-    inter = torch.log1p(scale * torch.where(onehot, 0.0, torch.exp(s * cos)).sum(dim=1))
-    return intra + inter
-
-
 @pytest.mark.parametrize("name", list(SPECS))
 @pytest.mark.parametrize("gradient", ["exact", "straight_through"])
 def test_loss_matches_naive_float64(name, gradient):
-    build, psi = SPECS[name]
-    loss = build(gradient=gradient)
+    spec = SPECS[name]
+    loss = spec.build(build_loss, gradient=gradient)
+    a = getattr(loss, "a", None)  # random_softmax: the drawn a
     cos, labels = make_cos()
-    expected = ref_softmax_loss(cos, labels, loss.s, psi)
+    expected = spec.rows(cos, labels, a=a)
     torch.testing.assert_close(loss(cos, Targets.from_columns(labels)), expected, rtol=1e-10, atol=1e-10)
     cos32 = cos.float()
     got32 = loss(cos32, Targets.from_columns(labels))
     assert got32.dtype == torch.float32
     clamp32 = torch.tensor(CLAMP, dtype=torch.float32)  # arccos clamps in the input's precision
-    torch.testing.assert_close(got32.double(), ref_softmax_loss(cos32.clamp(-clamp32, clamp32), labels,
-                                                                loss.s, psi), rtol=1e-5, atol=2e-4)
+    torch.testing.assert_close(got32.double(), spec.rows(cos32.clamp(-clamp32, clamp32), labels, a=a),
+                               rtol=1e-5, atol=2e-4)
+
+
+def test_reference_covers_every_registered_loss():
+    """Each registered loss has a spec in tests/reference.py (checked above on one process)."""
+    assert {spec.loss for spec in SPECS.values()} == set(LOSSES)
 
 
 @pytest.mark.parametrize("name", ["cosface", "arcface", "x2", "combined_2"])
 def test_inter_class_filtering(name):
-    build, psi = SPECS[name]
-    loss = build(inter_threshold=0.4)
+    spec = SPECS[name]
+    loss = spec.build(build_loss, inter_threshold=0.4)
     cos, labels = make_cos(seed=3)
-    expected = ref_softmax_loss(cos, labels, loss.s, psi, threshold=0.4)
+    expected = spec.rows(cos, labels, threshold=0.4)
     torch.testing.assert_close(loss(cos, Targets.from_columns(labels)), expected, rtol=1e-10, atol=1e-10)
-    assert not torch.allclose(expected, ref_softmax_loss(cos, labels, loss.s, psi))
+    assert not torch.allclose(expected, spec.rows(cos, labels))
 
 
 def smooth_case(seed=1):
@@ -126,24 +76,24 @@ def smooth_case(seed=1):
 
 @pytest.mark.parametrize("name", list(SPECS))
 def test_gradcheck_exact(name):
-    loss = SPECS[name][0](gradient="exact")
+    loss = SPECS[name].build(build_loss, gradient="exact")
     cos, labels = smooth_case()
     assert torch.autograd.gradcheck(lambda c: loss(c, Targets.from_columns(labels)), (cos,))
 
 
 @pytest.mark.parametrize("name", ANGULAR)
 def test_straight_through_target_gradient_is_plain_cosine(name):
-    build, psi = SPECS[name]
+    spec = SPECS[name]
     cos, labels = smooth_case()
-    st = build(gradient="straight_through")
+    st = spec.build(build_loss, gradient="straight_through")
     grad_st, = torch.autograd.grad(st(cos, Targets.from_columns(labels)).sum(), cos)
     # Reference: dL/dz = softmax(z) - onehot at the margin logits, times dz/dc = s everywhere.
     with torch.no_grad():
         onehot = torch.nn.functional.one_hot(labels, cos.shape[1]).double()
-        z = torch.where(onehot.bool(), st.s * psi(cos), st.s * cos)
+        z = torch.where(onehot.bool(), st.s * spec.psi(cos), st.s * cos)
         expected = st.s * (torch.softmax(z, dim=1) - onehot)
     torch.testing.assert_close(grad_st, expected, rtol=1e-10, atol=1e-12)
-    grad_exact, = torch.autograd.grad(build(gradient="exact")(cos, Targets.from_columns(labels)).sum(), cos)
+    grad_exact, = torch.autograd.grad(spec.build(build_loss, gradient="exact")(cos, Targets.from_columns(labels)).sum(), cos)
     assert not torch.allclose(grad_exact, grad_st)  # the option really changes the backward
 
 
@@ -178,7 +128,7 @@ def test_dsoftmax_matches_naive_float64(regime, s, d):
     c = cos.clone().requires_grad_(True)
     got = loss(c, Targets.from_columns(labels))
     ref_c = cos.clone().requires_grad_(True)
-    expected = ref_dsoftmax_loss(ref_c, labels, s, d)
+    expected = dsoftmax_rows(ref_c, labels, s, d)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
     grad, = torch.autograd.grad(got.sum(), c)
     ref_grad, = torch.autograd.grad(expected.sum(), ref_c)
@@ -189,7 +139,7 @@ def test_dsoftmax_rescaled_inter_matches_naive():
     cos, labels = make_cos(n_classes=12, seed=6)
     loss = DSoftmax(s=16.0, d=0.7, variant="K", K=8, rescale_inter=True)
     torch.testing.assert_close(loss(cos, Targets.from_columns(labels)),
-                               ref_dsoftmax_loss(cos, labels, 16.0, 0.7, scale=8.0),
+                               dsoftmax_rows(cos, labels, 16.0, 0.7, scale=8.0),
                                rtol=1e-10, atol=1e-10)
 
 
