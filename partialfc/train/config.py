@@ -34,39 +34,16 @@ class Choice(str, Enum):
         return self.value
 
 
-class Loader(Choice):
-    torch = "torch"
-    dali = "dali"
+def _choices(name: str, *values: str) -> type[Choice]:
+    return Choice(name, [(v, v) for v in values], module=__name__, qualname=name)
 
 
-class Precision(Choice):
-    auto = "auto"
-    bf16 = "bf16"
-    fp16 = "fp16"
-    fp32 = "fp32"
-
-
-class Engine(Choice):
-    ddp = "ddp"
-    deepspeed = "deepspeed"
-
-
-class OptimizerName(Choice):
-    sgd = "sgd"
-    adamw = "adamw"
-
-
-class ScheduleName(Choice):
-    poly = "poly"
-    cosine = "cosine"
-    step = "step"
-    constant = "constant"
-
-
-class WandbMode(Choice):
-    offline = "offline"
-    online = "online"
-    disabled = "disabled"
+Loader = _choices("Loader", "torch", "dali")
+Precision = _choices("Precision", "auto", "bf16", "fp16", "fp32")
+Engine = _choices("Engine", "ddp", "deepspeed")
+OptimizerName = _choices("OptimizerName", "sgd", "adamw")
+ScheduleName = _choices("ScheduleName", "poly", "cosine", "step", "constant")
+WandbMode = _choices("WandbMode", "offline", "online", "disabled")
 
 
 def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
