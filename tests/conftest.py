@@ -1,5 +1,7 @@
-"""Test-suite policy.
+"""Test-suite policy and the fixtures shared across test modules.
 
+Tests marked ``multiprocess`` start other processes (gloo ranks, a CLI in a subprocess,
+Slurm jobs, launchers); ``pytest -m "not multiprocess"`` is the fast inner loop.
 Tests marked ``required`` need a real component (several gloo processes, DALI, DeepSpeed,
 Slurm daemons). Locally such a test may skip when the component is missing; in CI
 (``CI=true`` or ``PARTIALFC_STRICT=1``) a skipped required test is turned into a failure,
@@ -12,6 +14,8 @@ import os
 
 import pytest
 
+from tests.train_helpers import tiny_overrides
+
 STRICT = os.environ.get("CI", "").lower() in ("1", "true", "yes") or os.environ.get("PARTIALFC_STRICT") == "1"
 
 
@@ -23,3 +27,15 @@ def pytest_runtest_makereport(item, call):
         reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"
         report.longrepr = f"required test skipped in CI (strict mode): {reason}"
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    """The synthetic dataset of :func:`tiny_overrides`, generated once in the test process
+    (daemonic test ranks cannot fork workers)."""
+    from partialfc.train.config import load_config
+    from partialfc.train.data import prepare_dataset
+
+    folder = str(tmp_path_factory.mktemp("data"))
+    prepare_dataset(load_config(None, tiny_overrides(folder, folder)))
+    return folder

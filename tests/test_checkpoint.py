@@ -8,7 +8,7 @@ import torch
 from partialfc.cli import main
 from partialfc.train import checkpoint as ckpt
 from partialfc.train.config import load_config
-from test_train import cache, tiny_overrides  # noqa: F401  (fixture)
+from tests.train_helpers import tiny_overrides
 
 
 def test_a_crash_mid_write_leaves_no_valid_checkpoint(tmp_path):
@@ -38,7 +38,7 @@ def test_gather_rows_across_uneven_shards(tmp_path):
     assert torch.equal(rows["weight"], full[2:6]) and torch.equal(rows["optimizer"]["momentum_buffer"], -full[2:6])
 
 
-def test_export_merge_finetune_and_eval(tmp_path, cache, capsys):  # noqa: F811
+def test_export_merge_finetune_and_eval(tmp_path, cache, capsys):
     from partialfc.train.trainer import Trainer
 
     run = tmp_path / "run"
@@ -59,7 +59,7 @@ def test_export_merge_finetune_and_eval(tmp_path, cache, capsys):  # noqa: F811
         assert torch.equal(value, tuned.engine.module.state_dict()[key]), key
 
 
-def test_nonfinite_steps_are_skipped_then_training_stops(tmp_path, cache):  # noqa: F811
+def test_nonfinite_steps_are_skipped_then_training_stops(tmp_path, cache):
     from partialfc.train.trainer import Trainer, TrainingDiverged
 
     trainer = Trainer(load_config(None, tiny_overrides(tmp_path / "nan", cache, "train.max_steps=6",
@@ -78,7 +78,7 @@ def test_nonfinite_steps_are_skipped_then_training_stops(tmp_path, cache):  # no
     assert ckpt.latest_checkpoint(str(tmp_path / "nan" / "checkpoints")).endswith("step_00000004")
 
 
-def test_checkpoint_on_request_after_the_current_step(tmp_path, cache):  # noqa: F811
+def test_checkpoint_on_request_after_the_current_step(tmp_path, cache):
     import signal
 
     from partialfc.train.trainer import Trainer

@@ -57,6 +57,7 @@ def test_other_exceptions_are_not_turned_into_user_errors(monkeypatch):
     assert main(["data", "index", "x"]) == 2
 
 
+@pytest.mark.multiprocess
 def test_console_script(tmp_path):
     script = Path(sys.executable).with_name("partialfc")
     assert script.exists(), f"the console script is not installed next to {sys.executable}"

@@ -76,6 +76,7 @@ def _write_in_daemon(prefix: str) -> None:
     write_synthetic_dataset(prefix, 3, 2, verification_identities=2, verification_pairs=4, workers=2, progress=False)
 
 
+@pytest.mark.multiprocess
 def test_synthetic_writes_inside_daemonic_process(tmp_path):
     """A daemonic process may not have children: the writer then works in-process."""
     process = multiprocessing.get_context("fork").Process(target=_write_in_daemon, args=(str(tmp_path / "d"),),

@@ -14,8 +14,7 @@ import pytest
 from partialfc.train.checkpoint import latest_checkpoint
 from partialfc.train.logging import read_metrics
 from partialfc.train.preemption import EXIT_PREEMPTED, StopRequest
-
-from test_train import tiny_overrides
+from tests.train_helpers import tiny_overrides
 
 
 def train_cli(run_dir, cache, steps, env_extra=None, wait=True):
@@ -48,16 +47,7 @@ def test_stop_request_sources(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    from partialfc.train.config import load_config
-    from partialfc.train.data import prepare_dataset
-
-    folder = str(tmp_path_factory.mktemp("data"))
-    prepare_dataset(load_config(None, tiny_overrides(folder, folder)))
-    return folder
-
-
+@pytest.mark.multiprocess
 def test_stop_file_checkpoints_exits_3_and_resume_finishes(tmp_path, cache):
     run_dir = tmp_path / "run"
     stop_file = tmp_path / "stop"
@@ -75,6 +65,7 @@ def test_stop_file_checkpoints_exits_3_and_resume_finishes(tmp_path, cache):
     assert latest_checkpoint(str(run_dir / "checkpoints")).endswith("step_00000006")
 
 
+@pytest.mark.multiprocess
 def test_sigterm_mid_training_checkpoints_and_exits_3(tmp_path, cache):
     run_dir = tmp_path / "run"
     proc = train_cli(run_dir, cache, 100_000, wait=False)

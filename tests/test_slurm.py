@@ -11,7 +11,7 @@ import pytest
 
 from partialfc.testing.slurm import SlurmCluster, slurm_available
 
-pytestmark = [pytest.mark.required]
+pytestmark = [pytest.mark.required, pytest.mark.multiprocess]
 
 
 @pytest.fixture(scope="module")

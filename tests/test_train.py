@@ -13,19 +13,7 @@ from partialfc.testing.multiprocess import run_distributed
 from partialfc.train.checkpoint import CheckpointError, latest_checkpoint, load_shared
 from partialfc.train.config import load_config
 from partialfc.train.logging import read_metrics
-
-
-def tiny_overrides(run_dir, cache_dir, *extra) -> list[str]:
-    """A run of a few seconds: 16 synthetic identities, a few-channel IResNet at 56 px."""
-    return [f"run_dir={run_dir}", f"data.cache_dir={cache_dir}",
-            "data.synthetic.num_identities=32", "data.synthetic.images_per_identity=8",
-            "data.synthetic.verification_identities=32", "data.synthetic.verification_pairs=400",
-            "data.batch_size=16", "data.num_workers=0", "model.backbone=iresnet_tiny", "model.embedding_size=32",
-            "loss.name=cosface", "loss.params={s: 16.0, m: 0.2}",
-            "head.sample_rate=0.5", "optim.lr=0.2", "head.optimizer.lr=0.2", "optim.schedule.warmup_steps=2",
-            "head.optimizer.schedule.warmup_steps=2", "train.max_steps=8", "log.every_steps=1",
-            "log.wandb.mode=disabled", "log.plot=false", "eval.every_steps=0", "eval.batch_size=64",
-            "checkpoint.every_steps=0", *extra]
+from tests.train_helpers import tiny_overrides
 
 
 def _train(rank, world, overrides):
@@ -36,16 +24,6 @@ def _train(rank, world, overrides):
     return {"summary": summary, "class_start": trainer.head.class_start, "num_local": trainer.head.num_local,
             "weight": trainer.head.weight.detach().clone(),
             "backbone": {k: v.clone() for k, v in trainer.engine.module.state_dict().items()}}
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """The synthetic dataset, generated once here (daemonic test ranks cannot fork workers)."""
-    from partialfc.train.data import prepare_dataset
-
-    folder = str(tmp_path_factory.mktemp("data"))
-    prepare_dataset(load_config(None, tiny_overrides(folder, folder)))
-    return folder
 
 
 def _assert_learned(run_dir):
@@ -241,6 +219,7 @@ def test_gradient_accumulation_divides_the_loss_and_syncs_once():
 
 
 @pytest.mark.required
+@pytest.mark.multiprocess
 def test_deepspeed_engine_on_a_single_process_without_launcher(tmp_path, cache):
     """`partialfc train ... train.engine=deepspeed` as a plain process (no torchrun, no MPI)."""
     import subprocess
