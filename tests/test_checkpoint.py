@@ -32,7 +32,7 @@ def test_gather_rows_across_uneven_shards(tmp_path):
     full = torch.arange(7 * 3, dtype=torch.float32).view(7, 3)
     shards = [(0, 3), (3, 2), (5, 2)]
     for rank, (lo, n) in enumerate(shards):
-        torch.save({"weight": full[lo:lo + n], "optimizer_rows": {"momentum_buffer": -full[lo:lo + n]}},
+        torch.save({"head": {"weight": full[lo:lo + n]}, "optimizer_rows": {"momentum_buffer": -full[lo:lo + n]}},
                    tmp_path / ckpt.head_file(rank))
     rows = ckpt.gather_head_rows(str(tmp_path), shards, 2, 4)
     assert torch.equal(rows["weight"], full[2:6]) and torch.equal(rows["optimizer"]["momentum_buffer"], -full[2:6])
@@ -44,6 +44,10 @@ def test_export_merge_finetune_and_eval(tmp_path, cache, capsys):
     run = tmp_path / "run"
     trainer = Trainer(load_config(None, tiny_overrides(run, cache, "train.max_steps=2")))
     trainer.train()
+    latest = ckpt.latest_checkpoint(str(run / "checkpoints"))
+    files = {name: torch.load(os.path.join(latest, name), weights_only=True) for name in os.listdir(latest)}
+    assert sorted(files) == ["head_rank00000.pt", "trainer.pt"] and files["trainer.pt"]["format"] == 2
+    assert torch.equal(files["head_rank00000.pt"]["head"]["weight"], trainer.head.weight.detach())
     assert main(["export", "backbone", str(run), str(tmp_path / "bb.pt")]) == 0
     assert main(["export", "centres", str(run), str(tmp_path / "centres.pt")]) == 0
     centres = torch.load(tmp_path / "centres.pt")
@@ -107,10 +111,49 @@ def test_retention_after_a_rollback_keeps_what_was_written_last(tmp_path):
     assert latest_checkpoint(root).endswith("step_00001200")
 
 
+def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
+    import random
+
+    import numpy as np
+
+    from partialfc.train.state import capture_rng, restore_rng
+
+    np.random.standard_normal()  # leaves a cached gaussian in numpy's state,
+    random.gauss(0.0, 1.0)  # and in python's
+
+    def draws():
+        return (torch.rand(3).tolist(), np.random.standard_normal(3).tolist(),
+                [random.gauss(0.0, 1.0) for _ in range(3)], random.random())
+
+    torch.save(capture_rng(), tmp_path / "rng.pt")
+    expected = draws()
+    restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert draws() == expected
+
+
+def test_a_file_with_more_than_plain_values_is_refused(tmp_path):
+    import numpy as np
+
+    torch.save({"numpy": np.random.get_state()}, tmp_path / ckpt.TRAINER_FILE)
+    with pytest.raises(ckpt.CheckpointError, match="plain values"):
+        ckpt.load_shared(str(tmp_path))
+
+
+def test_a_checkpoint_of_another_format_is_refused():
+    from partialfc.train.state import FORMAT, check_compatible
+
+    cfg = load_config(None, ["run_dir=unused", "data.rec=unused"])
+    shared = {"format": FORMAT, "num_classes": 10,
+              "model": {"backbone": cfg.model.backbone, "embedding_size": cfg.model.embedding_size, "options": {}}}
+    check_compatible(cfg, 10, shared, "ckpt")
+    with pytest.raises(ckpt.CheckpointError, match="format 1"):
+        check_compatible(cfg, 10, {**shared, "format": 1}, "ckpt")
+
+
 def test_rows_for_a_rank_that_owns_no_class(tmp_path):
     from partialfc.train.checkpoint import gather_head_rows, save_checkpoint
 
     root = str(tmp_path / "checkpoints")
-    path = save_checkpoint(root, 1, {"step": 1}, {"weight": torch.ones(1, 4), "optimizer_rows": {}})
+    path = save_checkpoint(root, 1, {"step": 1}, {"head": {"weight": torch.ones(1, 4)}, "optimizer_rows": {}})
     rows = gather_head_rows(path, [(0, 1)], start=1, count=0)
     assert rows["weight"].shape == (0, 4) and rows["optimizer"] == {}

@@ -92,9 +92,10 @@ def test_resume_is_bitwise_exact(tmp_path, cache):
 def _saved_rows(path):
     """Independent reference: the saved shard files concatenated in rank order."""
     files = sorted(glob.glob(os.path.join(path, "head_rank*.pt")))
-    parts = [torch.load(f, weights_only=False) for f in files]
-    return (torch.cat([p["weight"] for p in parts]),
-            torch.cat([p["optimizer_rows"]["momentum_buffer"] for p in parts]), [p["class_start"] for p in parts])
+    parts = [torch.load(f, weights_only=True) for f in files]
+    return (torch.cat([p["head"]["weight"] for p in parts]),
+            torch.cat([p["optimizer_rows"]["momentum_buffer"] for p in parts]),
+            [p["head"]["_extra_state"]["class_start"] for p in parts])
 
 
 def _reshard_check(rank, world, overrides):

@@ -5,9 +5,9 @@ Layout of ``<run_dir>/checkpoints``::
     step_00001000/
         trainer.pt              rank 0: backbone, its optimizer, schedules, scaler, step, epoch,
                                 config, run id, world size, the head shards' class ranges
-        head_rank00000.pt ...   one per rank: head rows of global classes
-                                [class_start, class_start + num_local), their optimizer state
-                                rows, the sampler generator, RNG states, data position
+        head_rank00000.pt ...   one per rank: its head state (rows of global classes
+                                [class_start, class_start + num_local), sampler), their
+                                optimizer state rows, RNG states, data position
         deepspeed/              the DeepSpeed engine's own checkpoint (engine = deepspeed only)
     latest                      text file naming the newest complete step directory
 
@@ -15,20 +15,17 @@ A checkpoint is written into ``.tmp-step_*`` and renamed into place by rank 0 on
 rank has written its file and ``trainer.pt`` (written last) is on disk; ``latest`` is then
 replaced atomically. A crash mid-write leaves only a ``.tmp-*`` directory, never a
 ``step_*`` directory or a ``latest`` that looks valid. All ranks must see the same file
-system.
+system. The files' contents are defined in :mod:`partialfc.train.state`; they are read
+with ``torch.load(weights_only=True)``.
 
-Resharding: a run restarted on a different number of ranks builds each rank's new class
-range from the old shard files that overlap it (rows of weights and of every per-row
-optimizer state). The samplers' generators cannot be split: on a change of world size each
-rank's generator is reseeded from ``(seed, rank, step)``, so sampling stays reproducible
-but differs from an uninterrupted run. RNG states likewise come from the saved rank when it
-exists and are reseeded otherwise; the data position is converted to the same number of
-samples consumed.
+Resharding: :func:`gather_head_rows` builds a new class range from the old shard files that
+overlap it (rows of weights and of every per-row optimizer state).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 
 import torch
@@ -133,26 +130,33 @@ def resolve_checkpoint(path: str) -> str:
     raise CheckpointError(f"no complete checkpoint at {path} (expected {TRAINER_FILE} in a step_* directory)")
 
 
-def load_shared(path: str) -> dict:
-    file = os.path.join(path, TRAINER_FILE)
+def _load(file: str) -> dict:
     try:
-        return torch.load(file, map_location="cpu", weights_only=False)
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message suggests weights_only=False: not for a checkpoint
+        raise CheckpointError(f"cannot read checkpoint {file}: it holds more than tensors and plain values "
+                              "(written by a version before checkpoint format 2?)") from None
     except (OSError, RuntimeError, EOFError) as err:
         raise CheckpointError(f"cannot read checkpoint {file}: {err}") from None
 
 
+def load_shared(path: str) -> dict:
+    return _load(os.path.join(path, TRAINER_FILE))
+
+
 def load_rank_file(path: str, rank: int) -> dict:
-    return torch.load(os.path.join(path, head_file(rank)), map_location="cpu", weights_only=False)
+    return _load(os.path.join(path, head_file(rank)))
 
 
 def gather_head_rows(path: str, shards: list[tuple[int, int]], start: int, count: int) -> dict:
     """Rows ``[start, start + count)`` of the global head, assembled from the saved shards.
 
-    ``shards[r] = (class_start, num_local)`` of old rank ``r``. Returns ``{"weight": (count, D),
-    "optimizer": {name: (count, ...)}}`` with every per-row optimizer tensor (those whose first
-    dimension is the shard's row count); rows of a shard that had no such state yet are zeros."""
+    ``shards[r] = (class_start, num_local)`` of old rank ``r``, whose file holds
+    ``{"head": {"weight": (num_local, D), ...}, "optimizer_rows": {name: (num_local, ...)}}``.
+    Returns ``{"weight": (count, D), "optimizer": {name: (count, ...)}}`` with every per-row
+    optimizer tensor; rows of a shard that had no such state yet are zeros."""
     if count == 0:  # more ranks than classes: this rank owns none
-        dim = load_rank_file(path, 0)["weight"].shape[1:]
+        dim = load_rank_file(path, 0)["head"]["weight"].shape[1:]
         return {"weight": torch.zeros((0, *dim)), "optimizer": {}}
     pieces: list[tuple[int, int, dict]] = []
     for old_rank, (lo, n) in enumerate(shards):
@@ -172,7 +176,7 @@ def gather_head_rows(path: str, shards: list[tuple[int, int]], start: int, count
 
 
 def _slice_rows(state: dict, offset: int, count: int) -> dict:
-    rows = {"weight": state["weight"][offset:offset + count], "optimizer": {}}
+    rows = {"weight": state["head"]["weight"][offset:offset + count], "optimizer": {}}
     for name, value in state["optimizer_rows"].items():
         rows["optimizer"][name] = value[offset:offset + count]
     return rows

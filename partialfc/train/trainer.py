@@ -9,7 +9,6 @@ launcher that :func:`partialfc.dist.init_distributed` understands.
 from __future__ import annotations
 
 import os
-import random
 import signal
 import threading
 import time
@@ -23,16 +22,16 @@ from partialfc import dist as pdist
 from partialfc.errors import TrainingDiverged
 from partialfc.eval.verification import VerificationSet
 from partialfc.head import PartialFC
-from partialfc.head.sharding import shard_range
 from partialfc.losses import build_loss
 from partialfc.models import build_backbone
 from partialfc.train import checkpoint as ckpt
-from partialfc.train.config import to_yaml
 from partialfc.train.data import build_loader, prepare_dataset
 from partialfc.train.engine import build_engine
 from partialfc.train.logging import RunLogger, new_run_id, plot_curves
-from partialfc.train.optim import build_optimizer, build_schedule, clip_grads_, grad_norm, sync_schedule
+from partialfc.train.optim import build_optimizer, build_schedule, clip_grads_, grad_norm
 from partialfc.train.preemption import Preempted, StopRequest
+from partialfc.train.state import Components, Progress, build_rank_state, build_shared, checkpoint_root, \
+    resume_path, restore, seed_rank_stream
 
 CURVES_FILE = "curves.png"
 
@@ -45,21 +44,6 @@ def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype | No
             return None, False
         name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return {"fp32": (None, False), "bf16": (torch.bfloat16, False), "fp16": (torch.float16, True)}[name]
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def load_backbone_weights(backbone: torch.nn.Module, path: str) -> None:
@@ -86,7 +70,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         prefix, bins = prepare_dataset(cfg)
         self.loader = build_loader(cfg, prefix, self.device)
-        self.batches = self._batch_stream()
+        self.batches = self.loader.forever()
         self.num_classes = self.loader.num_classes
         self.steps_per_epoch = len(self.loader) // cfg.train.grad_accum
         if self.steps_per_epoch == 0:
@@ -100,7 +84,7 @@ class Trainer:
                                   **dict(cfg.model.options)).to(self.device)
         if cfg.checkpoint.init_backbone:
             load_backbone_weights(backbone, cfg.checkpoint.init_backbone)
-        torch.manual_seed(cfg.seed * 1_000_003 + self.rank)  # per-rank stream (dropout, ...)
+        seed_rank_stream(cfg.seed, self.rank, 0)  # dropout, ...
         self.head = PartialFC(cfg.model.embedding_size, self.num_classes,
                               loss=build_loss(cfg.loss.name, **dict(cfg.loss.params)),
                               sample_rate=cfg.head.sample_rate, seed=cfg.seed, init_std=cfg.head.init_std,
@@ -112,18 +96,20 @@ class Trainer:
         self.engine = build_engine(backbone, cfg, self.total_steps, self.scaler, autocast_dtype)
         self.autocast_dtype = autocast_dtype if cfg.train.engine == "ddp" else None
         self.eval_sets = [VerificationSet(p) for p in bins]
+        self.parts = Components(self.engine, self.head, self.head_optimizer, self.head_schedule, self.scaler,
+                                self.loader)
 
         self.step = 0
         self.skipped_steps = 0
         self.consecutive_nonfinite = 0
         self.run_id = new_run_id()
-        self.checkpoint_root = os.path.join(cfg.run_dir, "checkpoints")
+        self.checkpoint_root = checkpoint_root(cfg)
         self.checkpoint_requested = False  # agreed by all ranks
         self.local_checkpoint_request = False  # this rank's, from SIGUSR1
         self.stop = StopRequest()
         self.stop_requested = False
         self.last_accuracy: float | None = None
-        resume = self._resume_path()
+        resume = resume_path(cfg)
         if resume is not None:
             self.load(resume)
         self.logger = RunLogger(cfg.run_dir, self.run_id, cfg.log.wandb, OmegaConf.to_container(cfg),
@@ -132,10 +118,6 @@ class Trainer:
             self.logger.print(f"resumed from {resume} at step {self.step}")
 
     # ----------------------------------------------------------------- data
-    def _batch_stream(self):
-        while True:
-            yield from self.loader
-
     @property
     def epoch(self) -> float:
         return self.loader.epoch + self.loader.batches_consumed / len(self.loader)
@@ -323,73 +305,15 @@ class Trainer:
         """Collective: write a complete checkpoint of this step."""
         shared = None
         if self.rank == 0:
-            shared = {"format": 1, "step": self.step, "skipped_steps": self.skipped_steps, "run_id": self.run_id,
-                      "config": to_yaml(self.cfg), "num_classes": self.num_classes, "world_size": self.world_size,
-                      "model": {"backbone": self.cfg.model.backbone, "embedding_size": self.cfg.model.embedding_size,
-                                "options": OmegaConf.to_container(self.cfg.model.options)},
-                      "head_shards": [shard_range(self.num_classes, self.world_size, r) for r in range(self.world_size)],
-                      "backbone": self.engine.state_dict(), "head_schedule": self.head_schedule.state_dict(),
-                      "head_param_groups": self.head_optimizer.state_dict()["param_groups"],
-                      "scaler": self.scaler.state_dict(), "data": self.loader.state_dict()}
-        rows = {k: v.detach().cpu() for k, v in self.head_optimizer.state.get(self.head.weight, {}).items()
-                if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == self.head.num_local}
-        rank_state = {"class_start": self.head.class_start, "num_local": self.head.num_local,
-                      "num_classes": self.num_classes, "weight": self.head.weight.detach().cpu(),
-                      "optimizer_rows": rows, "sampler": self.head.sampler.state_dict(), "rng": rng_state(),
-                      "data": self.loader.state_dict()}
-        path = ckpt.save_checkpoint(self.checkpoint_root, self.step, shared, rank_state,
+            shared = build_shared(self.cfg, self.parts, Progress(self.step, self.skipped_steps, self.run_id))
+        path = ckpt.save_checkpoint(self.checkpoint_root, self.step, shared, build_rank_state(self.parts),
                                     keep=self.cfg.checkpoint.keep, write_extra=self.engine.save_extra)
         self._saved_step = self.step
         self.checkpoint_requested = False
         self.logger.print(f"checkpoint step {self.step} -> {path}")
         return path
 
-    def _resume_path(self) -> str | None:
-        how = self.cfg.checkpoint.resume
-        if how == "none":
-            return None
-        if how == "auto":
-            return ckpt.latest_checkpoint(self.checkpoint_root)
-        return ckpt.resolve_checkpoint(how)
-
-    def _check_compatible(self, shared: dict, path: str) -> None:
-        mine = {"backbone": self.cfg.model.backbone, "embedding_size": self.cfg.model.embedding_size,
-                "num_classes": self.num_classes}
-        theirs = {**shared["model"], "num_classes": shared["num_classes"]}
-        theirs.pop("options", None)
-        if mine != theirs:
-            raise ckpt.CheckpointError(f"checkpoint {path} was written for {theirs}, this run is {mine}; "
-                                       "to fine-tune on other classes set checkpoint.init_backbone instead")
-
     def load(self, path: str) -> None:
         """Restore everything from ``path``; reshards the head if the world size changed."""
-        shared = ckpt.load_shared(path)
-        self._check_compatible(shared, path)
-        try:
-            self.engine.load_state_dict(shared["backbone"], path)
-        except (RuntimeError, ValueError) as err:
-            raise ckpt.CheckpointError(f"cannot load the backbone from {path}: {str(err).splitlines()[0]}") from None
-        self.head_schedule.load_state_dict(shared["head_schedule"])
-        if shared["scaler"] and self.scaler.is_enabled():  # a bf16/fp32 run saved no scaler state
-            self.scaler.load_state_dict(shared["scaler"])
-        self.step, self.skipped_steps, self.run_id = shared["step"], shared["skipped_steps"], shared["run_id"]
-        rows = ckpt.gather_head_rows(path, shared["head_shards"], self.head.class_start, self.head.num_local)
-        with torch.no_grad():
-            self.head.weight.copy_(rows["weight"])
-        if rows["optimizer"]:
-            self.head_optimizer.load_state_dict({"state": {0: {k: v.to(self.device) for k, v in rows["optimizer"].items()}},
-                                                 "param_groups": shared["head_param_groups"]})
-        sync_schedule(self.head_schedule)
-        if shared["world_size"] == self.world_size:
-            mine = ckpt.load_rank_file(path, self.rank)
-            self.head.sampler.load_state_dict(mine["sampler"])
-            set_rng_state(mine["rng"])
-            self.loader.load_state_dict(mine["data"])
-        else:
-            self.head.sampler.reseed(self.step)
-            torch.manual_seed(self.cfg.seed * 1_000_003 + self.rank * 7919 + self.step)
-            data = dict(shared["data"])
-            consumed = data["batches_consumed"] * data["batch_size"] * shared["world_size"]
-            data["batches_consumed"] = min(consumed // (self.cfg.data.batch_size * self.world_size), len(self.loader))
-            self.loader.load_state_dict(data)
+        self.step, self.skipped_steps, self.run_id = restore(path, self.cfg, self.parts)
         self._saved_step = self.step
