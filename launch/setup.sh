@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-EXTRAS=${PARTIALFC_EXTRAS:-dev,dali,deepspeed,wandb}
+EXTRAS=${PARTIALFC_EXTRAS:-dev,dali,deepspeed,wandb,onnx}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi

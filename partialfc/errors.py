@@ -42,5 +42,9 @@ class InputNotFoundError(PartialFCError, FileNotFoundError):
     """A dataset, image folder or verification set named by the user does not exist."""
 
 
+class ExportError(PartialFCError, ValueError):
+    """An export that cannot be written (unknown output format) or that disagrees with the model."""
+
+
 class TrainingDiverged(PartialFCError, RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""

@@ -197,7 +197,7 @@ def test_every_error_class_derives_from_partialfc_error():
 @pytest.mark.parametrize("name, builtin", [("InputError", ValueError), ("ConfigError", ValueError),
                                            ("CheckpointError", RuntimeError), ("LaunchError", RuntimeError),
                                            ("RecordIOError", ValueError), ("VerificationBinError", ValueError),
-                                           ("InputNotFoundError", FileNotFoundError),
+                                           ("InputNotFoundError", FileNotFoundError), ("ExportError", ValueError),
                                            ("TrainingDiverged", RuntimeError)])
 def test_errors_are_exported_at_top_level_and_keep_their_builtin(name, builtin):
     error = getattr(partialfc, name)

@@ -1,15 +1,34 @@
-"""``partialfc eval verify --checkpoint CKPT --bin A.bin [--bin B.bin ...]``."""
+"""``partialfc eval verify (--checkpoint CKPT | --onnx MODEL.onnx) --bin A.bin [--bin B.bin ...]``."""
 
 from __future__ import annotations
 
 import json
 
 
-def _verify(args) -> int:
-    from partialfc.eval.verification import VerificationSet
+def load_model(args):
+    """The backbone named by ``--checkpoint`` (checkpoint, run dir or export) or ``--onnx``."""
+    if args.onnx:
+        from partialfc.eval.onnx import OnnxBackbone
+
+        return OnnxBackbone(args.onnx)
     from partialfc.train.artifacts import load_backbone
 
-    model = load_backbone(args.checkpoint, args.device)
+    return load_backbone(args.checkpoint, args.device)
+
+
+def add_model_arguments(parser) -> None:
+    """``--checkpoint`` | ``--onnx`` (one of them), ``--batch-size``, ``--device``."""
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="checkpoint dir, run dir or exported backbone (.pt/.safetensors)")
+    which.add_argument("--onnx", help="exported .onnx model, run by onnxruntime on CPU")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default: 128)")
+    parser.add_argument("--device", default="cpu", help="torch device of the model (default: cpu)")
+
+
+def _verify(args) -> int:
+    from partialfc.eval.verification import VerificationSet
+
+    model = load_model(args)
     sets = [VerificationSet(path) for path in args.bin]
     for vs in sets:
         result = vs.evaluate(model, batch_size=args.batch_size, device=args.device)
@@ -21,9 +40,7 @@ def _verify(args) -> int:
 
 def add_commands(subparsers) -> None:
     verify = subparsers.add_parser("verify", help="10-fold verification accuracy on .bin sets")
-    verify.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir or exported backbone")
+    add_model_arguments(verify)
     verify.add_argument("--bin", required=True, action="append", help=".bin verification set (repeatable)")
-    verify.add_argument("--batch-size", type=int, default=128)
-    verify.add_argument("--device", default="cpu")
     verify.add_argument("--json", action="store_true", help="one JSON line per set")
     verify.set_defaults(func=_verify)

@@ -44,7 +44,7 @@ def embed_images(model: torch.nn.Module, images: torch.Tensor, batch_size: int =
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    dtype = next(model.parameters()).dtype
+    dtype = next(model.parameters(), torch.empty(0)).dtype  # float32 for a module without weights (ONNX)
     out = []
     for start in range(0, images.shape[0], batch_size):
         x = normalise(images[start:start + batch_size].to(device)).to(dtype)

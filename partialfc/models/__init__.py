@@ -35,6 +35,8 @@ register_backbone("iresnet_tiny", lambda embedding_size=128, **kw: IResNet(**{
     "embedding_size": embedding_size, **kw}))
 register_backbone("mobilefacenet", lambda embedding_size=512, **kw: MobileFaceNet(embedding_size, scale=2, **kw))
 register_backbone("mbf", BACKBONES["mobilefacenet"])
+register_backbone("mobilefacenet_large", lambda embedding_size=512, **kw: MobileFaceNet(
+    embedding_size, scale=4, blocks=(2, 8, 12, 4), **kw))
 register_backbone("mobilefacenet_tiny", lambda embedding_size=128, **kw: MobileFaceNet(
     embedding_size, scale=1, blocks=(1, 1, 1, 1), **kw))
 

@@ -37,8 +37,10 @@ def residual_stage(channels: int, num_blocks: int, groups: int) -> list[nn.Modul
 class MobileFaceNet(nn.Module):
     """``images (N, 3, 112, 112) -> embeddings (N, embedding_size)``.
 
-    ``scale`` multiplies the channel widths (insightface's mbf uses 2; 1 is smaller);
-    ``blocks``: residual blocks in the 56/28/14/7 px stages."""
+    ``scale`` multiplies the channel widths (insightface's mbf uses 2, mbf_large 4; 1 is
+    smaller); ``blocks``: residual blocks in the 56/28/14/7 px stages. Group sizes follow
+    insightface (the first stage's single 3x3 conv has 64 groups, its residual blocks expand
+    to 128 channels), so its weights load unchanged (:mod:`partialfc.models.insightface`)."""
 
     def __init__(self, embedding_size: int = 512, scale: int = 2, blocks: tuple[int, int, int, int] = (1, 4, 6, 2),
                  input_size: int = 112, gradient_checkpointing: bool = False):
@@ -46,7 +48,7 @@ class MobileFaceNet(nn.Module):
         self.gradient_checkpointing = gradient_checkpointing
         c = 64 * scale
         layers: list[nn.Module] = [ConvBlock(3, c, 3, 2, 1)]
-        layers += [ConvBlock(c, c, 3, 1, 1, groups=c)] if blocks[0] == 1 else residual_stage(c, blocks[0], c)
+        layers += [ConvBlock(c, c, 3, 1, 1, groups=64)] if blocks[0] == 1 else residual_stage(c, blocks[0], 128)
         layers += [DepthWise(c, c, 128, 2, residual=False), *residual_stage(c, blocks[1], 128),
                    DepthWise(c, 2 * c, 256, 2, residual=False), *residual_stage(2 * c, blocks[2], 256),
                    DepthWise(2 * c, 2 * c, 512, 2, residual=False), *residual_stage(2 * c, blocks[3], 256)]

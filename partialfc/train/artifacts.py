@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from partialfc.eval.export import build_exported, read_exported, write_exported
+from partialfc.eval.export import SUFFIXES, build_exported, read_exported, write_exported
 from partialfc.train import checkpoint as ckpt
 
 
@@ -23,10 +23,11 @@ def read_backbone(path: str) -> dict:
     return {**shared["model"], "state_dict": shared["backbone"]["module"]}
 
 
-def export_backbone(checkpoint: str, out: str) -> dict:
-    """Write the backbone of ``checkpoint`` to ``out``; returns its record."""
+def export_backbone(checkpoint: str, out: str, suffixes: tuple[str, ...] = SUFFIXES) -> dict:
+    """Write the backbone of ``checkpoint`` to ``out`` in the format its suffix names (one of
+    ``suffixes``); returns its record."""
     record = read_backbone(checkpoint)
-    write_exported(record, out)
+    write_exported(record, out, suffixes)
     return record
 
 
