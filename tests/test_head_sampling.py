@@ -103,3 +103,18 @@ def test_sampler_state_from_another_device_type_reseeds_deterministically():
 def test_sample_count_is_not_lost_to_binary_rounding():
     assert 0.29 * 100 < 29  # the float product falls just short
     assert CentreSampler(100, 0.29, seed=0, rank=0).num_sample == 29
+
+
+@pytest.mark.parametrize("rate, batch", [(0.1, 40), (0.1, 300), (0.0, 40), (1.0, 40)])
+def test_batch_draw_equals_draw_from_unique_positives(rate, batch):
+    """sample_batch (raw local labels, other ranks' classes and repeats included; no count of
+    the positives while the batch is smaller than the sample) draws what sample() draws from
+    the unique in-shard positives, from the same stream."""
+    local = torch.randint(-200, 700, (batch,), generator=torch.Generator().manual_seed(batch))
+    by_batch, by_positives = CentreSampler(500, rate, seed=2, rank=1), CentreSampler(500, rate, seed=2, rank=1)
+    for _ in range(3):
+        positives = torch.unique(local[(local >= 0) & (local < 500)])
+        got, expected = by_batch.sample_batch(local), by_positives.sample(positives)
+        assert torch.equal(got, expected)
+        assert set(positives.tolist()) <= set(got.tolist())
+    assert by_batch.draws == by_positives.draws

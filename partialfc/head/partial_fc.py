@@ -47,6 +47,18 @@ def resolve_sample_rate(requested: float | None, loss_rate: float | None) -> flo
     return loss_rate
 
 
+def _local_values(embeddings: torch.Tensor, labels: torch.Tensor, labels_int: bool,
+                  device: torch.device) -> torch.Tensor:
+    """``[min label, max label, all embeddings finite]`` (int64 on ``device``) of one rank's
+    batch, computed without leaving the device; zeros where the shapes or dtypes are wrong or
+    the batch is empty (those are reported from the shape fields first)."""
+    if not (labels_int and labels.dim() == 1 and embeddings.dim() == 2 and embeddings.is_floating_point()
+            and labels.shape[0] == embeddings.shape[0] > 0):
+        return torch.zeros(3, dtype=torch.int64, device=device)
+    values = [labels.min(), labels.max(), torch.isfinite(embeddings).all()]
+    return torch.stack([v.to(device=device, dtype=torch.int64) for v in values])
+
+
 class PartialFC(nn.Module):
     """Model-parallel margin-softmax classifier with per-step sampling of class centres.
 
@@ -90,19 +102,23 @@ class PartialFC(nn.Module):
         """Validate every rank's input, raising the same error on all ranks, then gather."""
         dims = embeddings.dim(), labels.dim()
         labels_int = not labels.is_floating_point() and not labels.is_complex() and labels.dtype != torch.bool
-        status = torch.tensor([dims[0], embeddings.shape[0] if dims[0] else 0,
-                               embeddings.shape[-1] if dims[0] else 0, int(embeddings.is_floating_point()),
-                               int(labels_int), dims[1], labels.shape[0] if dims[1] else 0,
-                               FLOAT_DTYPES.index(embeddings.dtype) if embeddings.dtype in FLOAT_DTYPES else -1,
-                               int(embeddings.requires_grad)],
-                              dtype=torch.int64, device=self.weight.device)
+        shape = torch.tensor([dims[0], embeddings.shape[0] if dims[0] else 0,
+                              embeddings.shape[-1] if dims[0] else 0, int(embeddings.is_floating_point()),
+                              int(labels_int), dims[1], labels.shape[0] if dims[1] else 0,
+                              FLOAT_DTYPES.index(embeddings.dtype) if embeddings.dtype in FLOAT_DTYPES else -1,
+                              int(embeddings.requires_grad)], dtype=torch.int64)
+        # The values (label range, finiteness) travel in the same vector: one gather, one host
+        # synchronisation for the whole validation. A pageable host->device copy with
+        # non_blocking=True is safe (CUDA stages the source before returning) and does not sync.
+        status = torch.cat([shape.to(self.weight.device, non_blocking=True),
+                            _local_values(embeddings, labels, labels_int, self.weight.device)])
         statuses = gather_sizes(status, self.group)
         dtypes = {s[7] for s in statuses}
         if len(dtypes) > 1:
             raise InputError("embeddings have different dtypes on different ranks: "
                              + ", ".join(f"rank {r}: {FLOAT_DTYPES[s[7]] if s[7] >= 0 else 'not float'}"
                                          for r, s in enumerate(statuses)))
-        for r, (emb_dim, b, width, emb_float, lab_int, lab_dim, lab_n, _, _) in enumerate(statuses):
+        for r, (emb_dim, b, width, emb_float, lab_int, lab_dim, lab_n) in enumerate(s[:7] for s in statuses):
             where = f" on rank {r}" if self.world_size > 1 else ""
             if emb_dim != 2 or width != self.embedding_size:
                 raise InputError(f"embeddings{where} must have shape (batch, {self.embedding_size}), "
@@ -124,8 +140,9 @@ class PartialFC(nn.Module):
         embeddings = gather_rows(embeddings, sizes, self.group)
         if labels.numel() == 0:
             raise InputError("the global batch is empty")
-        lo, hi, finite = torch.stack([labels.min(), labels.max(),
-                                      torch.isfinite(embeddings).all().to(torch.int64)]).tolist()
+        lo = min(s[9] for s in statuses if s[1])
+        hi = max(s[10] for s in statuses if s[1])
+        finite = all(s[11] for s in statuses if s[1])
         if lo < 0 or hi >= self.num_classes:
             bad = lo if lo < 0 else hi
             raise InputError(f"label {bad} outside [0, {self.num_classes}) (num_classes={self.num_classes})")
@@ -139,13 +156,12 @@ class PartialFC(nn.Module):
         in_shard = (local >= 0) & (local < self.num_local)
         if self.sampler.samples_everything:
             index, centres = None, self.weight
-            targets = Targets.from_columns(torch.where(in_shard, local, -1))
+            targets = self._targets(torch.where(in_shard, local, -1))
         else:
-            positives = torch.unique(local[in_shard])
-            index = self.sampler.sample(positives)
+            index = self.sampler.sample_batch(local)
             centres = F.embedding(index, self.weight, sparse=True)
             pos = torch.searchsorted(index, local.clamp(0, max(self.num_local - 1, 0)))
-            targets = Targets.from_columns(torch.where(in_shard, pos, -1))
+            targets = self._targets(torch.where(in_shard, pos, -1))
         self.last_sampled = index
         if not torch.is_autocast_enabled(embeddings.device.type):  # e.g. bf16 from a DeepSpeed engine
             embeddings = embeddings.to(centres.dtype)
@@ -155,6 +171,13 @@ class PartialFC(nn.Module):
         # cos stays in the matmul's dtype (bf16/fp16 under autocast): the loss upcasts the
         # target cosines and the objective builds the fp32 logits in one pass.
         return self.loss(cos, targets, self.group).mean()
+
+    def _targets(self, col: torch.Tensor) -> Targets:
+        """Targets of the columns ``col (B,)``; one process owns every class, so every row's
+        target is local and no ``nonzero`` (a host synchronisation) is needed to find them."""
+        if self.world_size == 1:
+            return Targets(col, torch.arange(col.numel(), device=col.device), col)
+        return Targets.from_columns(col)
 
     def get_extra_state(self) -> dict:
         return {"sampler": self.sampler.state_dict(), "class_start": self.class_start,

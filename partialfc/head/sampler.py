@@ -53,13 +53,31 @@ class CentreSampler:
             return torch.arange(self.num_local, device=positives.device)
         if positives.numel() >= self.num_sample:
             return positives
+        return self._draw(positives)
+
+    def sample_batch(self, local: torch.Tensor) -> torch.Tensor:
+        """:meth:`sample` for the local class indices ``local (B,)`` of a whole batch (entries
+        outside ``[0, num_local)``: classes of other ranks; repeats allowed).
+
+        When ``B < num_sample`` the positives cannot fill the sample, so the draw needs no
+        count of them and runs without a host synchronisation."""
+        in_shard = (local >= 0) & (local < self.num_local)
+        if self.samples_everything or local.numel() >= self.num_sample:
+            return self.sample(torch.unique(local[in_shard]))
+        return self._draw(torch.where(in_shard, local, self.num_local))
+
+    def _draw(self, positives: torch.Tensor) -> torch.Tensor:
+        """``num_sample`` sorted indices: every index of ``positives`` (values equal to
+        ``num_local`` are ignored) plus uniform negatives without replacement."""
         if self.generator.device.type != positives.device.type:
             self.generator = self._seeded(positives.device)
         self.draws += 1
-        # Uniform draw without replacement from the non-positives: random keys, positives
-        # forced to the top, take the k largest.
+        # Random keys, positives forced to the top, take the k largest. The positives are
+        # marked through a flag vector: no data-dependent shape, no host synchronisation.
         keys = torch.rand(self.num_local, generator=self.generator, device=positives.device)
-        keys[positives] = 2.0
+        flags = torch.zeros(self.num_local + 1, dtype=torch.bool, device=positives.device)
+        flags[positives] = True
+        keys.masked_fill_(flags[: self.num_local], 2.0)
         index = torch.topk(keys, self.num_sample, sorted=False).indices
         return torch.sort(index).values
 

@@ -22,7 +22,7 @@ def gather_sizes(local: torch.Tensor, group) -> list[list[int]]:
         return [local.tolist()]
     out = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(out, local, group=group)
-    return [t.tolist() for t in out]
+    return torch.stack(out).tolist()  # one device->host copy for all ranks
 
 
 def _padded_gather(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
