@@ -48,7 +48,7 @@ def test_full_softmax_reference_is_cosface_cross_entropy():
     import torch
     import torch.nn.functional as F
 
-    from partialfc.bench.head import MARGIN, SCALE, full_softmax_cosface
+    from partialfc.bench.common import MARGIN, SCALE, full_softmax_cosface
 
     cos = torch.rand(6, 40) * 2 - 1
     y = torch.randint(0, 40, (6,))

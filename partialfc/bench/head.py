@@ -23,18 +23,12 @@ a linear fit of peak memory against classes (an extrapolation, labelled as such)
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-SCALE, MARGIN = 64.0, 0.4
-
-
-def _numbers(text: str, cast):
-    return [cast(float(v)) for v in str(text).split(",") if v]
+from partialfc.bench.common import autocast, average_gradients, build_head, configs, method_label, peak_bytes, setup
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,12 +48,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="bench_head", help="base name of the output files")
 
 
-def _peak_bytes(device: torch.device, baseline_rss_kb: int) -> float:
-    if device.type == "cuda":
-        return float(torch.cuda.max_memory_allocated(device))
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_rss_kb) * 1024
-
-
 def _time_steps(step, steps: int, device: torch.device) -> float:
     for _ in range(2):
         step()
@@ -73,81 +61,26 @@ def _time_steps(step, steps: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def _autocast(device: torch.device, dtype: str):
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
-    return torch.autocast(device.type, dtype=amp, enabled=amp is not None)
-
-
-def _setup(rank: int, world_size: int, cfg: dict):
-    device = torch.device(f"cuda:{rank}" if cfg["device"] == "cuda" else "cpu")
-    torch.set_num_threads(max(1, cfg["threads"] // world_size))
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    local_batch = cfg["batch"] // world_size + (rank < cfg["batch"] % world_size)
-    gen = torch.Generator(device=device).manual_seed(rank)
-    x = torch.randn(local_batch, cfg["dim"], device=device, generator=gen, requires_grad=True)
-    y = torch.randint(0, cfg["classes"], (local_batch,), device=device, generator=gen)
-    return device, baseline, x, y
-
-
-def _head_loss(method: str):
-    from partialfc.losses import CosFace, DSoftmax
-
-    if method == "dsoftmax_b":
-        return DSoftmax(SCALE, variant="B"), None
-    if method.startswith("dsoftmax_k"):
-        return DSoftmax(SCALE, variant="K", K=int(method[len("dsoftmax_k"):])), None
-    return CosFace(SCALE, MARGIN), "rate"
-
-
-def _measure_sharded(rank, world_size, cfg):
-    from partialfc import PartialFC, SparseRowSGD
-
-    device, baseline, x, y = _setup(rank, world_size, cfg)
-    loss, takes_rate = _head_loss(cfg["method"])
-    head = PartialFC(cfg["dim"], cfg["classes"], loss=loss, device=device,
-                     sample_rate=cfg["rate"] if takes_rate else None)
-    opt = SparseRowSGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+def _measure(rank, world_size, cfg):
+    """One rank: seconds per head step, peak bytes, centres used, the head's sample rate."""
+    device, baseline, x, y = setup(rank, world_size, cfg)
+    head, opt, replicated = build_head(cfg, device)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with _autocast(device, cfg["dtype"]):
+        with autocast(device, cfg["dtype"]):
             out = head(x, y)
         out.backward()
+        if world_size > 1 and replicated:  # data parallel: the whole class matrix's gradient
+            average_gradients(replicated, world_size)
         opt.step()
 
     step_s = _time_steps(step, cfg["steps"], device)
-    used = head.num_local if head.last_sampled is None else head.last_sampled.numel()
-    return step_s, _peak_bytes(device, baseline), used, head.sample_rate
-
-
-def full_softmax_cosface(cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The plain reference: ``F.cross_entropy`` on all ``(B, C)`` logits, CosFace margin
-    subtracted at the targets in place (no dense one-hot)."""
-    logits = cos.float() * SCALE
-    logits[torch.arange(len(labels), device=labels.device), labels] -= SCALE * MARGIN
-    return F.cross_entropy(logits, labels)
-
-
-def _measure_full_softmax(rank, world_size, cfg):
-    device, baseline, x, y = _setup(rank, world_size, cfg)
-    weight = torch.nn.Parameter(torch.randn(cfg["classes"], cfg["dim"], device=device) * 0.01)
-    opt = torch.optim.SGD([weight], lr=0.1, momentum=0.9, weight_decay=5e-4)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with _autocast(device, cfg["dtype"]):
-            cos = F.linear(F.normalize(x), F.normalize(weight))
-        full_softmax_cosface(cos, y).backward()
-        if world_size > 1:  # data parallel: the whole class matrix's gradient is all-reduced
-            torch.distributed.all_reduce(weight.grad)
-            weight.grad /= world_size
-        opt.step()
-
-    step_s = _time_steps(step, cfg["steps"], device)
-    return step_s, _peak_bytes(device, baseline), cfg["classes"], 1.0
+    if cfg["method"] == "full_softmax":
+        used = cfg["classes"]
+    else:
+        used = head.num_local if head.last_sampled is None else head.last_sampled.numel()
+    return step_s, peak_bytes(device, baseline), used, head.sample_rate
 
 
 def _matmul_peak(rank, world_size, device_name: str, dtype: str, threads: int) -> float:
@@ -161,34 +94,12 @@ def _matmul_peak(rank, world_size, device_name: str, dtype: str, threads: int) -
     return 2 * n**3 / seconds
 
 
-def _configs(args) -> list[dict]:
-    import os
-
-    base = dict(batch=args.batch, dim=args.dim, device=args.device, dtype=args.dtype, steps=args.steps,
-                threads=len(os.sched_getaffinity(0)))
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if args.no_reference:
-        methods = [m for m in methods if m != "full_softmax"]
-    for m in methods:
-        if m not in ("full_softmax", "partialfc", "dsoftmax_b") and not (
-                m.startswith("dsoftmax_k") and m[len("dsoftmax_k"):].isdigit()):
-            raise ValueError(f"unknown method {m!r}: use full_softmax, partialfc, dsoftmax_b, dsoftmax_kK")
-    out = []
-    for world in _numbers(args.nproc, int):
-        for classes in _numbers(args.classes, int):
-            for method in methods:
-                rates = _numbers(args.sample_rate, float) if method == "partialfc" else [None]
-                out += [dict(base, method=method, classes=classes, rate=r, world_size=world) for r in rates]
-    return out
-
-
 def _run_config(cfg, peak_flops: float) -> dict:
     from partialfc.testing import run_distributed
 
-    fn = _measure_full_softmax if cfg["method"] == "full_softmax" else _measure_sharded
     backend = "nccl" if cfg["device"] == "cuda" else "gloo"
     try:
-        per_rank = run_distributed(fn, cfg["world_size"], cfg, backend=backend, timeout=3600)
+        per_rank = run_distributed(_measure, cfg["world_size"], cfg, backend=backend, timeout=3600)
         step_s, peak = max(r[0] for r in per_rank), max(r[1] for r in per_rank)
         used, rate = max(r[2] for r in per_rank), per_rank[0][3]
         status = "ok"
@@ -208,12 +119,6 @@ def _run_config(cfg, peak_flops: float) -> dict:
                 fraction_of_peak=flops * share / peak_flops, status=status)
 
 
-def _label(r: dict) -> str:
-    if r["method"] == "partialfc":
-        return f"partialfc rate {r['sample_rate']:g}"
-    return r["method"]
-
-
 def _add_ratios(records: list[dict]) -> None:
     ref = {(r["classes"], r["world_size"]): r for r in records if r["method"] == "full_softmax" and r["status"] == "ok"}
     for r in records:
@@ -229,7 +134,7 @@ def capacity(records: list[dict], budget_mb: float) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         if r["status"] == "ok":
-            groups.setdefault((_label(r), r["world_size"]), []).append(r)
+            groups.setdefault((method_label(r), r["world_size"]), []).append(r)
     out = []
     for (label, world), rs in groups.items():
         xs = [float(r["classes"]) for r in rs]
@@ -256,7 +161,7 @@ def _figure(records: list[dict], title: str):
     series: dict[str, list[dict]] = {}
     for r in records:
         if r["status"] == "ok":
-            series.setdefault(f"{_label(r)} x{r['world_size']}", []).append(r)
+            series.setdefault(f"{method_label(r)} x{r['world_size']}", []).append(r)
     for label, rs in series.items():
         rs = sorted(rs, key=lambda r: r["classes"])
         xs = [r["classes"] for r in rs]
@@ -281,11 +186,11 @@ def run(args) -> int:
     from partialfc.bench.report import markdown_table, stamp_records, write_outputs
     from partialfc.testing import run_distributed
 
-    configs = _configs(args)
-    peak_flops = run_distributed(_matmul_peak, 1, args.device, args.dtype, configs[0]["threads"],
+    runs = configs(args)
+    peak_flops = run_distributed(_matmul_peak, 1, args.device, args.dtype, runs[0]["threads"],
                                  backend="nccl" if args.device == "cuda" else "gloo")[0]
     records = [_run_config(cfg, peak_flops) for cfg in
-               track(configs, description="bench head", console=Console(stderr=True))]
+               track(runs, description="bench head", console=Console(stderr=True))]
     _add_ratios(records)
     hardware = stamp_records(records, "head", args.device)
     columns = [("method", "method"), ("classes", "classes"), ("sample_rate", "rate"), ("world_size", "ranks"),

@@ -40,9 +40,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from partialfc.bench.head import _autocast, _configs, _head_loss, _label, _peak_bytes, _setup, full_softmax_cosface
+from partialfc.bench.common import autocast, average_gradients, build_head, configs, method_label, peak_bytes, setup
 
 PHASES = ("data", "forward", "backward", "comm", "optimizer")
 COLOURS = ("tab:gray", "tab:blue", "tab:orange", "tab:red", "tab:green")
@@ -69,32 +68,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="bench_train", help="base name of the output files")
 
 
-class FullSoftmax(torch.nn.Module):
-    """Data-parallel CosFace over all classes: ``weight (classes, D)`` replicated on every rank;
-    ``forward(embeddings (b, D), labels (b,)) -> mean loss over the local batch``."""
-
-    def __init__(self, dim: int, classes: int, device: torch.device):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.randn(classes, dim, device=device) * 0.01)
-        self.sample_rate = 1.0
-
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return full_softmax_cosface(F.linear(F.normalize(embeddings), F.normalize(self.weight)), labels)
-
-
-def _build_head(cfg: dict, device: torch.device):
-    """``(head, head optimizer, replicated head parameters)`` of ``cfg["method"]``."""
-    from partialfc import PartialFC, SparseRowSGD
-
-    if cfg["method"] == "full_softmax":
-        head = FullSoftmax(cfg["dim"], cfg["classes"], device)
-        return head, torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4), [head.weight]
-    loss, takes_rate = _head_loss(cfg["method"])
-    head = PartialFC(cfg["dim"], cfg["classes"], loss=loss, device=device,
-                     sample_rate=cfg["rate"] if takes_rate else None)
-    return head, SparseRowSGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4), []
-
-
 def _build_loader(cfg: dict, device: torch.device):
     common = dict(batch_size=cfg["batch"], device=device, seed=0)
     if cfg["loader"] == "dali":
@@ -106,18 +79,6 @@ def _build_loader(cfg: dict, device: torch.device):
     return TorchLoader(cfg["data"], num_workers=0, **common)
 
 
-def _average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
-    """Mean of the gradients of ``params`` over all ranks, in one all-reduce of a flat buffer
-    (the tensor itself when there is one); parameters without a gradient (unused on every rank) are skipped."""
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = grads[0] if len(grads) == 1 else torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= world_size
-    if len(grads) > 1:
-        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(part.view_as(g))
-
-
 def _step_phases(cfg: dict, device: torch.device, world_size: int):
     """Build the training pieces; return the step as ``[(phase, fn)]`` in :data:`PHASES` order
     and the head (for its sample rate)."""
@@ -126,7 +87,7 @@ def _step_phases(cfg: dict, device: torch.device, world_size: int):
     torch.manual_seed(0)  # the same backbone on every rank
     backbone = build_backbone(cfg["backbone"], cfg["dim"]).to(device)
     backbone_opt = torch.optim.SGD(backbone.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    head, head_opt, replicated_head = _build_head(cfg, device)
+    head, head_opt, replicated_head = build_head(cfg, device)
     mapping = torch.randperm(cfg["classes"], generator=torch.Generator().manual_seed(0))[:cfg["identities"]]
     mapping = mapping.to(device)
     stream = _build_loader(cfg, device).forever()
@@ -137,14 +98,14 @@ def _step_phases(cfg: dict, device: torch.device, world_size: int):
         state["labels"] = mapping[labels]
 
     def forward():
-        with _autocast(device, cfg["dtype"]):
+        with autocast(device, cfg["dtype"]):
             state["loss"] = head(backbone(state.pop("images")), state.pop("labels"))
 
     def comm():
         if world_size > 1:
             for bucket in (list(backbone.parameters()), replicated_head):
                 if bucket:
-                    _average_gradients(bucket, world_size)
+                    average_gradients(bucket, world_size)
 
     def optimizer():
         for opt in (backbone_opt, head_opt):
@@ -157,7 +118,7 @@ def _step_phases(cfg: dict, device: torch.device, world_size: int):
 
 def _measure(rank: int, world_size: int, cfg: dict) -> dict:
     """One rank: per-step loop seconds and phase seconds, peak bytes, the head's sample rate."""
-    device, baseline, _, _ = _setup(rank, world_size, cfg)  # (its random batch is not used)
+    device, baseline, _, _ = setup(rank, world_size, cfg)  # (its random batch is not used)
     phases, head = _step_phases(cfg, device, world_size)
 
     def step() -> list[float]:
@@ -177,7 +138,7 @@ def _measure(rank: int, world_size: int, cfg: dict) -> dict:
     times = [step() for _ in range(cfg["steps"])]
     loop_s = (time.perf_counter() - start) / cfg["steps"]
     return dict(loop_s=loop_s, phases=[sum(col) / len(col) for col in zip(*times)],
-                peak=_peak_bytes(device, baseline), rate=head.sample_rate)
+                peak=peak_bytes(device, baseline), rate=head.sample_rate)
 
 
 def _record(cfg: dict) -> dict:
@@ -218,7 +179,7 @@ def _figure(records: list[dict], title: str):
     import matplotlib.pyplot as plt
 
     ok = [r for r in records if r["status"] == "ok"]
-    labels = [f"{_label(r)}\nx{r['world_size']}" for r in ok]
+    labels = [f"{method_label(r)}\nx{r['world_size']}" for r in ok]
     fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(ok) + 4), 4.5))
     bottom = [0.0] * len(ok)
     for phase, colour in zip(PHASES, COLOURS):
@@ -254,13 +215,13 @@ def run(args) -> int:
 
     from partialfc.bench.report import markdown_table, stamp_records, write_outputs
 
-    configs = _configs(argparse.Namespace(**vars(args), no_reference=False))
-    if any(c["classes"] < args.identities for c in configs):
+    runs = configs(argparse.Namespace(**vars(args), no_reference=False))
+    if any(c["classes"] < args.identities for c in runs):
         raise ValueError(f"--classes must be at least --identities ({args.identities})")
     extra = dict(backbone=args.backbone, loader=args.loader, warmup=args.warmup, identities=args.identities,
                  data=_dataset(args))
     records = [_record({**cfg, **extra}) for cfg in
-               track(configs, description="bench train", console=Console(stderr=True))]
+               track(runs, description="bench train", console=Console(stderr=True))]
     hardware = stamp_records(records, "train", args.device)
     columns = [("method", "method"), ("sample_rate", "rate"), ("classes", "classes"), ("world_size", "ranks"),
                ("global_batch", "global batch"), ("step_s", "step s"), ("samples_per_s", "samples/s"),
