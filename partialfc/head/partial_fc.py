@@ -11,12 +11,15 @@ from partialfc.errors import InputError
 from partialfc.head.sampler import CentreSampler
 from partialfc.head.sharding import shard_range
 from partialfc.losses import CosFace
+from partialfc.losses.base import MarginLoss
+from partialfc.ops.fused import DEFAULT_CHUNK
 from partialfc.ops.collectives import gather_rows, gather_sizes
 from partialfc.ops.targets import Targets
 from partialfc.seeding import Stream, seeded_generator
 
 INIT_BLOCK = 65536  # classes per independently seeded init block
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FUSED_CHOICES = ("auto", "torch", "triton", "off")
 
 
 def init_centres(class_start: int, num_local: int, dim: int, std: float, seed: int,
@@ -59,6 +62,19 @@ def _local_values(embeddings: torch.Tensor, labels: torch.Tensor, labels_int: bo
     return torch.stack([v.to(device=device, dtype=torch.int64) for v in values])
 
 
+def resolve_fused(fused: bool | str, loss: nn.Module) -> str:
+    """The head's ``fused`` setting as one of ``"torch"``, ``"triton"``, ``"off"``."""
+    choice = ("torch" if fused else "off") if isinstance(fused, bool) else str(fused).lower()
+    if choice not in FUSED_CHOICES:
+        raise ValueError(f"fused must be one of {FUSED_CHOICES} or a bool, got {fused!r}")
+    if choice == "auto":
+        return "torch" if isinstance(loss, MarginLoss) else "off"
+    if choice != "off" and not isinstance(loss, MarginLoss):
+        raise ValueError(f"fused={choice!r} needs a MarginLoss (it reads psi and the objective), "
+                         f"got {type(loss).__name__}")
+    return choice
+
+
 class PartialFC(nn.Module):
     """Model-parallel margin-softmax classifier with per-step sampling of class centres.
 
@@ -73,12 +89,26 @@ class PartialFC(nn.Module):
     With ``sample_rate < 1`` the sampled rows are looked up with a sparse-gradient embedding,
     so ``weight.grad`` is a sparse tensor holding only the sampled rows; step it with
     :class:`partialfc.head.optim.SparseRowSGD` or :class:`~partialfc.head.optim.SparseRowAdamW`.
+
+    ``fused`` picks how the loss runs over the sampled centres (the same result up to
+    rounding; see :mod:`partialfc.ops.fused`): ``"torch"`` walks the centres in chunks of
+    ``fused_chunk`` and never holds the ``(B, k)`` cosines or logits (any device);
+    ``"triton"`` is the same walk as a Triton kernel (CUDA); ``"off"`` forms ``cos (B, k)``
+    and runs the loss's plain objective (the reference); ``"auto"`` (default) is ``"torch"``
+    for a :class:`~partialfc.losses.base.MarginLoss` and ``"off"`` for any other loss
+    module. ``True`` / ``False`` mean ``"torch"`` / ``"off"``. The resolved choice is
+    :attr:`fused`.
+
+    ``dtype`` is the storage dtype of the centres: ``torch.bfloat16`` halves the bytes per
+    class (the sparse-row optimizers then keep their state in bf16 too and round
+    stochastically); the loss still accumulates in fp32.
     """
 
     def __init__(self, embedding_size: int, num_classes: int, loss: nn.Module | None = None,
                  sample_rate: float | None = None, process_group=None, seed: int = 0,
                  init_std: float = 0.01, device: torch.device | str | None = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, fused: bool | str = "auto",
+                 fused_chunk: int = DEFAULT_CHUNK):
         super().__init__()
         self.group = process_group
         self.rank = pdist.get_rank(process_group)
@@ -92,6 +122,8 @@ class PartialFC(nn.Module):
         self.weight = nn.Parameter(init_centres(self.class_start, self.num_local, self.embedding_size,
                                                 init_std, seed, dtype).to(device))
         self.sampler = CentreSampler(self.num_local, sample_rate, seed, self.rank, device)
+        self.fused = resolve_fused(fused, self.loss)
+        self.fused_chunk = int(fused_chunk)
         self.last_sampled: torch.Tensor | None = None  # local indices used by the last step
 
     @property
@@ -165,6 +197,9 @@ class PartialFC(nn.Module):
         self.last_sampled = index
         if not torch.is_autocast_enabled(embeddings.device.type):  # e.g. bf16 from a DeepSpeed engine
             embeddings = embeddings.to(centres.dtype)
+        if self.fused != "off":
+            return self.loss.fused(F.normalize(embeddings, dim=1), centres, targets, self.group,
+                                   implementation=self.fused, chunk_size=self.fused_chunk).mean()
         cos = F.linear(F.normalize(embeddings, dim=1), F.normalize(centres, dim=1))
         with torch.no_grad():  # rounding can leave |cos| a hair above 1; the gradient passes through
             cos.clamp_(-1.0, 1.0)
@@ -194,4 +229,4 @@ class PartialFC(nn.Module):
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
                 f"class_start={self.class_start}, num_local={self.num_local}, "
-                f"sample_rate={self.sample_rate}, world_size={self.world_size}")
+                f"sample_rate={self.sample_rate}, world_size={self.world_size}, fused={self.fused}")

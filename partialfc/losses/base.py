@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from partialfc.ops.objectives import softmax_cross_entropy
+from partialfc.ops.fused import fused_margin_softmax
+from partialfc.ops.objectives import RowObjective
 from partialfc.ops.targets import Targets
 
 GRADIENT_MODES = ("exact", "straight_through")
@@ -59,12 +60,15 @@ class MarginLoss(nn.Module):
             return self.s * cos_target + shift
         return self.s * self.psi(cos_target)
 
+    def row_objective(self) -> RowObjective:
+        """The objective over the row of logits; softmax cross-entropy here."""
+        return RowObjective()
+
     def objective(self, cos: torch.Tensor, targets: Targets, target_logit: torch.Tensor,
                   group) -> torch.Tensor:
         """Per-row objective over the (possibly sharded) row of ``z = s * cos`` with
-        ``target_logit`` (aligned with ``targets.rows``) at the targets; softmax
-        cross-entropy here."""
-        return softmax_cross_entropy(cos, targets, group, scale=self.s, target_logit=target_logit)
+        ``target_logit`` (aligned with ``targets.rows``) at the targets."""
+        return self.row_objective()(cos, targets, group, scale=self.s, target_logit=target_logit)
 
     def filter_inter_class(self, cos: torch.Tensor, targets: Targets) -> torch.Tensor:
         """Inter-class filtering: non-target cosines above ``inter_threshold`` become 0."""
@@ -82,6 +86,18 @@ class MarginLoss(nn.Module):
             cos = self.filter_inter_class(cos.to(torch.promote_types(cos.dtype, torch.float32)), targets)
         cos_target = cos[targets.rows, targets.cols].to(torch.promote_types(cos.dtype, torch.float32))
         return self.objective(cos, targets, self.target_logit(cos_target), group)
+
+    def fused(self, embeddings: torch.Tensor, centres: torch.Tensor, targets: Targets, group=None, *,
+              implementation: str = "torch", chunk_size: int | None = None) -> torch.Tensor:
+        """Per-row losses ``(B,)`` from the normalised embeddings ``(B, D)`` and the raw
+        (unnormalised) class centres ``(k, D)``, equal to :meth:`forward` on their clamped
+        cosines but never holding the ``(B, k)`` logits: see
+        :func:`partialfc.ops.fused.fused_margin_softmax` (``implementation`` ``"torch"`` or
+        ``"triton"``)."""
+        return fused_margin_softmax(embeddings, centres, targets, group, target_logit=self.target_logit,
+                                    objective=self.row_objective(), scale=self.s,
+                                    inter_threshold=self.inter_threshold, implementation=implementation,
+                                    chunk_size=chunk_size)
 
     def extra_repr(self) -> str:
         return f"s={self.s}, gradient={self.gradient}, inter_threshold={self.inter_threshold}"

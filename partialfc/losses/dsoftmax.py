@@ -9,10 +9,7 @@ the target. The fast variants are the head's sampler, not a separate code path:
 
 from __future__ import annotations
 
-import torch
-
-from partialfc.ops.objectives import dissected_softmax
-from partialfc.ops.targets import Targets
+from partialfc.ops.objectives import RowObjective
 from partialfc.losses.base import MarginLoss
 from partialfc.losses.registry import register_loss
 
@@ -56,11 +53,9 @@ class DSoftmax(MarginLoss):
             return None
         return 0.0 if self.variant == "B" else 1.0 / self.K
 
-    def objective(self, cos: torch.Tensor, targets: Targets, target_logit: torch.Tensor,
-                  group) -> torch.Tensor:
+    def row_objective(self) -> RowObjective:
         inter_scale = float(self.K) if self.rescale_inter else 1.0
-        return dissected_softmax(cos, targets, group, intra_logit=self.s * self.d, inter_scale=inter_scale,
-                                 scale=self.s, target_logit=target_logit)
+        return RowObjective(dissected=True, intra_logit=self.s * self.d, inter_scale=inter_scale)
 
     def extra_repr(self) -> str:
         return (f"d={self.d}, variant={self.variant}, K={self.K}, rescale_inter={self.rescale_inter}, "

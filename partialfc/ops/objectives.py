@@ -22,6 +22,8 @@ objectives; the target logit is then read from ``logits``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -141,3 +143,21 @@ def dissected_softmax(cos: torch.Tensor, targets: Targets, group=None, *, intra_
     ``z_y``) and ``dL/dz_y = -sigmoid(intra_logit - z_y)``."""
     return _apply(_DissectedSoftmax, cos, targets, target_logit, scale, group, float(intra_logit),
                   float(inter_scale))
+
+
+@dataclass(frozen=True)
+class RowObjective:
+    """Which objective a loss runs over its row of logits, as data both paths read: softmax
+    cross-entropy, or (``dissected``) D-Softmax with ``intra_logit`` and ``inter_scale``
+    (see :func:`dissected_softmax`). Calling it runs the plain (unfused) objective on ``cos``."""
+
+    dissected: bool = False
+    intra_logit: float = 0.0
+    inter_scale: float = 1.0
+
+    def __call__(self, cos: torch.Tensor, targets: Targets, group=None, *, scale: float = 1.0,
+                 target_logit: torch.Tensor | None = None) -> torch.Tensor:
+        if self.dissected:
+            return dissected_softmax(cos, targets, group, intra_logit=self.intra_logit,
+                                     inter_scale=self.inter_scale, scale=scale, target_logit=target_logit)
+        return softmax_cross_entropy(cos, targets, group, scale=scale, target_logit=target_logit)

@@ -1,0 +1,134 @@
+"""The fused, chunked objective (PyTorch loop) against the plain objective and the float64
+oracle: every registered loss, both gradient modes, rates 1 / 0.5 / 0, 1-3 gloo processes
+(uneven class splits and batches, a rank without centres), chunks that divide nothing;
+bf16 autocast within the plain path's own bf16 error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from partialfc import PartialFC
+from partialfc.losses import build_loss
+from partialfc.ops import Targets
+from partialfc.testing import run_distributed
+from tests import fused_helpers
+from tests.reference import SPECS, head_reference
+
+CASES = fused_helpers.cases()
+
+
+@pytest.fixture(scope="module", params=[1, 2, 3])
+def world(request):
+    return request.param, run_distributed(fused_helpers.rank_run, request.param, "torch", CASES)
+
+
+@pytest.mark.required
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_fused_torch_matches_plain_and_reference(world, case):
+    world_size, results = world
+    fused_helpers.check(results, world_size, case)
+
+
+def _cos_problem(seed, b=9, k=23, d=16, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, d, generator=gen, dtype=dtype)
+    w = torch.randn(k, d, generator=gen, dtype=dtype)
+    col = torch.randint(0, k, (b,), generator=gen)
+    col[::4] = -1  # some targets live on another rank
+    return x, w, col
+
+
+def _plain(loss, x, w, targets):
+    cos = F.linear(F.normalize(x, dim=1), F.normalize(w, dim=1))
+    with torch.no_grad():
+        cos.clamp_(-1.0, 1.0)
+    return loss(cos, targets)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 23, 1000])
+@pytest.mark.parametrize("name", ["arcface", "dsoftmax_K_rescaled", "x2"])
+def test_chunk_sizes(name, chunk):
+    """Any chunk size gives the plain loss and gradients (targets on other ranks included)."""
+    x, w, col = _cos_problem(1)
+    loss = SPECS[name].build(build_loss)
+    targets = Targets.from_columns(col)
+    upstream = torch.rand(x.shape[0], dtype=torch.float64)
+    xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    ref = _plain(loss, xs, ws, targets)
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), (xs, ws))
+    xf, wf = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    got = loss.fused(F.normalize(xf, dim=1), wf, targets, chunk_size=chunk)
+    grads = torch.autograd.grad((got * upstream).sum(), (xf, wf))
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+def test_default_is_fused_and_matches_reference():
+    """The default head runs the fused PyTorch path, and it equals the float64 oracle."""
+    x, w, _ = _cos_problem(2, b=12, k=29)
+    y = torch.randint(0, 29, (12,), generator=torch.Generator().manual_seed(0))
+    spec = SPECS["cosface"]
+    head = PartialFC(16, 29, loss=spec.build(build_loss), dtype=torch.float64)
+    assert head.fused == "torch"
+    with torch.no_grad():
+        head.weight.copy_(w)
+    xs = x.clone().requires_grad_(True)
+    loss = head(xs, y)
+    loss.backward()
+    ref_loss, ref_gx, ref_gw = head_reference(spec.rows, x, y, w)
+    assert loss.item() == pytest.approx(ref_loss, rel=1e-12)
+    torch.testing.assert_close(xs.grad, ref_gx, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(head.weight.grad, ref_gw, rtol=1e-10, atol=1e-13)
+
+
+class _NotAMarginLoss(nn.Module):
+    def forward(self, cos, targets, group=None):
+        return -cos[targets.rows, targets.cols]
+
+
+def test_fused_switch_values():
+    assert PartialFC(4, 10, fused=False).fused == "off"
+    assert PartialFC(4, 10, fused=True).fused == "torch"
+    assert PartialFC(4, 10, fused="Triton").fused == "triton"
+    assert PartialFC(4, 10, loss=_NotAMarginLoss()).fused == "off"  # auto: the plain path for any other loss
+    with pytest.raises(ValueError, match="fused must be one of"):
+        PartialFC(4, 10, fused="cuda")
+    with pytest.raises(ValueError, match="needs a MarginLoss"):
+        PartialFC(4, 10, loss=_NotAMarginLoss(), fused="torch")
+
+
+@pytest.mark.parametrize("name", ["cosface", "arcface", "dsoftmax"])
+def test_bf16_autocast_error_bounded_by_plain_bf16_error(name):
+    """ml-cross-entropy's test: under bf16 autocast the fused path's error against fp32 is
+    at most a small multiple of the plain path's own bf16 error (fp32 accumulation)."""
+    x, w, col = _cos_problem(3, b=64, k=3000, d=128, dtype=torch.float32)
+    loss = SPECS[name].build(build_loss)
+    targets = Targets.from_columns(col)
+
+    def run(fused, autocast):
+        xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = loss.fused(F.normalize(xs, dim=1), ws, targets, chunk_size=512) if fused else _plain(loss, xs, ws, targets)
+        out.sum().backward()
+        assert out.dtype == torch.float32 and xs.grad.dtype == ws.grad.dtype == torch.float32
+        return out.detach(), xs.grad, ws.grad
+
+    exact = run(False, False)
+    torch.testing.assert_close(run(True, False), exact, rtol=1e-4, atol=2e-5)  # fp32: same up to rounding
+    plain_bf16, fused_bf16 = run(False, True), run(True, True)
+    for what, e, p, f in zip(("loss", "grad_x", "grad_w"), exact, plain_bf16, fused_bf16):
+        plain_err, fused_err = (p - e).abs().max().item(), (f - e).abs().max().item()
+        assert plain_err > 0, what  # the bound is not vacuous: bf16 did round
+        assert fused_err <= 2.0 * plain_err, f"{what}: fused {fused_err:.3g} vs plain {plain_err:.3g}"
+
+
+def test_fused_rejects_unknown_implementation():
+    x, w, col = _cos_problem(4)
+    with pytest.raises(ValueError, match="implementation"):
+        build_loss("cosface").fused(F.normalize(x, dim=1), w, Targets.from_columns(col), implementation="cuda")
+
