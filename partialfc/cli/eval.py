@@ -1,4 +1,5 @@
-"""``partialfc eval verify (--checkpoint CKPT | --onnx MODEL.onnx) --bin A.bin [--bin B.bin ...]``."""
+"""``partialfc eval verify (--checkpoint CKPT | --onnx MODEL.onnx) --bin A.bin [--bin B.bin ...]`` and
+``partialfc eval ijb --dataset-dir DIR --target IJBC (--checkpoint CKPT | --onnx MODEL.onnx)``."""
 
 from __future__ import annotations
 
@@ -38,9 +39,29 @@ def _verify(args) -> int:
     return 0
 
 
+def _ijb(args) -> int:
+    from partialfc.eval.ijb import evaluate_ijb, write_report
+
+    result = evaluate_ijb(load_model(args), args.dataset_dir, args.target, flip=not args.no_flip,
+                          detector_score=args.detector_score, batch_size=args.batch_size, device=args.device)
+    json_path, png_path = write_report(result, args.out)
+    print(f"{result.target}: {result.num_pairs} pairs, {result.num_faces} faces; TAR at FAR "
+          + ", ".join(f"{far}: {tar:.4f}" for far, tar in result.tar_at_far.items()))
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
 def add_commands(subparsers) -> None:
     verify = subparsers.add_parser("verify", help="10-fold verification accuracy on .bin sets")
     add_model_arguments(verify)
     verify.add_argument("--bin", required=True, action="append", help=".bin verification set (repeatable)")
     verify.add_argument("--json", action="store_true", help="one JSON line per set")
     verify.set_defaults(func=_verify)
+    ijb = subparsers.add_parser("ijb", help="IJB-B/C 1:1 verification: TAR at FAR 1e-6..1e-1, ROC PNG and JSON")
+    add_model_arguments(ijb)
+    ijb.add_argument("--dataset-dir", required=True, help="the target's folder (meta/, loose_crop/)")
+    ijb.add_argument("--target", default="IJBC", choices=["IJBB", "IJBC"], help="which set (default: IJBC)")
+    ijb.add_argument("--no-flip", action="store_true", help="embed each face alone, without its mirror image")
+    ijb.add_argument("--detector-score", action="store_true", help="weight each face by its detector score")
+    ijb.add_argument("--out", default=".", help="folder for <target>.json and <target>_roc.png (default: .)")
+    ijb.set_defaults(func=_ijb)

@@ -39,17 +39,22 @@ class VerificationResult:
 
 @torch.no_grad()
 def embed_images(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 128,
-                 device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """uint8 ``(N, 3, 112, 112)`` -> float32 ``(N, D)``: normalised ``f(x) + f(flip(x))``."""
+                 device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
+                 flip: bool = True) -> torch.Tensor:
+    """uint8 ``(N, 3, 112, 112)`` -> float32 ``(N, D)``: normalised ``f(x) + f(flip(x))`` (``f(x)``
+    without ``flip``). ``images`` may be any sliceable sequence whose slices convert to such an
+    array (``np.asarray``), e.g. faces decoded batch by batch."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
     dtype = next(model.parameters(), torch.empty(0)).dtype  # float32 for a module without weights (ONNX)
     out = []
-    for start in range(0, images.shape[0], batch_size):
-        x = normalise(images[start:start + batch_size].to(device)).to(dtype)
+    for start in range(0, len(images), batch_size):
+        x = normalise(torch.as_tensor(np.asarray(images[start:start + batch_size])).to(device)).to(dtype)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            e = model(x).float() + model(torch.flip(x, dims=[3])).float()
+            e = model(x).float()
+            if flip:
+                e = e + model(torch.flip(x, dims=[3])).float()
         out.append(F.normalize(e, dim=1).cpu())
     model.train(was_training)
     if not out:
@@ -61,7 +66,7 @@ def embed_distributed(model: torch.nn.Module, images: torch.Tensor, **kw) -> tor
     """:func:`embed_images` with the images split over the ranks of the default group;
     every rank returns all ``N`` embeddings (in order)."""
     world, rank = pdist.get_world_size(), pdist.get_rank()
-    n = images.shape[0]
+    n = len(images)
     bounds = [n * r // world for r in range(world + 1)]
     local = embed_images(model, images[bounds[rank]:bounds[rank + 1]], **kw)
     if world == 1:
