@@ -1,4 +1,4 @@
-"""``partialfc data pack|check|shuffle|synth|index``."""
+"""``partialfc data pack|check|shuffle|synth|index|make-bin``."""
 
 from __future__ import annotations
 
@@ -47,7 +47,20 @@ def _index(args) -> int:
     return 0
 
 
+def _make_bin(args) -> int:
+    from partialfc.data.verification_bin import make_bin
+    n = make_bin(args.images_dir, args.pairs, args.out)
+    print(f"wrote {n} pairs to {args.out}")
+    return 0
+
+
 def add_commands(subparsers) -> None:
+    p = subparsers.add_parser("make-bin", help="a .bin verification set from an image folder and an LFW pairs.txt")
+    p.add_argument("images_dir", help="folder of IMAGES_DIR/<name>/<name>_<NNNN>.jpg")
+    p.add_argument("pairs", help="LFW pairs.txt: 'name i j' (same) or 'name1 i name2 j' (different) per line")
+    p.add_argument("out", help="output .bin file")
+    p.set_defaults(func=_make_bin)
+
     p = subparsers.add_parser("pack", help="pack SRC_DIR/<identity>/<images> into OUT_PREFIX.rec/.idx")
     p.add_argument("src_dir")
     p.add_argument("out_prefix")
