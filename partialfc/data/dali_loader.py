@@ -14,18 +14,22 @@ shard and the consumed batches are decoded again and discarded.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from typing import Iterator
 
 import numpy as np
 import torch
 
+from partialfc import dist
 from partialfc.data.dataset_index import RecordDataset, find_corrupt_images
-from partialfc.data.loader import IMAGE_SIZE, EpochLoader, batches_per_epoch, shard_bounds
+from partialfc.data.images import IMAGE_SIZE
+from partialfc.data.loader import EpochLoader, batches_per_epoch, shard_bounds
 from partialfc.data.recordio import RecordIOError
 from partialfc.seeding import Stream, derive_seed
 
 _READER = "reader"
+log = logging.getLogger(__name__)
 
 
 def _build_pipeline(index_path: str, rec_path: str, batch_size: int, shard: int, num_shards: int,
@@ -76,8 +80,17 @@ class DaliLoader(EpochLoader):
                  world_size: int | None = None, device: torch.device | str | None = None,
                  shuffle: bool = True, flip: bool = True, augment: bool = False, drop_last: bool = True,
                  seed: int = 0, num_threads: int = 2, initial_fill: int = 4096, on_error: str = "raise",
-                 verify_images: bool = False):
-        super().__init__(dataset, batch_size, rank, world_size, drop_last, device, seed, on_error, verify_images)
+                 verify_images: bool = False, on_bad_image: str = "error", bad_image_budget: int = 100):
+        super().__init__(dataset, batch_size, rank, world_size, drop_last, device, seed, on_error, verify_images,
+                         on_bad_image, bad_image_budget)
+        if on_bad_image == "skip":  # DALI cannot replace one sample: decode everything once, leave bad ones out
+            bad = find_corrupt_images(self.dataset, progress=dist.get_rank() == 0)
+            self.bad_records.update(bad)
+            self._check_budget()
+            if bad:
+                log.warning("%s: %d bad image(s) left out of the DALI pipeline (records %s)", self.dataset.rec_path,
+                            len(bad), ", ".join(str(k) for k, _ in bad))
+                self.dataset = self.dataset.select(~np.isin(self.dataset.keys, [k for k, _ in bad]), bad)
         self.shuffle, self.flip, self.augment = shuffle, flip, augment
         self.num_threads, self.initial_fill = num_threads, initial_fill
         self._tmp = tempfile.TemporaryDirectory(prefix="partialfc-dali-")
@@ -121,8 +134,8 @@ class DaliLoader(EpochLoader):
     def _decode_error(self, epoch: int, error: Exception) -> RecordIOError:
         bad = find_corrupt_images(self.dataset, progress=False)
         listing = "; ".join(reason for _, reason in bad[:10]) or f"DALI said: {str(error).splitlines()[0]}"
-        return RecordIOError(f"{self.dataset.rec_path}: DALI failed in epoch {epoch}: {listing}. Open the "
-                             f"dataset with on_error='skip', verify_images=True to leave bad records out.")
+        return RecordIOError(f"{self.dataset.rec_path}: DALI failed in epoch {epoch}: {listing}; set "
+                             f"data.on_bad_image=skip to leave bad images out")
 
     def _to_torch(self, tensor_list, where: str) -> torch.Tensor:
         from nvidia.dali.plugin.pytorch import feed_ndarray

@@ -7,25 +7,29 @@ Two flavours are detected from the data:
   records (each identity's key range); ``num_classes = K``.
 * ``plain`` (im2rec): every record is an image; ``num_classes = max(label) + 1``.
 
-Opening a dataset reads the header of every image record (a few bytes each), so labels are
-validated once, up front: a label that is not a non-negative integer or lies outside
-``[0, num_classes)``, an offset past the end, a truncated record - each is an error naming the
-file and the record key, or, with ``on_error="skip"``, a record left out and counted in the log.
+Opening a dataset reads the header of every image record (a few bytes each; cached next to the
+index for later opens), so labels are validated once, up front: a label that is not a finite
+non-negative integer or lies outside ``[0, num_classes)``, a plain-flavour label far above the
+labels in use (``SPARSE_SLACK``), an offset past the end, a truncated record - each is an error
+naming the file and the record key, or, with ``on_error="skip"``, a record left out and
+counted in the log.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm import tqdm
 
-from partialfc.data.images import decode_image
+from partialfc.data.images import decode_face
 from partialfc.data.parallel import ordered_map
-from partialfc.data.recordio import (IR_SIZE, RecordIOError, RecordReader, exact_label, read_index,
-                                     unpack_payload, unpack_range, write_index)
+from partialfc import dist
+from partialfc.data.recordio import (IR_SIZE, RecordIOError, RecordReader, exact_label, finish_interrupted_write,
+                                     read_index, unpack_payload, unpack_range, write_index)
 from partialfc.errors import InputNotFoundError
 
 log = logging.getLogger(__name__)
@@ -33,6 +37,9 @@ log = logging.getLogger(__name__)
 HEADER, PLAIN = "header", "plain"
 _PREFIX_BYTES = IR_SIZE + 4 * 8  # header plus a short label array
 _CHUNK = 256  # records per parallel task
+_CACHE_VERSION = 1
+MAX_CLASSES = (1 << 63) - 1  # the largest class count accepted: labels are int64
+SPARSE_SLACK = 64  # plain flavour: at most 2 x distinct labels + this many classes unless stated
 
 
 def resolve_paths(path: str | os.PathLike) -> tuple[str, str]:
@@ -40,6 +47,7 @@ def resolve_paths(path: str | os.PathLike) -> tuple[str, str]:
     path = str(path)
     prefix = path[:-4] if path.endswith((".rec", ".idx")) else path
     rec, idx = prefix + ".rec", prefix + ".idx"
+    finish_interrupted_write(rec, idx)
     for p in (rec, idx):
         if not os.path.exists(p):
             raise InputNotFoundError(f"{p} not found (dataset given as {path!r})")
@@ -104,24 +112,24 @@ def _fail(on_error: str, message: str, skipped: list, key: int) -> None:
 
 
 def _check_chunk(task: tuple[str, list[tuple[int, int]]]) -> list[tuple[int, str]]:
-    """Decode every image of ``[(key, offset), ...]``; return ``(key, reason)`` of the bad ones."""
+    """Decode every image of ``[(key, offset), ...]`` as training does; return ``(key, reason)``
+    of the bad ones."""
     rec_path, records = task
     reader = RecordReader(rec_path)
     bad = []
     for key, offset in records:
         try:
-            decode_image(unpack_payload(reader.read_at(offset, key)[0])[2])
+            decode_face(unpack_payload(reader.read_at(offset, key)[0])[2], f"{rec_path}: record {key}")
         except RecordIOError as e:
             bad.append((key, str(e)))
-        except (OSError, ValueError) as e:
-            bad.append((key, f"{rec_path}: record {key} (offset {offset}): corrupt image ({e})"))
     reader.close()
     return bad
 
 
 def find_corrupt_images(dataset: RecordDataset, workers: int | None = None,
                         progress: bool = True) -> list[tuple[int, str]]:
-    """``(key, reason)`` for every image record that cannot be read or fully decoded."""
+    """``(key, reason)`` for every image record that cannot be read or decoded as a training
+    image (:func:`partialfc.data.images.decode_face`: the loaders' decode and size check)."""
     pairs = list(zip(dataset.keys.tolist(), dataset.offsets.tolist()))
     chunks = [(dataset.rec_path, pairs[i:i + _CHUNK]) for i in range(0, len(pairs), _CHUNK)]
     bad: list[tuple[int, str]] = []
@@ -131,16 +139,9 @@ def find_corrupt_images(dataset: RecordDataset, workers: int | None = None,
     return bad
 
 
-def open_dataset(path: str | os.PathLike, on_error: str = "raise", verify_images: bool = False,
-                 progress: bool | None = None) -> RecordDataset:
-    """Open a dataset (``.rec``, ``.idx`` or prefix), detect its flavour, read and check labels.
-
-    ``on_error``: ``"raise"`` (default) or ``"skip"`` bad records. ``verify_images`` also
-    decodes every image (slow on big sets; :func:`find_corrupt_images`).
-    """
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    rec_path, idx_path = resolve_paths(path)
+def _scan_labels(rec_path: str, idx_path: str, on_error: str, progress: bool | None) -> RecordDataset:
+    """Read the index and every image record's header (a few bytes each): the dataset before
+    the class-count checks of :func:`_check_classes` (plain flavour: ``num_classes`` = max + 1)."""
     all_keys, all_offsets = read_index(idx_path)
     reader = RecordReader(rec_path)
     header_range = _detect_header(reader, dict(zip(all_keys.tolist(), all_offsets.tolist())))
@@ -156,7 +157,8 @@ def open_dataset(path: str | os.PathLike, on_error: str = "raise", verify_images
     keys, offsets = all_keys[image_mask], all_offsets[image_mask]
     labels = np.full(len(keys), -1, dtype=np.int64)
     skipped: list[tuple[int, str]] = []
-    show = progress if progress is not None else len(keys) > 200_000
+    limit = min(num_classes, MAX_CLASSES) if num_classes is not None else MAX_CLASSES
+    show = progress if progress is not None else (len(keys) > 200_000 and dist.get_rank() == 0)
     for i in tqdm(range(len(keys)), desc=f"reading labels of {os.path.basename(rec_path)}",
                   disable=not show, unit="rec", mininterval=1.0):
         key, offset = int(keys[i]), int(offsets[i])
@@ -167,18 +169,111 @@ def open_dataset(path: str | os.PathLike, on_error: str = "raise", verify_images
             _fail(on_error, str(e), skipped, key)
             continue
         try:
-            labels[i] = exact_label(*unpack_payload(prefix)[:2])
+            label = exact_label(*unpack_payload(prefix)[:2])
         except RecordIOError as e:
             _fail(on_error, f"{where}: {e}", skipped, key)
             continue
-        if num_classes is not None and labels[i] >= num_classes:
-            _fail(on_error, f"{where}: label {labels[i]} out of range [0, {num_classes})", skipped, key)
-            labels[i] = -1
+        if label >= limit:
+            _fail(on_error, f"{where}: label {label} out of range [0, {limit})", skipped, key)
+            continue
+        labels[i] = label
     reader.close()
     keep = labels >= 0
     if num_classes is None:
         num_classes = int(labels[keep].max()) + 1 if keep.any() else 0
-    dataset = RecordDataset(rec_path, idx_path, flavour, keys, offsets, labels, num_classes).select(keep, skipped)
+    return RecordDataset(rec_path, idx_path, flavour, keys, offsets, labels, num_classes).select(keep, skipped)
+
+
+def _check_classes(dataset: RecordDataset, num_classes: int | None, on_error: str) -> RecordDataset:
+    """Apply a stated class count (``num_classes``), or else, in the plain flavour, refuse a class
+    count far above the labels in use: more than ``2 x distinct + SPARSE_SLACK`` classes."""
+    where = dataset.rec_path
+    if num_classes is not None and not 1 <= num_classes <= MAX_CLASSES:
+        raise RecordIOError(f"{where}: {num_classes} classes stated; give 1 to at most {MAX_CLASSES}")
+    if dataset.flavour == HEADER:
+        if num_classes not in (None, dataset.num_classes):
+            raise RecordIOError(f"{where}: {num_classes} classes stated but the dataset header says "
+                                f"{dataset.num_classes}")
+        return dataset
+    if num_classes is not None:
+        limit, why = num_classes, f"out of range [0, {num_classes}) (the stated class count)"
+    else:
+        distinct = len(np.unique(dataset.labels))
+        limit = 2 * distinct + SPARSE_SLACK
+        why = (f"would make {dataset.num_classes} classes from {distinct} distinct labels (more than 2 x "
+               f"{distinct} + {SPARSE_SLACK}): a stray label? State data.num_classes if the labels are sparse")
+    outside = np.flatnonzero(dataset.labels >= limit)
+    skipped: list[tuple[int, str]] = []
+    for i in outside[np.argsort(-dataset.labels[outside], kind="stable")]:
+        key, offset, label = int(dataset.keys[i]), int(dataset.offsets[i]), int(dataset.labels[i])
+        _fail(on_error, f"{where}: record {key} (offset {offset}): label {label} {why}", skipped, key)
+    keep = dataset.labels < limit
+    kept = dataset.select(keep, sorted(skipped))
+    if num_classes is not None:
+        kept.num_classes = num_classes
+    elif len(skipped):
+        kept.num_classes = int(kept.labels.max()) + 1 if kept.num_images else 0
+    return kept
+
+
+def _cache_path(idx_path: str) -> str:
+    return idx_path + ".labels.npz"
+
+
+def _stamp(rec_path: str, idx_path: str) -> np.ndarray:
+    """What the label cache is valid for: format version, then (inode, size, mtime_ns) of both files."""
+    stats = [os.stat(rec_path), os.stat(idx_path)]
+    return np.array([_CACHE_VERSION] + [v for st in stats for v in (st.st_ino, st.st_size, st.st_mtime_ns)],
+                    dtype=np.int64)
+
+
+def _load_cache(rec_path: str, idx_path: str) -> RecordDataset | None:
+    """The scanned dataset from the label cache, or None when it is missing, damaged or stale."""
+    try:
+        with np.load(_cache_path(idx_path), allow_pickle=False) as z:
+            if not np.array_equal(z["stamp"], _stamp(rec_path, idx_path)):
+                return None
+            return RecordDataset(rec_path, idx_path, str(z["flavour"]), z["keys"], z["offsets"], z["labels"],
+                                 int(z["num_classes"]))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+
+
+def _save_cache(dataset: RecordDataset) -> None:
+    """Write the label cache next to the index, atomically; skipped (logged) where it cannot be written."""
+    path = _cache_path(dataset.idx_path)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, stamp=_stamp(dataset.rec_path, dataset.idx_path), flavour=np.array(dataset.flavour),
+                     keys=dataset.keys, offsets=dataset.offsets, labels=dataset.labels,
+                     num_classes=np.array(dataset.num_classes, dtype=np.int64))
+        os.replace(tmp, path)
+    except OSError as e:
+        log.info("label cache %s not written (%s); the labels are read again at the next start", path, e)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def open_dataset(path: str | os.PathLike, on_error: str = "raise", verify_images: bool = False,
+                 progress: bool | None = None, num_classes: int | None = None) -> RecordDataset:
+    """Open a dataset (``.rec``, ``.idx`` or prefix), detect its flavour, read and check labels.
+
+    ``on_error``: ``"raise"`` (default) or ``"skip"`` bad records. ``verify_images`` also
+    decodes every image (slow on big sets; :func:`find_corrupt_images`). ``num_classes``: a
+    stated class count (labels must lie below it; needed for plain-flavour sets whose labels
+    are sparse). The labels read are cached in ``<idx>.labels.npz`` (valid while the ``.rec``
+    and ``.idx`` keep their inode, size and mtime), so later opens skip the per-record reads.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    rec_path, idx_path = resolve_paths(path)
+    dataset = _load_cache(rec_path, idx_path)
+    if dataset is None:
+        dataset = _scan_labels(rec_path, idx_path, on_error, progress)
+        if not dataset.skipped:
+            _save_cache(dataset)
+    dataset = _check_classes(dataset, num_classes, on_error)
     if verify_images:
         bad = find_corrupt_images(dataset)
         for key, reason in bad:
@@ -188,4 +283,3 @@ def open_dataset(path: str | os.PathLike, on_error: str = "raise", verify_images
     if dataset.skipped:
         log.warning("%s: skipped %d bad record(s), e.g. %s", rec_path, len(dataset.skipped), dataset.skipped[0][1])
     return dataset
-

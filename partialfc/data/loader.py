@@ -12,6 +12,7 @@ rank's last batch possibly smaller (even empty). Shards follow DALI's split: sha
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Iterator
 
@@ -19,8 +20,10 @@ import torch
 
 from partialfc import dist
 from partialfc.data.dataset_index import RecordDataset, open_dataset
+from partialfc.errors import RecordIOError
 
-IMAGE_SIZE = 112
+log = logging.getLogger(__name__)
+BAD_IMAGE_MODES = ("error", "skip")
 
 
 def shard_bounds(num_samples: int, num_shards: int, shard: int) -> tuple[int, int]:
@@ -45,11 +48,23 @@ class EpochLoader:
     Subclasses implement ``_batches(epoch, start)`` yielding the batches of ``epoch`` from
     batch index ``start`` on. Breaking out of an epoch and iterating again resumes where it
     stopped; ``state_dict()`` / ``load_state_dict()`` carry the position across runs.
+
+    A record that cannot be read or decoded as a training image: ``on_bad_image="error"``
+    stops with a one-line :class:`RecordIOError` naming it; ``"skip"`` replaces it (each
+    loader says how), counts it in ``bad_records`` (key -> reason, over the run, kept in the
+    state) and logs the count per epoch; more than ``bad_image_budget`` bad records stop the
+    run listing them.
     """
 
     def __init__(self, dataset: RecordDataset | str, batch_size: int, rank: int | None, world_size: int | None,
                  drop_last: bool, device: torch.device | str | None, seed: int,
-                 on_error: str = "raise", verify_images: bool = False):
+                 on_error: str = "raise", verify_images: bool = False, on_bad_image: str = "error",
+                 bad_image_budget: int = 100):
+        if on_bad_image not in BAD_IMAGE_MODES:
+            raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_MODES}, got {on_bad_image!r}")
+        self.on_bad_image, self.bad_image_budget = on_bad_image, bad_image_budget
+        self.bad_records: dict[int, str] = {}
+        self._bad_in_epoch: set[int] = set()
         self.dataset = dataset if isinstance(dataset, RecordDataset) else open_dataset(
             dataset, on_error=on_error, verify_images=verify_images)
         self.batch_size = batch_size
@@ -81,8 +96,32 @@ class EpochLoader:
         for batch in self._batches(self.epoch, self.batches_consumed):
             self.batches_consumed += 1
             yield batch
+        if self._bad_in_epoch:
+            log.warning("%s: epoch %d: %d bad image(s) replaced by the next decodable record (records %s); "
+                        "%d over the run, data.bad_image_budget=%d", self.dataset.rec_path, self.epoch,
+                        len(self._bad_in_epoch), ", ".join(map(str, sorted(self._bad_in_epoch))),
+                        len(self.bad_records), self.bad_image_budget)
+        self._bad_in_epoch = set()
         self.epoch += 1
         self.batches_consumed = 0
+
+    def _note_bad(self, bad: list[tuple[int, str]]) -> None:
+        """Handle ``(key, reason)`` of records a batch could not use: stop (``error``), or
+        count them and stop when more than ``bad_image_budget`` were met (``skip``)."""
+        if not bad:
+            return
+        if self.on_bad_image == "error":
+            raise RecordIOError(f"{bad[0][1]}; set data.on_bad_image=skip to replace bad images and go on")
+        for key, reason in bad:
+            self.bad_records.setdefault(key, reason)
+            self._bad_in_epoch.add(key)
+        self._check_budget()
+
+    def _check_budget(self) -> None:
+        if len(self.bad_records) > self.bad_image_budget:
+            raise RecordIOError(f"{self.dataset.rec_path}: {len(self.bad_records)} bad images, more than "
+                                f"data.bad_image_budget={self.bad_image_budget}: records "
+                                f"{', '.join(map(str, sorted(self.bad_records)))}")
 
     def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
@@ -94,7 +133,8 @@ class EpochLoader:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches_consumed": self.batches_consumed, "seed": self.seed,
-                "world_size": self.world_size, "rank": self.rank, "batch_size": self.batch_size}
+                "world_size": self.world_size, "rank": self.rank, "batch_size": self.batch_size,
+                "bad_records": sorted(self.bad_records)}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the position. Saved with another ``batch_size * world_size``, it becomes the
@@ -103,3 +143,5 @@ class EpochLoader:
         per_batch = int(state["batch_size"]) * int(state["world_size"])
         consumed = int(state["batches_consumed"]) * per_batch // (self.batch_size * self.world_size)
         self.epoch, self.batches_consumed = int(state["epoch"]), min(consumed, len(self))
+        for key in state.get("bad_records", []):
+            self.bad_records.setdefault(int(key), f"{self.dataset.rec_path}: record {key} (met before the resume)")

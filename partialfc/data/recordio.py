@@ -14,6 +14,7 @@ labels when ``flag > 0`` + image bytes (see :func:`pack_payload` for how exact c
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ IR_FORMAT = "<IfQQ"
 IR_SIZE = struct.calcsize(IR_FORMAT)  # 24
 MAX_CHUNK = (1 << 29) - 1
 FLOAT32_EXACT_LIMIT = 1 << 24  # float32 holds every integer up to here, not beyond
+PENDING = ".pending"  # suffix of a complete index waiting for its .rec (RecordWriter.close)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,7 @@ def exact_integer(value: float, exact: int) -> int:
     agrees with ``value`` after float32 rounding, else ``value`` itself (exact below 2^24)."""
     if exact and np.float32(exact) == np.float32(value):
         return int(exact)
-    if value != int(value) or value < 0:
+    if not np.isfinite(value) or value != int(value) or value < 0:
         raise RecordIOError(f"label {value} is not a non-negative integer")
     return int(value)
 
@@ -142,11 +145,22 @@ def read_index(idx_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_index(idx_path: str | os.PathLike, keys: Sequence[int], offsets: Sequence[int]) -> None:
-    """Write a ``.idx`` file atomically."""
+    """Write a ``.idx`` file atomically (synced to disk before it replaces ``idx_path``)."""
     tmp = f"{idx_path}.tmp"
     with open(tmp, "w") as f:
         f.writelines(f"{int(k)}\t{int(o)}\n" for k, o in zip(keys, offsets))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, idx_path)
+
+
+def finish_interrupted_write(rec_path: str, idx_path: str) -> None:
+    """Complete a :class:`RecordWriter` commit killed between its two renames: the new ``.rec``
+    is in place (no ``.rec.tmp`` left) and its complete index waits as ``.idx.pending``."""
+    pending = idx_path + PENDING
+    if os.path.exists(pending) and not os.path.exists(rec_path + ".tmp"):
+        os.replace(pending, idx_path)
+        log.warning("%s: completed an interrupted write (the index %s was still pending)", rec_path, pending)
 
 
 class RecordReader:
@@ -250,7 +264,12 @@ class RecordReader:
 
 class RecordWriter:
     """Write a ``.rec`` + ``.idx`` pair atomically: both go to ``*.tmp`` files that replace the
-    targets only on a clean :meth:`close` (a crash or exception leaves no valid-looking file)."""
+    targets only on a clean :meth:`close` (a crash or exception leaves no valid-looking file).
+
+    The commit: the complete index is synced and renamed to ``.idx.pending``, then the ``.rec``
+    replaced, then the index. A kill between the two replacements leaves the new ``.rec``
+    beside the old ``.idx``; :func:`finish_interrupted_write` (run by every dataset open)
+    completes it, so the pair on disk is always the old one or the new one."""
 
     def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike):
         self.rec_path, self.idx_path = str(rec_path), str(idx_path)
@@ -271,15 +290,19 @@ class RecordWriter:
     def close(self) -> None:
         if self._file.closed:
             return
+        self._file.flush()
+        os.fsync(self._file.fileno())
         self._file.close()
+        write_index(self.idx_path + PENDING, self.keys, self.offsets)
         os.replace(self._tmp, self.rec_path)
-        write_index(self.idx_path, self.keys, self.offsets)
+        os.replace(self.idx_path + PENDING, self.idx_path)
 
     def abort(self) -> None:
-        """Drop everything written (temporary file removed, targets untouched)."""
+        """Drop everything written (temporary files removed, targets untouched)."""
         self._file.close()
-        if os.path.exists(self._tmp):
-            os.remove(self._tmp)
+        for path in (self._tmp, self.idx_path + PENDING + ".tmp", self.idx_path + PENDING):
+            if os.path.exists(path):
+                os.remove(path)
 
     def __enter__(self):
         return self

@@ -15,44 +15,58 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from partialfc.data.dataset_index import RecordDataset
-from partialfc.data.images import decode_image
-from partialfc.data.loader import IMAGE_SIZE, EpochLoader, normalise, shard_bounds
+from partialfc.data.images import IMAGE_SIZE, decode_face
+from partialfc.data.loader import EpochLoader, normalise, shard_bounds
 from partialfc.data.recordio import RecordIOError, unpack_payload
+
+Bad = list[tuple[int, str]]  # (key, reason) of records that could not be used
 
 
 class RecordImages(Dataset):
-    """Item ``(index, flip)`` -> (uint8 ``(3, 112, 112)`` RGB array, exact int label)."""
+    """Item ``(index, flip)`` -> (uint8 ``(3, 112, 112)`` RGB array or None, exact int label,
+    bad records met). A record that cannot be read or decoded is reported, not raised (raised in
+    a worker it would reach the trainer as a multi-line traceback); with ``skip`` the next
+    decodable record in index order (wrapping around) takes its place, whatever the workers."""
 
-    def __init__(self, dataset: RecordDataset):
-        self.dataset = dataset
+    def __init__(self, dataset: RecordDataset, skip: bool = False):
+        self.dataset, self.skip = dataset, skip
         self.reader = dataset.reader()
 
     def __len__(self) -> int:
         return self.dataset.num_images
 
-    def __getitem__(self, item: tuple[int, bool]) -> tuple[np.ndarray, int]:
-        index, flip = item
+    def _image(self, index: int) -> np.ndarray:
         key, offset = int(self.dataset.keys[index]), int(self.dataset.offsets[index])
         payload, _ = self.reader.read_at(offset, key)
-        where = f"{self.dataset.rec_path}: record {key}"
-        try:
-            image = decode_image(unpack_payload(payload)[2])
-        except (OSError, ValueError) as e:
-            raise RecordIOError(f"{where}: image cannot be decoded ({e})") from None
-        if image.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
-            raise RecordIOError(f"{where}: image is {image.shape[1]}x{image.shape[0]}, expected "
-                                f"{IMAGE_SIZE}x{IMAGE_SIZE} (aligned face crops)")
-        if flip:
-            image = image[:, ::-1]
-        return image.transpose(2, 0, 1), int(self.dataset.labels[index])
+        return decode_face(unpack_payload(payload)[2], f"{self.dataset.rec_path}: record {key}")
+
+    def __getitem__(self, item: tuple[int, bool]) -> tuple[np.ndarray | None, int, Bad]:
+        index, flip = item
+        bad: Bad = []
+        for j in range(index, index + len(self)):
+            j %= len(self)
+            try:
+                image = self._image(j)
+            except RecordIOError as e:
+                bad.append((int(self.dataset.keys[j]), str(e)))
+                if self.skip:
+                    continue
+                break
+            if flip:
+                image = image[:, ::-1]
+            return image.transpose(2, 0, 1), int(self.dataset.labels[j]), bad
+        return None, -1, bad
 
 
-def collate(items: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 ``(N, 3, 112, 112)`` and int64 ``(N,)`` (numpy stacking: torch.stack of uint8 is slow)."""
+def collate(items: list[tuple[np.ndarray | None, int, Bad]]) -> tuple[torch.Tensor | None, torch.Tensor, Bad]:
+    """uint8 ``(N, 3, 112, 112)`` (None if some item has no image), int64 ``(N,)`` and the bad
+    records met (numpy stacking: torch.stack of uint8 is slow)."""
     if not items:
-        return torch.empty(0, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
-    images, labels = zip(*items)
-    return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64)
+        return (torch.empty(0, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8), torch.empty(0, dtype=torch.int64),
+                [])
+    images, labels, bad = zip(*items)
+    stacked = None if any(i is None for i in images) else torch.from_numpy(np.stack(images))
+    return stacked, torch.tensor(labels, dtype=torch.int64), [b for item in bad for b in item]
 
 
 class EpochBatchSampler:
@@ -87,16 +101,22 @@ class TorchLoader(EpochLoader):
     def __init__(self, dataset: RecordDataset | str, batch_size: int, rank: int | None = None,
                  world_size: int | None = None, device: torch.device | str | None = None,
                  shuffle: bool = True, flip: bool = True, drop_last: bool = True, seed: int = 0,
-                 num_workers: int = 2, on_error: str = "raise", verify_images: bool = False):
-        super().__init__(dataset, batch_size, rank, world_size, drop_last, device, seed, on_error, verify_images)
+                 num_workers: int = 2, on_error: str = "raise", verify_images: bool = False,
+                 on_bad_image: str = "error", bad_image_budget: int = 100):
+        super().__init__(dataset, batch_size, rank, world_size, drop_last, device, seed, on_error, verify_images,
+                         on_bad_image, bad_image_budget)
         self.shuffle, self.flip = shuffle, flip
         self.sampler = EpochBatchSampler(self)
-        self.loader = DataLoader(RecordImages(self.dataset), batch_sampler=self.sampler, num_workers=num_workers,
+        self.loader = DataLoader(RecordImages(self.dataset, on_bad_image == "skip"), batch_sampler=self.sampler,
+                                 num_workers=num_workers,
                                  collate_fn=collate, pin_memory=self.device.type == "cuda",
                                  persistent_workers=num_workers > 0)
 
     def _batches(self, epoch: int, start: int):
         self.sampler.epoch, self.sampler.start = epoch, start
-        for images, labels in self.loader:
+        for images, labels, bad in self.loader:
+            self._note_bad(bad)
+            if images is None:
+                raise RecordIOError(f"{self.dataset.rec_path}: no record decodes as a training image")
             yield (normalise(images.to(self.device, non_blocking=True)),
                    labels.to(self.device, non_blocking=True))

@@ -44,6 +44,7 @@ Engine = _choices("Engine", "ddp", "deepspeed")
 OptimizerName = _choices("OptimizerName", "sgd", "adamw")
 ScheduleName = _choices("ScheduleName", "poly", "cosine", "step", "constant")
 WandbMode = _choices("WandbMode", "offline", "online", "disabled")
+OnBadImage = _choices("OnBadImage", "error", "skip")
 
 
 def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
@@ -97,6 +98,9 @@ class DataConfig:
     shuffle: bool = True
     flip: bool = True
     seed: int = 0
+    on_bad_image: OnBadImage = OnBadImage.error  # skip: replace an undecodable image, count it (docs/data.md)
+    bad_image_budget: int = bounded(100, ge=0)  # with skip: more bad records than this stop the run
+    num_classes: Optional[int] = bounded(None, ge=1)  # plain-flavour sets with sparse labels: state the count
 
     def check(self, key: str) -> None:
         if (self.rec is None) == (self.synthetic is None):

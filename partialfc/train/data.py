@@ -58,12 +58,16 @@ def prepare_dataset(cfg) -> tuple[str, list[str]]:
 
 def build_loader(cfg, prefix: str, device: torch.device):
     """The configured loader (``torch`` or ``dali``) over this rank's shard."""
+    from partialfc.data.dataset_index import open_dataset
+
     common = dict(batch_size=cfg.data.batch_size, device=device, shuffle=cfg.data.shuffle, flip=cfg.data.flip,
-                  seed=cfg.data.seed)
+                  seed=cfg.data.seed, on_bad_image=str(cfg.data.on_bad_image),
+                  bad_image_budget=cfg.data.bad_image_budget)
+    dataset = open_dataset(prefix, num_classes=cfg.data.num_classes)
     if cfg.data.loader == "dali":
         from partialfc.data.dali_loader import DaliLoader
 
-        return DaliLoader(prefix, num_threads=max(cfg.data.num_workers, 1), **common)
+        return DaliLoader(dataset, num_threads=max(cfg.data.num_workers, 1), **common)
     from partialfc.data.torch_loader import TorchLoader
 
-    return TorchLoader(prefix, num_workers=cfg.data.num_workers, **common)
+    return TorchLoader(dataset, num_workers=cfg.data.num_workers, **common)
