@@ -1,5 +1,5 @@
-"""partialfc data make-bin: an LFW-style folder and pairs.txt become a .bin holding the image
-files' bytes in pair order, which eval verify reads."""
+"""Building evaluation sets: partialfc data make-bin (an LFW-style folder and pairs.txt become a
+.bin holding the image files' bytes in pair order, which eval verify reads) and partialfc embed."""
 
 import json
 
@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from partialfc.cli import main
+from partialfc.eval.verification import embed_images
 from partialfc.data.verification_bin import read_bin
 from partialfc.models import build_backbone
 from tests.data_helpers import smooth_image
@@ -51,3 +52,18 @@ def test_make_bin_names_a_missing_image(tmp_path, capsys):
     assert main(["data", "make-bin", str(tmp_path / "lfw"), str(tmp_path / "lfw" / "pairs.txt"),
                  str(tmp_path / "x.bin")]) == 2
     assert "bob_0003.jpg" in capsys.readouterr().err and not (tmp_path / "x.bin").exists()
+
+
+def test_embed_writes_the_embeddings_of_a_folder_in_sorted_order(tmp_path):
+    lfw_folder(tmp_path / "lfw")
+    torch.manual_seed(0)
+    model = build_backbone("iresnet_tiny", 8)
+    torch.save({"backbone": "iresnet_tiny", "embedding_size": 8, "options": {}, "state_dict": model.state_dict()},
+               tmp_path / "bb.pt")
+    out = tmp_path / "emb.npy"
+    assert main(["embed", str(tmp_path / "lfw"), "--checkpoint", str(tmp_path / "bb.pt"), "--out", str(out),
+                 "--batch-size", "4"]) == 0
+    files = sorted((tmp_path / "lfw").glob("*/*.jpg"))
+    assert (tmp_path / "emb.npy.txt").read_text().split() == [str(f) for f in files]
+    images = torch.from_numpy(np.stack([np.asarray(Image.open(f).convert("RGB")).transpose(2, 0, 1) for f in files]))
+    np.testing.assert_allclose(np.load(out), embed_images(model.eval(), images).numpy(), atol=1e-6)

@@ -1,0 +1,56 @@
+"""Embeddings of image files: ``partialfc embed`` (files or folders -> ``.npy``)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from partialfc.errors import InputNotFoundError
+from partialfc.eval.verification import embed_images
+
+SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def list_images(inputs: list[str]) -> list[str]:
+    """The image files named in ``inputs`` and, sorted, those below each folder."""
+    paths = []
+    for item in inputs:
+        if os.path.isdir(item):
+            paths += sorted(os.path.join(d, f) for d, _, files in os.walk(item) for f in files
+                            if f.lower().endswith(SUFFIXES))
+        elif os.path.isfile(item):
+            paths.append(item)
+        else:
+            raise InputNotFoundError(f"{item} not found")
+    return paths
+
+
+class ImageFiles:
+    """Image files decoded only when a slice becomes an array: ``np.asarray(files[a:b])`` is
+    uint8 RGB ``(b - a, 3, 112, 112)`` (other sizes resized; crops should be aligned)."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, part: slice) -> ImageFiles:
+        return ImageFiles(self.paths[part])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        faces = np.zeros((len(self), 3, 112, 112), np.uint8)
+        for row, path in enumerate(self.paths):
+            with Image.open(path) as image:
+                faces[row] = np.asarray(image.convert("RGB").resize((112, 112), Image.Resampling.BILINEAR)
+                                        ).transpose(2, 0, 1)
+        return faces if dtype is None else faces.astype(dtype)
+
+
+def embed_files(model: torch.nn.Module, paths: list[str], batch_size: int = 128,
+                device: str | torch.device = "cpu", flip: bool = True) -> np.ndarray:
+    """float32 ``(len(paths), D)`` L2-normalised embeddings (flip test unless ``flip=False``)."""
+    return embed_images(model, ImageFiles(paths), batch_size=batch_size, device=device, flip=flip).numpy()
