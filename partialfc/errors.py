@@ -38,6 +38,10 @@ class VerificationBinError(PartialFCError, ValueError):
     """A verification ``.bin`` file that cannot be read or decoded; the message names the file."""
 
 
+class ImageFileError(PartialFCError, ValueError):
+    """An image file that cannot be decoded (``data pack``); the message names the file."""
+
+
 class InputNotFoundError(PartialFCError, FileNotFoundError):
     """A dataset, image folder or verification set named by the user does not exist."""
 

@@ -109,7 +109,8 @@ def test_pack_check_shuffle(tmp_path):
         for i in range(n):
             Image.fromarray(smooth_image(hash((name, i)) % 1000, size=120)).save(src / name / f"{i}.png")
     (src / "empty").mkdir()
-    assert pack_folder(str(src), str(tmp_path / "p"), workers=2, progress=False) == (9, 3)
+    packed = pack_folder(str(src), str(tmp_path / "p"), workers=2, progress=False)
+    assert (packed.num_images, packed.num_classes, packed.skipped) == (9, 3, [])
     ds = open_dataset(tmp_path / "p")
     assert ds.flavour == HEADER and ds.labels.tolist() == [0, 0, 1, 1, 1, 2, 2, 2, 2]  # alice, bob, carol
     assert (tmp_path / "p.names").read_text().split() == ["alice", "bob", "carol"]

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 def _pack(args) -> int:
     from partialfc.data.tools import pack_folder
-    n, k = pack_folder(args.src_dir, args.out_prefix, None if args.size <= 0 else args.size, args.quality, args.workers)
-    print(f"packed {n} images of {k} identities into {args.out_prefix}.rec/.idx (names in {args.out_prefix}.names)")
+    result = pack_folder(args.src_dir, args.out_prefix, None if args.size <= 0 else args.size, args.quality,
+                         args.workers, skip_bad=args.skip_bad)
+    print(f"packed {result.num_images} images of {result.num_classes} identities into {args.out_prefix}.rec/.idx "
+          f"(names in {args.out_prefix}.names)")
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} bad file(s):\n" + "".join(f"  {reason}\n" for reason in result.skipped),
+              end="")
     return 0
 
 
@@ -67,6 +72,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--size", type=int, default=112, help="resize to SIZE x SIZE (0: keep the size)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding")
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--skip-bad", action="store_true", help="leave out files that cannot be decoded (listed at the end)")
     p.set_defaults(func=_pack)
 
     p = subparsers.add_parser("check", help="count images/classes, label range, list corrupt or truncated records")

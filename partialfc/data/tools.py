@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ from partialfc.data.dataset_index import find_corrupt_images, open_dataset, reso
 from partialfc.data.images import encode_jpeg
 from partialfc.data.parallel import ordered_map
 from partialfc.data.recordio import RecordReader, RecordWriter, pack_payload, pack_range
-from partialfc.errors import InputNotFoundError
+from partialfc.errors import ImageFileError, InputNotFoundError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -37,19 +38,34 @@ def check_dataset(path: str, decode: bool = True, workers: int | None = None, pr
                        dataset.label_range(), sorted(dataset.skipped + corrupt))
 
 
-def _load_for_pack(task: tuple[str, int, int | None, int]) -> bytes:
-    """JPEG bytes of one source image: the file itself if it is a JPEG of the right size and no
-    resize is asked, else re-encoded (RGB, resized to ``size`` when given)."""
+@dataclass
+class PackResult:
+    """What ``partialfc data pack`` wrote; ``skipped``: the files left out, as ``path: reason``."""
+
+    num_images: int
+    num_classes: int
+    skipped: list[str] = field(default_factory=list)
+
+
+def _load_for_pack(task: tuple[str, int, int | None, int]) -> tuple[bytes | None, str]:
+    """``(JPEG bytes, "")`` of one source image, decoded in full first (a truncated file fails
+    here, not in training): the file itself if it is a JPEG of the right size and no resize is
+    asked, else re-encoded (RGB, resized to ``size`` when given). ``(None, reason)`` if the file
+    cannot be decoded."""
     from PIL import Image
     path, quality, size, _ = task
     data = Path(path).read_bytes()
-    with Image.open(path) as im:
-        if im.format == "JPEG" and im.mode == "RGB" and (size is None or im.size == (size, size)):
-            return data
-        im = im.convert("RGB")
-        if size is not None and im.size != (size, size):
-            im = im.resize((size, size), Image.BILINEAR)
-        return encode_jpeg(im, quality)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            if im.format == "JPEG" and im.mode == "RGB" and (size is None or im.size == (size, size)):
+                return data, ""
+            im = im.convert("RGB")
+            if size is not None and im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR)
+            return encode_jpeg(im, quality), ""
+    except (OSError, ValueError, SyntaxError) as e:  # Pillow's errors for corrupt data
+        return None, f"{path}: cannot be decoded ({e})"
 
 
 def list_image_folders(src_dir: str) -> list[tuple[str, list[str]]]:
@@ -70,26 +86,38 @@ def list_image_folders(src_dir: str) -> list[tuple[str, list[str]]]:
 
 
 def pack_folder(src_dir: str, out_prefix: str, size: int | None = 112, quality: int = 95,
-                workers: int | None = None, progress: bool = True) -> tuple[int, int]:
+                workers: int | None = None, progress: bool = True, skip_bad: bool = False) -> PackResult:
     """Pack ``src_dir/<identity>/<image>`` into a header-flavour ``out_prefix.rec/.idx`` plus
-    ``out_prefix.names`` (class id -> folder name). Atomic. Returns (num_images, num_classes)."""
+    ``out_prefix.names`` (class id -> folder name). Atomic. Every image is decoded: one that
+    cannot be is an :class:`ImageFileError` (nothing written), or with ``skip_bad`` left out
+    and listed. Images are keys ``1..N`` in folder order; the dataset header (key 0) is
+    written after them, once ``N`` is known."""
     identities = list_image_folders(src_dir)
     tasks = [(path, quality, size, label) for label, (_, files) in enumerate(identities) for path in files]
-    n, k = len(tasks), len(identities)
+    k = len(identities)
+    counts, skipped = [0] * k, []
     with RecordWriter(out_prefix + ".rec", out_prefix + ".idx") as writer:
-        writer.write(0, pack_range(n + 1, n + 1 + k))
-        for key, (jpeg, task) in enumerate(zip(ordered_map(_load_for_pack, tasks, n, workers, desc="packing",
-                                                           unit="img", progress=progress, chunksize=32),
-                                               tasks), start=1):
+        key = 1
+        for (jpeg, reason), task in zip(ordered_map(_load_for_pack, tasks, len(tasks), workers, desc="packing",
+                                                    unit="img", progress=progress, chunksize=32), tasks):
+            if jpeg is None:
+                if not skip_bad:
+                    raise ImageFileError(f"{reason}; pass --skip-bad to leave bad files out")
+                skipped.append(reason)
+                continue
             writer.write(key, pack_payload(task[3], jpeg, key=key))
+            counts[task[3]] += 1
+            key += 1
+        n = key - 1
         first = 1
-        for label, (_, files) in enumerate(identities):
-            writer.write(n + 1 + label, pack_range(first, first + len(files)))
-            first += len(files)
+        for label, count in enumerate(counts):
+            writer.write(n + 1 + label, pack_range(first, first + count))
+            first += count
+        writer.write(0, pack_range(n + 1, n + 1 + k))
     tmp = out_prefix + ".names.tmp"
     Path(tmp).write_text("".join(f"{name}\n" for name, _ in identities))
     os.replace(tmp, out_prefix + ".names")
-    return n, k
+    return PackResult(n, k, skipped)
 
 
 def shuffle_dataset(src: str, out_prefix: str, seed: int = 0, progress: bool = True) -> int:
