@@ -27,123 +27,36 @@ any device) and ``"triton"`` (:mod:`partialfc.ops.triton_fused`, CUDA, or CPU te
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from partialfc.ops import torch_fused
+from partialfc.ops.chunking import ChunkProblem, centre_inverse_norms
 from partialfc.ops.collectives import all_reduce
 from partialfc.ops.objectives import RowObjective
 from partialfc.ops.targets import Targets
 
 IMPLEMENTATIONS = ("torch", "triton")
 DEFAULT_CHUNK = 8192  # centres per chunk: B x 8192 fp32 logits (16 MB at B = 512)
-NORM_EPS = 1e-12  # F.normalize's floor on the norm
-
-
-@dataclass(frozen=True)
-class ChunkProblem:
-    """What the chunk walk needs besides the tensors: the scale ``s``, the inter-class
-    filter threshold (``None``: none), whether the target column is excluded from the row
-    (D-Softmax) or holds the target logit (softmax), the chunk size and the matmul dtype."""
-
-    scale: float
-    threshold: float | None
-    exclude_target: bool
-    chunk_size: int
-    compute_dtype: torch.dtype
-
-
-def centre_inverse_norms(centres: torch.Tensor, chunk_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """``1 / max(||w_j||, eps)`` per centre, shape ``(k,)``, chunk by chunk (no ``(k, D)`` copy)."""
-    out = torch.empty(centres.shape[0], dtype=dtype, device=centres.device)
-    for lo in range(0, centres.shape[0], chunk_size):
-        out[lo: lo + chunk_size] = torch.linalg.vector_norm(centres[lo: lo + chunk_size], dim=1, dtype=dtype)
-    return out.clamp_min_(NORM_EPS).reciprocal_()
-
-
-def _torch_chunk_logits(emb_c, centres, inv_norm, lo, hi, targets: Targets, target_logit, p: ChunkProblem):
-    """Logits ``(B, hi - lo)`` of centres ``[lo, hi)`` (fp32/fp64), the filter's keep mask
-    (``None`` without a threshold) and the local target entries ``(rows, cols - lo, selector)``."""
-    w = centres[lo:hi].to(p.compute_dtype)
-    cos = (emb_c @ w.T).to(inv_norm.dtype).mul_(inv_norm[lo:hi]).clamp_(-1.0, 1.0)
-    keep = None
-    if p.threshold is not None:
-        keep = cos <= p.threshold
-        cos.masked_fill_(~keep, 0.0)
-    z = cos.mul_(p.scale)
-    sel = (targets.cols >= lo) & (targets.cols < hi)
-    rows, cols = targets.rows[sel], targets.cols[sel] - lo
-    z[rows, cols] = float("-inf") if p.exclude_target else target_logit[sel]
-    return z, keep, (rows, cols, sel)
-
-
-def torch_row_stats(emb, centres, inv_norm, targets, target_logit, p: ChunkProblem):
-    """Local online ``(row max m (B,), sum_j exp(z_j - m) (B,))`` over this rank's centres;
-    with ``exclude_target`` the max starts at 0 (D-Softmax's ``1``)."""
-    start = 0.0 if p.exclude_target else float("-inf")
-    m = torch.full((emb.shape[0],), start, dtype=inv_norm.dtype, device=emb.device)
-    s = torch.zeros_like(m)
-    emb_c = emb.to(p.compute_dtype)
-    for lo in range(0, centres.shape[0], p.chunk_size):
-        z, _, _ = _torch_chunk_logits(emb_c, centres, inv_norm, lo, lo + p.chunk_size, targets, target_logit, p)
-        new_m = torch.maximum(m, z.amax(dim=1))
-        s = s * torch.exp(m - new_m) + torch.exp(z - new_m[:, None]).sum(dim=1)
-        m = new_m
-    return m, s
-
-
-def torch_gradients(emb, centres, inv_norm, targets, target_logit, row_max, row_weight, target_grad,
-                    p: ChunkProblem):
-    """``(dE (B, D), dW (k, D))`` for ``dL/dz_j = row_weight * exp(z_j - row_max)`` off the
-    target and ``dL/dc_y = target_grad`` (aligned with ``targets.rows``) at it; filtered
-    entries get none. ``dW`` is with respect to the raw centres, in their dtype."""
-    grad_e = torch.zeros(emb.shape, dtype=inv_norm.dtype, device=emb.device)
-    grad_w = torch.empty_like(centres)
-    emb_c = emb.to(p.compute_dtype)
-    for lo in range(0, centres.shape[0], p.chunk_size):
-        hi = min(lo + p.chunk_size, centres.shape[0])
-        z, keep, (rows, cols, sel) = _torch_chunk_logits(emb_c, centres, inv_norm, lo, hi, targets,
-                                                         target_logit, p)
-        g = z.sub_(row_max[:, None]).exp_().mul_((row_weight * p.scale)[:, None])
-        if keep is not None:
-            g.mul_(keep)
-        g[rows, cols] = target_grad[sel]
-        g.mul_(inv_norm[lo:hi])  # d/d(E . w_j) = inv_norm_j * dL/dc_j
-        g = g.to(p.compute_dtype)
-        w = centres[lo:hi]
-        grad_e += (g @ w.to(p.compute_dtype)).to(grad_e.dtype)
-        grad_w[lo:hi] = project_out_norm((g.T @ emb_c).to(inv_norm.dtype), w, inv_norm[lo:hi])
-    return grad_e.to(emb.dtype), grad_w
-
-
-def project_out_norm(grad_dot: torch.Tensor, w: torch.Tensor, inv_norm: torch.Tensor) -> torch.Tensor:
-    """Gradient w.r.t. raw rows ``w (n, D)`` given ``grad_dot (n, D)``, the gradient w.r.t.
-    their normalised copies ``w * inv_norm``, already multiplied by ``inv_norm``:
-    ``grad_dot - (w . grad_dot) inv_norm^2 w``, the derivative of ``w / ||w||`` (in place,
-    in the dtype of ``grad_dot``). Rows whose norm F.normalize floors at ``eps`` are treated as
-    if it were not floored."""
-    w = w.to(grad_dot.dtype)
-    radial = (w * grad_dot).sum(dim=1).mul_(inv_norm.square())
-    return grad_dot.sub_(radial[:, None] * w)
 
 
 def _backend(implementation: str):
+    """The module with ``row_stats`` and ``gradients`` for ``implementation``."""
     if implementation == "triton":
         from partialfc.ops import triton_fused  # optional dependency, imported on use
 
-        return triton_fused.row_stats, triton_fused.gradients
-    return torch_row_stats, torch_gradients
+        return triton_fused
+    return torch_fused
 
 
 class _FusedRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, emb, centres, inv_norm, target_logit, target_slope, targets: Targets,
                 objective: RowObjective, problem: ChunkProblem, group, implementation: str):
-        row_stats, _ = _backend(implementation)
-        m, s = row_stats(emb, centres, inv_norm, targets, target_logit, problem)
+        m, s = _backend(implementation).row_stats(emb, centres, inv_norm, targets, target_logit, problem)
         row_max = all_reduce(m.clone(), dist.ReduceOp.MAX, group)
         stats = torch.zeros((2, emb.shape[0]), dtype=m.dtype, device=m.device)
         stats[0] = s * torch.exp(m - row_max)
@@ -167,11 +80,11 @@ class _FusedRows(torch.autograd.Function):
     def backward(ctx, grad_rows):
         emb, centres, inv_norm, row_max, weight, target_pull, target_logit, target_slope = ctx.saved_tensors
         targets = ctx.targets
-        _, gradients = _backend(ctx.implementation)
         grad_rows = grad_rows.to(weight.dtype)
         target_grad = target_pull * grad_rows[targets.rows] * target_slope
-        grad_e, grad_w = gradients(emb, centres, inv_norm, targets, target_logit, row_max, weight * grad_rows,
-                                   target_grad, ctx.problem)
+        grad_e, grad_w = _backend(ctx.implementation).gradients(emb, centres, inv_norm, targets, target_logit,
+                                                                row_max, weight * grad_rows, target_grad,
+                                                                ctx.problem)
         return grad_e, grad_w, None, None, None, None, None, None, None, None
 
 
