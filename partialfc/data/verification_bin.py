@@ -2,7 +2,11 @@
 
 A ``.bin`` is a pickle of ``(bins, issame_list)``: ``bins`` holds ``2 * P`` encoded images
 (JPEG/PNG bytes, or uint8 numpy arrays of those bytes), pairwise consecutive; ``issame_list``
-holds ``P`` booleans. Old files are Python-2 pickles, hence ``encoding="bytes"``.
+holds ``P`` booleans (or a bool array). Old files are Python-2 pickles, hence ``encoding="bytes"``.
+
+The files come from elsewhere, so they are read with :class:`SafeUnpickler`, which runs no
+code from the file: it rebuilds bytes, lists, tuples, ints, booleans and 1-D uint8/bool numpy
+arrays and nothing else; any other content is a :class:`VerificationBinError` naming the file.
 """
 
 from __future__ import annotations
@@ -15,6 +19,153 @@ import numpy as np
 
 from partialfc.data.images import decode_image
 from partialfc.errors import InputNotFoundError, VerificationBinError
+
+_DTYPES = {"u1": np.uint8, "b1": np.bool_, "?": np.bool_}
+_NUMPY_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric", "numpy._core.numeric",
+                  "numpy")
+
+
+def _text(value) -> str:
+    if isinstance(value, bytes):  # Python 2 str under encoding="bytes"
+        value = value.decode("latin1")
+    if not isinstance(value, str):
+        raise pickle.UnpicklingError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _raw(value) -> bytes:
+    if isinstance(value, str):  # a Python 2 pickle read as latin1
+        value = value.encode("latin1")
+    if not isinstance(value, (bytes, bytearray)):
+        raise pickle.UnpicklingError(f"expected array data as bytes, got {type(value).__name__}")
+    return bytes(value)
+
+
+class _Inert:
+    """Base of every object the unpickler hands to the pickle: a BUILD on it is refused unless
+    the subclass accepts it, so no file can set attributes on anything."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state):
+        raise pickle.UnpicklingError(f"unexpected state for {type(self).__name__}")
+
+
+class _DType(_Inert):
+    """``numpy.dtype(name, align, copy)`` restricted to uint8 and bool."""
+
+    __slots__ = ("type",)
+
+    def __init__(self, name, *flags):
+        name = _text(name)
+        if name not in _DTYPES:
+            raise pickle.UnpicklingError(f"numpy dtype {name!r} (only uint8 and bool)")
+        self.type = _DTYPES[name]
+
+    def __setstate__(self, state):  # byte order, field names, ...: fixed for these dtypes
+        if not isinstance(state, tuple):
+            raise pickle.UnpicklingError("unexpected dtype state")
+
+
+class _Array(_Inert):
+    """A 1-D uint8/bool array, from ``_reconstruct`` + BUILD or from ``_frombuffer``."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: np.ndarray | None = None):
+        self.value = value
+
+    def __setstate__(self, state):
+        if self.value is not None or not isinstance(state, tuple) or len(state) != 5:
+            raise pickle.UnpicklingError("unexpected array state")
+        _, shape, dtype, _, raw = state
+        self.value = _array(_raw(raw), dtype, shape)
+
+
+def _array(raw: bytes, dtype, shape) -> np.ndarray:
+    if not isinstance(dtype, _DType):
+        raise pickle.UnpicklingError("array of an unknown dtype")
+    if not (isinstance(shape, tuple) and len(shape) <= 1 and all(type(n) is int for n in shape)):
+        raise pickle.UnpicklingError(f"array of shape {shape!r} (only 1-D)")
+    if (shape[0] if shape else 1) != len(raw):
+        raise pickle.UnpicklingError(f"array of shape {shape} holds {len(raw)} bytes")
+    return np.frombuffer(raw, dtype=dtype.type).reshape(shape).copy()
+
+
+class _Constructor(_Inert):
+    """One allowed global, callable from the pickle."""
+
+    __slots__ = ("name", "fn")
+
+    def __init__(self, name, fn):
+        self.name, self.fn = name, fn
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
+def _reconstruct(cls, shape, typecode):
+    if not isinstance(cls, _Constructor) or cls.name != "ndarray":
+        raise pickle.UnpicklingError("_reconstruct of something other than numpy.ndarray")
+    return _Array()
+
+
+def _scalar(dtype, raw):
+    return _array(_raw(raw), dtype, ()).item()
+
+
+def _frombuffer(buffer, dtype, shape, order="C"):
+    return _Array(_array(_raw(buffer), dtype, shape))
+
+
+def _encode(text, encoding):  # how protocol-2 pickles of Python 3 spell bytes
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode other than of text to latin1")
+    return text.encode("latin1")
+
+
+_GLOBALS = {"_reconstruct": _reconstruct, "scalar": _scalar, "_frombuffer": _frombuffer, "dtype": _DType,
+            "ndarray": None}
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Builds what pickle's opcodes build (bytes, str, numbers, lists, tuples, dicts) and 1-D
+    uint8/bool numpy arrays (as :class:`_Array`); every other global is refused, so no code
+    from the file runs."""
+
+    def find_class(self, module: str, name: str):
+        if module in _NUMPY_MODULES and name in _GLOBALS:
+            return _Constructor(name, _GLOBALS[name])
+        if (module, name) == ("_codecs", "encode"):
+            return _Constructor(name, _encode)
+        raise pickle.UnpicklingError(f"it refers to {module}.{name} (a .bin holds only bytes, booleans and "
+                                     "uint8/bool arrays)")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("persistent references are not allowed")
+
+
+def _image(value) -> bytes:
+    if isinstance(value, _Array) and value.value is not None and value.value.dtype == np.uint8:
+        return value.value.tobytes()
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    raise ValueError(f"an image is a {type(value).__name__}, not bytes")
+
+
+def _issame(value) -> np.ndarray:
+    if isinstance(value, _Array) and value.value is not None and value.value.dtype == np.bool_:
+        return value.value.copy()
+    if isinstance(value, (list, tuple)) and all(type(v) is bool or (type(v) is int and v in (0, 1)) for v in value):
+        return np.array(value, dtype=bool).reshape(-1)
+    raise ValueError("the pair labels are not a list of booleans")
+
+
+def _parse(file) -> tuple[list[bytes], np.ndarray]:
+    content = SafeUnpickler(file, encoding="bytes").load()
+    if not (isinstance(content, (tuple, list)) and len(content) == 2 and isinstance(content[0], (list, tuple))):
+        raise ValueError("it is not a pair (images, pair labels)")
+    return [_image(b) for b in content[0]], _issame(content[1])
 
 
 def write_bin(path: str | os.PathLike, images: Sequence[bytes], issame: Sequence[bool]) -> None:
@@ -31,10 +182,12 @@ def read_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
     """``(encoded images (2P), issame bool (P,))`` from a ``.bin`` file (Python 2 or 3 pickle)."""
     if not os.path.isfile(path):
         raise InputNotFoundError(f"verification set {path} not found")
-    with open(path, "rb") as f:
-        bins, issame = pickle.load(f, encoding="bytes")
-    images = [b.tobytes() if isinstance(b, np.ndarray) else bytes(b) for b in bins]
-    issame = np.asarray(issame, dtype=bool)
+    try:
+        with open(path, "rb") as f:
+            images, issame = _parse(f)
+    except Exception as err:  # untrusted bytes: whatever they make the unpickler raise
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise VerificationBinError(f"{path} is not a verification set: {detail}") from None
     if len(images) != 2 * len(issame):
         raise VerificationBinError(f"{path}: {len(images)} images for {len(issame)} pairs (need 2 per pair)")
     return images, issame
