@@ -24,8 +24,11 @@ class Stream(str, enum.Enum):
     HEAD_INIT = "head.init"  # init block index
     SAMPLER = "head.sampler"  # rank, draws so far
     RANDOM_SOFTMAX = "loss.random_softmax"  # epoch
+    SEARCH = "train.search"  # epoch, candidate (Search-Softmax's draw of x ~ N(mu, sigma))
     RANK = "train.rank"  # rank, step (torch's global generators: dropout, ...)
     DALI = "data.dali"  # epoch the pipeline was built at
+    DATA_WORKERS = "data.workers"  # rank (the DataLoader's worker seeds, off torch's global generator)
+    ROUNDING = "head.rounding"  # parameter index, optimizer step (stochastic rounding of bf16 centres)
 
 
 def _words(value: int) -> list[int]:

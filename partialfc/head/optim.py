@@ -5,19 +5,59 @@ the sampled rows. These optimizers update exactly those rows: parameter, momentu
 moments and weight decay of every other row stay bit-identical, and no dense gradient of
 the shard is ever formed. A dense gradient (``sample_rate == 1``) updates every row and then
 matches ``torch.optim.SGD`` / ``torch.optim.AdamW`` step for step.
+
+Compact storage: for a bf16 parameter the state is kept in bf16 as well (half the bytes
+per class); each step reads the sampled rows into fp32, does the arithmetic there and
+writes back with unbiased stochastic rounding, so that updates far below bf16's resolution
+still move the rows on average. The rounding noise comes from the ``seed`` and the step
+count (:class:`partialfc.seeding.Stream` ``ROUNDING``), so runs and resumes repeat.
 """
 
 from __future__ import annotations
 
 import torch
 
+from partialfc.seeding import Stream, seeded_generator
 
-def _rows_and_values(param: torch.Tensor, grad: torch.Tensor):
-    """``(rows, grad_rows)``: sampled row indices (``None`` = all rows) and their gradient."""
-    if grad.is_sparse:
-        grad = grad.coalesce()
-        return grad.indices()[0], grad.values().to(param.dtype)
-    return None, grad
+
+def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """fp32 ``x`` rounded to bf16 up or down at random, ``E[result] = x``: add 16 uniform
+    random bits below bf16's last mantissa bit, then truncate (on the magnitude, so both
+    signs are unbiased)."""
+    bits = x.to(torch.float32).contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=x.device, generator=generator)
+    return (bits + noise).bitwise_and_(-(1 << 16)).view(torch.float32).to(torch.bfloat16)
+
+
+class _Rows:
+    """The sampled rows of one parameter for one step: read in the working dtype (fp32 for
+    half-precision storage), written back with stochastic rounding when stored in bf16."""
+
+    def __init__(self, param: torch.Tensor, state: dict, seed: int, index: int):
+        self.work = torch.promote_types(param.dtype, torch.float32)
+        grad = param.grad
+        if grad.is_sparse:
+            grad = grad.coalesce()
+            self.rows, self.grad = grad.indices()[0], grad.values().to(self.work)
+        else:
+            self.rows, self.grad = None, grad.to(self.work)
+        self.generator = None
+        if param.dtype == torch.bfloat16:
+            state["rounding_step"] = state.get("rounding_step", 0) + 1
+            self.generator = seeded_generator(seed, Stream.ROUNDING, index, state["rounding_step"],
+                                              device=param.device)
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        """The rows of ``t`` in the working dtype (fp64 kept); all of ``t`` itself at rate 1."""
+        return (t if self.rows is None else t.index_select(0, self.rows)).to(torch.promote_types(t.dtype, self.work))
+
+    def put(self, t: torch.Tensor, value: torch.Tensor) -> None:
+        if self.generator is not None and t.dtype == torch.bfloat16:
+            value = stochastic_round_bf16(value, self.generator)
+        if self.rows is None:
+            t.copy_(value)
+        else:
+            t.index_copy_(0, self.rows, value.to(t.dtype))
 
 
 def _run_closure(closure):
@@ -28,50 +68,40 @@ def _run_closure(closure):
         return closure()
 
 
-def _take(t: torch.Tensor, rows):
-    return t if rows is None else t.index_select(0, rows)
-
-
-def _put(t: torch.Tensor, rows, value: torch.Tensor) -> None:
-    if rows is None:
-        t.copy_(value)
-    else:
-        t.index_copy_(0, rows, value)
-
-
 class SparseRowSGD(torch.optim.Optimizer):
     """SGD with momentum, Nesterov and L2 weight decay (``torch.optim.SGD`` semantics,
     dampening 0) applied to the sampled rows only."""
 
     def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
-                 nesterov: bool = False):
+                 nesterov: bool = False, seed: int = 0):
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError(f"invalid lr={lr}, momentum={momentum} or weight_decay={weight_decay}")
         if nesterov and momentum <= 0:
             raise ValueError("Nesterov momentum needs momentum > 0")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                       nesterov=nesterov))
+        self.seed = int(seed)  # stochastic rounding of bf16 parameters
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = _run_closure(closure)
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
+            for index, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                rows, d = _rows_and_values(p, p.grad)
-                p_rows = _take(p, rows)
+                state = self.state[p]
+                rows = _Rows(p, state, self.seed, index)
+                p_rows, d = rows.take(p), rows.grad
                 if wd:
                     d = d.add(p_rows, alpha=wd)
                 if mu:
-                    state = self.state[p]
                     if "momentum_buffer" not in state:
                         state["momentum_buffer"] = torch.zeros_like(p)
-                    buf = _take(state["momentum_buffer"], rows).mul_(mu).add_(d)
-                    _put(state["momentum_buffer"], rows, buf)
+                    buf = rows.take(state["momentum_buffer"]).mul_(mu).add_(d)
+                    rows.put(state["momentum_buffer"], buf)
                     d = d.add(buf, alpha=mu) if group["nesterov"] else buf
-                _put(p, rows, p_rows.add(d, alpha=-lr))
+                rows.put(p, p_rows.add(d, alpha=-lr))
         return loss
 
 
@@ -82,34 +112,36 @@ class SparseRowAdamW(torch.optim.Optimizer):
     that row was sampled; at ``sample_rate == 1`` this is the usual global step."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2):
+                 eps: float = 1e-8, weight_decay: float = 1e-2, seed: int = 0):
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"invalid lr={lr}, betas={betas}, eps={eps} or weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.seed = int(seed)  # stochastic rounding of bf16 parameters
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = _run_closure(closure)
         for group in self.param_groups:
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
+            for index, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                rows, g = _rows_and_values(p, p.grad)
                 state = self.state[p]
-                if not state:
+                if "step" not in state:
                     state["step"] = torch.zeros(p.shape[0], dtype=torch.float64, device=p.device)
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
-                p_rows = _take(p, rows).mul_(1 - lr * wd)
-                m = _take(state["exp_avg"], rows).lerp_(g, 1 - b1)
-                v = _take(state["exp_avg_sq"], rows).mul_(b2).addcmul_(g, g, value=1 - b2)
-                step = _take(state["step"], rows) + 1
+                rows = _Rows(p, state, self.seed, index)
+                g = rows.grad
+                p_rows = rows.take(p).mul_(1 - lr * wd)
+                m = rows.take(state["exp_avg"]).lerp_(g, 1 - b1)
+                v = rows.take(state["exp_avg_sq"]).mul_(b2).addcmul_(g, g, value=1 - b2)
+                step = rows.take(state["step"]) + 1
                 shape = (-1,) + (1,) * (p.dim() - 1)
-                bias1 = (1 - b1 ** step).to(p.dtype).view(shape)
-                bias2_sqrt = (1 - b2 ** step).sqrt().to(p.dtype).view(shape)
+                bias1 = (1 - b1 ** step).to(rows.work).view(shape)
+                bias2_sqrt = (1 - b2 ** step).sqrt().to(rows.work).view(shape)
                 p_rows.sub_(lr * m / bias1 / (v.sqrt() / bias2_sqrt + eps))
                 for name, value in (("exp_avg", m), ("exp_avg_sq", v), ("step", step)):
-                    _put(state[name], rows, value)
-                _put(p, rows, p_rows)
+                    rows.put(state[name], value)
+                rows.put(p, p_rows)
         return loss
