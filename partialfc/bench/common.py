@@ -15,6 +15,10 @@ import torch
 import torch.nn.functional as F
 
 SCALE, MARGIN = 64.0, 0.4
+# the sharded CosFace head at the configured rates: method -> (PartialFC's fused, centre storage dtype)
+PARTIALFC_VARIANTS = {"partialfc": ("auto", torch.float32), "partialfc_unfused": ("off", torch.float32),
+                      "partialfc_bf16": ("auto", torch.bfloat16), "partialfc_unfused_bf16": ("off", torch.bfloat16),
+                      "partialfc_triton": ("triton", torch.float32)}
 
 
 def _numbers(text: str, cast):
@@ -31,22 +35,23 @@ def configs(args) -> list[dict]:
     if args.no_reference:
         methods = [m for m in methods if m != "full_softmax"]
     for m in methods:
-        if m not in ("full_softmax", "partialfc", "dsoftmax_b") and not (
+        if m not in ("full_softmax", *PARTIALFC_VARIANTS, "dsoftmax_b") and not (
                 m.startswith("dsoftmax_k") and m[len("dsoftmax_k"):].isdigit()):
-            raise ValueError(f"unknown method {m!r}: use full_softmax, partialfc, dsoftmax_b, dsoftmax_kK")
+            raise ValueError(f"unknown method {m!r}: use full_softmax, {', '.join(PARTIALFC_VARIANTS)}, "
+                             "dsoftmax_b, dsoftmax_kK")
     out = []
     for world in _numbers(args.nproc, int):
         for classes in _numbers(args.classes, int):
             for method in methods:
-                rates = _numbers(args.sample_rate, float) if method == "partialfc" else [None]
+                rates = _numbers(args.sample_rate, float) if method in PARTIALFC_VARIANTS else [None]
                 out += [dict(base, method=method, classes=classes, rate=r, world_size=world) for r in rates]
     return out
 
 
 def method_label(record: dict) -> str:
     """The method of a record as tables and plots name it (``partialfc rate 0.1``)."""
-    if record["method"] == "partialfc":
-        return f"partialfc rate {record['sample_rate']:g}"
+    if record["method"] in PARTIALFC_VARIANTS:
+        return f"{record['method']} rate {record['sample_rate']:g}"
     return record["method"]
 
 
@@ -122,8 +127,9 @@ def build_head(cfg: dict, device: torch.device):
         head = FullSoftmax(cfg["dim"], cfg["classes"], device)
         return head, torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4), [head.weight]
     loss, takes_rate = _sharded_loss(cfg["method"])
+    fused, storage = PARTIALFC_VARIANTS.get(cfg["method"], ("auto", torch.float32))
     head = PartialFC(cfg["dim"], cfg["classes"], loss=loss, device=device,
-                     sample_rate=cfg["rate"] if takes_rate else None)
+                     sample_rate=cfg["rate"] if takes_rate else None, fused=fused, dtype=storage)
     return head, SparseRowSGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4), []
 
 
