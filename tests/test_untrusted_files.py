@@ -143,7 +143,7 @@ def test_every_backbone_reader_refuses_a_hostile_file(tmp_path, capsys):
                  ["export", "backbone", evil, str(tmp_path / "out.pt")],
                  ["export", "safetensors", evil, str(tmp_path / "out.safetensors")]):
         err = run_cli(argv, capsys)
-        assert "evil.pt" in err and "Payload" in err, err
+        assert "evil.pt" in err and "posix.mkdir" in err, err
     assert not marker.exists() and not (tmp_path / "out.pt").exists()
 
 
@@ -189,13 +189,13 @@ def test_resume_auto_from_a_hostile_run_dir(tmp_path, cache, capsys):
     assert ckpt.TRAINER_FILE in err and not marker.exists()
 
 
-@pytest.mark.parametrize("pointer", ["../../elsewhere", "/tmp", "step_00000001/../../x", ""])
+@pytest.mark.parametrize("pointer", ["../elsewhere", "{tmp}/elsewhere", "step_00000001/../../elsewhere", ""])
 def test_a_latest_pointer_leaving_the_run_directory_is_refused(tmp_path, pointer):
     root = tmp_path / "checkpoints"
     ckpt.save_checkpoint(str(root), 1, {"step": 1}, {"w": torch.zeros(1)})
     (tmp_path / "elsewhere").mkdir()
     torch.save({"step": 99}, tmp_path / "elsewhere" / ckpt.TRAINER_FILE)
-    (root / ckpt.LATEST).write_text(pointer + "\n")
+    (root / ckpt.LATEST).write_text(pointer.format(tmp=tmp_path) + "\n")
     with pytest.raises(ckpt.CheckpointError, match="latest"):
         ckpt.latest_checkpoint(str(root))
 

@@ -17,6 +17,7 @@ import torch
 
 from partialfc.errors import CheckpointError, ExportError
 from partialfc.models import build_backbone
+from partialfc.torch_files import load_plain
 
 TORCH_SUFFIXES = (".pt", ".pth")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -32,7 +33,7 @@ def read_exported(path: str) -> dict:
             raise CheckpointError(f"{path} is not an exported backbone (no backbone in its metadata)")
         return {"backbone": meta["backbone"], "embedding_size": int(meta["embedding_size"]),
                 "options": json.loads(meta.get("options", "{}")), "state_dict": safetensors.torch.load_file(path)}
-    record = torch.load(path, map_location="cpu", weights_only=False)
+    record = load_plain(path, "exported backbone")
     if not isinstance(record, dict) or "state_dict" not in record:
         raise CheckpointError(f"{path} is not an exported backbone (no state_dict)")
     return record

@@ -14,6 +14,7 @@ import torch
 
 from partialfc.errors import CheckpointError
 from partialfc.models import build_backbone
+from partialfc.torch_files import load_plain
 
 # arcface_torch's get_model names -> ours
 INSIGHTFACE_NAMES = {"r18": "iresnet18", "r34": "iresnet34", "r50": "iresnet50", "r100": "iresnet100",
@@ -53,7 +54,7 @@ def convert_state_dict(state: dict[str, torch.Tensor], backbone: str,
 def read_insightface(path: str, backbone: str, embedding_size: int | None = None) -> dict:
     """The backbone record (:mod:`partialfc.eval.export` format) of an arcface_torch
     ``model.pt``."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_plain(path, "insightface weights")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} is not a state dict (torch.save(model.state_dict()))")
     converted = convert_state_dict(state, backbone, embedding_size)

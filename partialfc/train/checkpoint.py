@@ -25,13 +25,14 @@ overlap it (rows of weights and of every per-row optimizer state).
 from __future__ import annotations
 
 import os
-import pickle
+import re
 import shutil
 
 import torch
 
 from partialfc import dist as pdist
 from partialfc.errors import CheckpointError
+from partialfc.torch_files import load_plain
 
 LATEST = "latest"
 TRAINER_FILE = "trainer.pt"
@@ -109,11 +110,16 @@ def list_checkpoints(root: str) -> list[str]:
 
 
 def latest_checkpoint(root: str) -> str | None:
-    """The directory named by ``latest`` (or the newest complete one), None if there is none."""
+    """The directory named by ``latest`` (or the newest complete one), None if there is none.
+    A ``latest`` naming anything but a ``step_*`` directory of ``root`` is refused."""
     pointer = os.path.join(root, LATEST)
     if os.path.exists(pointer):
-        with open(pointer) as f:
-            path = os.path.join(root, f.read().strip())
+        with open(pointer, errors="replace") as f:
+            name = f.read().strip()
+        if not re.fullmatch(r"step_\d+", name):
+            raise CheckpointError(f"{pointer} names {name[:80]!r}, not a step_* directory beside it; remove "
+                                  "the file to resume from the newest complete checkpoint")
+        path = os.path.join(root, name)
         if os.path.exists(os.path.join(path, TRAINER_FILE)):
             return path
     found = list_checkpoints(root)
@@ -130,22 +136,12 @@ def resolve_checkpoint(path: str) -> str:
     raise CheckpointError(f"no complete checkpoint at {path} (expected {TRAINER_FILE} in a step_* directory)")
 
 
-def _load(file: str) -> dict:
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # torch's message suggests weights_only=False: not for a checkpoint
-        raise CheckpointError(f"cannot read checkpoint {file}: it holds more than tensors and plain values "
-                              "(written by a version before checkpoint format 2?)") from None
-    except (OSError, RuntimeError, EOFError) as err:
-        raise CheckpointError(f"cannot read checkpoint {file}: {err}") from None
-
-
 def load_shared(path: str) -> dict:
-    return _load(os.path.join(path, TRAINER_FILE))
+    return load_plain(os.path.join(path, TRAINER_FILE))
 
 
 def load_rank_file(path: str, rank: int) -> dict:
-    return _load(os.path.join(path, head_file(rank)))
+    return load_plain(os.path.join(path, head_file(rank)))
 
 
 def gather_head_rows(path: str, shards: list[tuple[int, int]], start: int, count: int) -> dict:
