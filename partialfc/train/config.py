@@ -45,6 +45,8 @@ OptimizerName = _choices("OptimizerName", "sgd", "adamw")
 ScheduleName = _choices("ScheduleName", "poly", "cosine", "step", "constant")
 WandbMode = _choices("WandbMode", "offline", "online", "disabled")
 OnBadImage = _choices("OnBadImage", "error", "skip")
+HeadFused = _choices("HeadFused", "auto", "torch", "triton", "off")
+Storage = _choices("Storage", "fp32", "bf16")
 
 
 def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
@@ -173,6 +175,8 @@ class OptimizerConfig:
 class HeadConfig:
     sample_rate: Optional[float] = bounded(None, ge=0.0, le=1.0)  # null: what the loss implies, else 1.0
     init_std: float = 0.01
+    fused: HeadFused = HeadFused.auto  # PartialFC(fused=...): the chunked loss path (docs/head.md)
+    storage: Storage = Storage.fp32  # dtype of the centres and their optimizer state
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
 

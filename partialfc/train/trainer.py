@@ -88,7 +88,8 @@ class Trainer:
         self.head = PartialFC(cfg.model.embedding_size, self.num_classes,
                               loss=build_loss(cfg.loss.name, **dict(cfg.loss.params)),
                               sample_rate=cfg.head.sample_rate, seed=cfg.seed, init_std=cfg.head.init_std,
-                              device=self.device)
+                              device=self.device, fused=str(cfg.head.fused),
+                              dtype=torch.bfloat16 if str(cfg.head.storage) == "bf16" else torch.float32)
         self.head_optimizer = build_optimizer([self.head.weight], cfg.head.optimizer, sparse_rows=True)
         self.head_schedule = build_schedule(self.head_optimizer, cfg.head.optimizer.schedule, self.total_steps)
         autocast_dtype, use_scaler = resolve_precision(cfg.train.precision, self.device)
