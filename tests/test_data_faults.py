@@ -271,14 +271,16 @@ def test_config_paths_are_absolute_from_where_the_user_stood(tmp_path, monkeypat
     (user / "cfg").mkdir(parents=True)
     (user / "cfg" / "c.yaml").write_text("run_dir: runs/x\ndata:\n  rec: packed/faces\neval:\n  bins: [b/lfw.bin]\n")
     monkeypatch.chdir(user)
-    cfg = load_config("cfg/c.yaml", ["checkpoint.init_backbone=w/bb.pt", "checkpoint.resume=old/ckpt"])
+    cfg = load_config("cfg/c.yaml", ["checkpoint.init_backbone=w/bb.pt", "checkpoint.resume=old/ckpt"], cwd=user)
     assert cfg.run_dir == str(user / "runs/x") and cfg.data.rec == str(user / "packed/faces")
     assert list(cfg.eval.bins) == [str(user / "b/lfw.bin")] and cfg.data.cache_dir == str(user / "runs/data")
     assert cfg.checkpoint.init_backbone == str(user / "w/bb.pt")
     assert cfg.checkpoint.resume == str(user / "old/ckpt")
-    assert load_config("cfg/c.yaml", ["checkpoint.resume=auto"]).checkpoint.resume == "auto"
-    monkeypatch.chdir(tmp_path)  # the same config loaded from elsewhere keeps what it was given
-    assert load_config(user / "cfg" / "c.yaml", [f"data.rec={user}/d"]).data.rec == f"{user}/d"
+    assert load_config("cfg/c.yaml", ["checkpoint.resume=auto"], cwd=user).checkpoint.resume == "auto"
+    monkeypatch.chdir(tmp_path)  # loaded from elsewhere: absolute paths stay, relative ones follow cwd
+    cfg = load_config(user / "cfg" / "c.yaml", [f"data.rec={user}/d"], cwd=tmp_path)
+    assert cfg.data.rec == f"{user}/d" and cfg.run_dir == str(tmp_path / "runs/x")
+    assert load_config("me/cfg/c.yaml").run_dir == "runs/x"  # without cwd: as written
 
 
 def test_submit_script_runs_where_the_user_stood(tmp_path, monkeypatch, capsys):
@@ -288,7 +290,7 @@ def test_submit_script_runs_where_the_user_stood(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(user)
     assert main(["submit", "c.yaml", "data.rec=other/faces", "--gpus-per-node", "1", "--dry-run"]) == 0
     script = capsys.readouterr().out
-    assert f"cd {user}\n" in script  # relative paths of the config and the overrides resolve there
+    assert f"\ncd {user}  # " in script  # relative paths of the config and the overrides resolve there
     assert f"{REPO}/slurm/preemptible.sh" in script
 
 

@@ -9,6 +9,7 @@ before the time limit and requeue themselves after the trainer has checkpointed
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from pathlib import Path
@@ -54,7 +55,8 @@ def render(args) -> tuple[str, Path]:
         job_name=job_name, nodes=args.nodes, tasks_per_node=tasks,
         cpus_per_task=args.cpus_per_task, cpus_per_node=args.cpus_per_task * tasks, time=args.time,
         signal_seconds=args.signal_seconds, output=run_dir / "slurm-%j.out", extra_directives="\n".join(directives),
-        repo=shlex.quote(str(args.template_dir.resolve().parent)), run_dir=shlex.quote(str(run_dir)),
+        repo=shlex.quote(str(args.template_dir.resolve().parent)), workdir=shlex.quote(os.getcwd()),
+        run_dir=shlex.quote(str(run_dir)),
         nccl_exports="\n".join(nccl), overcommit="--overcommit" if args.overcommit else "",
         python=shlex.quote(args.python), config=shlex.quote(str(config)),
         overrides=" ".join(shlex.quote(o) for o in [*args.overrides, f"run_dir={run_dir}"]),

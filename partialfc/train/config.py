@@ -10,7 +10,10 @@ across fields are its ``check(key)`` method.
 A YAML file may start from another one: ``base: other.yaml`` (relative to the file naming
 it; bases may have bases) is read first and the file's own keys are merged over it,
 mappings key by key (``loss.params`` included), lists and scalars replaced.
-``num_classes`` and ``num_images`` are not configured: they are read from the dataset.
+``num_classes`` and ``num_images`` are read from the dataset (``data.num_classes`` only states
+the count of a plain-flavour set with sparse labels). File paths (``run_dir``, ``data.rec``,
+``data.cache_dir``, ``eval.bins``, ``checkpoint.init_backbone``/``resume``) given relative are
+made absolute against where the user stood (``load_config(..., cwd=)``; ``partialfc train``).
 """
 
 from __future__ import annotations
@@ -282,9 +285,11 @@ def _read_chain(path: str) -> list[tuple[str, DictConfig]]:
         path, named_by = os.path.join(os.path.dirname(path), base), path
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (),
+                cwd: str | os.PathLike | None = None) -> Config:
     """Read ``path`` (YAML, over its ``base:`` chain; None = defaults), apply ``key=value``
-    overrides, validate.
+    overrides, validate; with ``cwd`` (the command line passes where the user stood), make
+    the file paths absolute against it.
 
     Returns an OmegaConf-typed :class:`Config` (attribute access; assignments are type-checked)."""
     bad = [o for o in overrides if "=" not in o]
@@ -302,7 +307,22 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     if OmegaConf.is_missing(cfg, "run_dir"):
         raise ConfigError("run_dir is required (the directory for checkpoints, metrics and logs)")
     validate(OmegaConf.to_object(cfg))
+    if cwd is not None:
+        _absolute_paths(cfg, os.fspath(cwd))
     return cfg
+
+
+def _absolute_paths(cfg: Config, cwd: str) -> None:
+    """Make the file paths of ``cfg`` absolute against ``cwd``, where the user stood, so that
+    they keep their meaning in a launcher or batch script that changes directory."""
+    def fix(path: str | None) -> str | None:
+        return None if path is None else os.path.abspath(os.path.join(cwd, os.path.expanduser(path)))
+
+    cfg.run_dir, cfg.data.rec, cfg.data.cache_dir = fix(cfg.run_dir), fix(cfg.data.rec), fix(cfg.data.cache_dir)
+    cfg.eval.bins = [fix(p) for p in cfg.eval.bins]
+    cfg.checkpoint.init_backbone = fix(cfg.checkpoint.init_backbone)
+    if cfg.checkpoint.resume not in ("auto", "none"):
+        cfg.checkpoint.resume = fix(cfg.checkpoint.resume)
 
 
 def to_yaml(cfg: Config) -> str:
