@@ -1,7 +1,7 @@
 """The head problem shared by the fused-path tests (PyTorch loop and Triton interpreter).
 
 Each rank runs one step of a float64 head per case, once with the plain objective
-(``fused="off"``) and once with the fused path under test, with the same seed (hence the
+(``fused="plain"``) and once with the fused path under test, with the same seed (hence the
 same sampled centres); the parent compares both with each other and with the independent
 oracle of ``tests/reference.py`` on the union of the sampled centres. Classes split
 unevenly (37 over 2 or 3 ranks), local batches differ, and no label lives on rank 1, so at
@@ -81,7 +81,7 @@ def rank_run(rank, world_size, implementation, case_list, chunk=CHUNK, env=None)
 
     os.environ.update(env or {})
     problem = head_problem(world_size)
-    return {case: (_step(rank, case, "off", chunk, problem), _step(rank, case, implementation, chunk, problem))
+    return {case: (_step(rank, case, "plain", chunk, problem), _step(rank, case, implementation, chunk, problem))
             for case in case_list}
 
 

@@ -92,10 +92,10 @@ class _NotAMarginLoss(nn.Module):
 
 
 def test_fused_switch_values():
-    assert PartialFC(4, 10, fused=False).fused == "off"
+    assert PartialFC(4, 10, fused=False).fused == "plain"
     assert PartialFC(4, 10, fused=True).fused == "torch"
     assert PartialFC(4, 10, fused="Triton").fused == "triton"
-    assert PartialFC(4, 10, loss=_NotAMarginLoss()).fused == "off"  # auto: the plain path for any other loss
+    assert PartialFC(4, 10, loss=_NotAMarginLoss()).fused == "plain"  # auto: the plain path for any other loss
     with pytest.raises(ValueError, match="fused must be one of"):
         PartialFC(4, 10, fused="cuda")
     with pytest.raises(ValueError, match="needs a MarginLoss"):

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 SCALE, MARGIN = 64.0, 0.4
 # the sharded CosFace head at the configured rates: method -> (PartialFC's fused, centre storage dtype)
-PARTIALFC_VARIANTS = {"partialfc": ("auto", torch.float32), "partialfc_unfused": ("off", torch.float32),
-                      "partialfc_bf16": ("auto", torch.bfloat16), "partialfc_unfused_bf16": ("off", torch.bfloat16),
+PARTIALFC_VARIANTS = {"partialfc": ("auto", torch.float32), "partialfc_unfused": ("plain", torch.float32),
+                      "partialfc_bf16": ("auto", torch.bfloat16), "partialfc_unfused_bf16": ("plain", torch.bfloat16),
                       "partialfc_triton": ("triton", torch.float32)}
 
 

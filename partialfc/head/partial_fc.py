@@ -19,7 +19,7 @@ from partialfc.seeding import Stream, seeded_generator
 
 INIT_BLOCK = 65536  # classes per independently seeded init block
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-FUSED_CHOICES = ("auto", "torch", "triton", "off")
+FUSED_CHOICES = ("auto", "torch", "triton", "plain")
 
 
 def init_centres(class_start: int, num_local: int, dim: int, std: float, seed: int,
@@ -63,13 +63,13 @@ def _local_values(embeddings: torch.Tensor, labels: torch.Tensor, labels_int: bo
 
 
 def resolve_fused(fused: bool | str, loss: nn.Module) -> str:
-    """The head's ``fused`` setting as one of ``"torch"``, ``"triton"``, ``"off"``."""
-    choice = ("torch" if fused else "off") if isinstance(fused, bool) else str(fused).lower()
+    """The head's ``fused`` setting as one of ``"torch"``, ``"triton"``, ``"plain"``."""
+    choice = ("torch" if fused else "plain") if isinstance(fused, bool) else str(fused).lower()
     if choice not in FUSED_CHOICES:
         raise ValueError(f"fused must be one of {FUSED_CHOICES} or a bool, got {fused!r}")
     if choice == "auto":
-        return "torch" if isinstance(loss, MarginLoss) else "off"
-    if choice != "off" and not isinstance(loss, MarginLoss):
+        return "torch" if isinstance(loss, MarginLoss) else "plain"
+    if choice != "plain" and not isinstance(loss, MarginLoss):
         raise ValueError(f"fused={choice!r} needs a MarginLoss (it reads psi and the objective), "
                          f"got {type(loss).__name__}")
     return choice
@@ -93,10 +93,10 @@ class PartialFC(nn.Module):
     ``fused`` picks how the loss runs over the sampled centres (the same result up to
     rounding; see :mod:`partialfc.ops.fused`): ``"torch"`` walks the centres in chunks of
     ``fused_chunk`` and never holds the ``(B, k)`` cosines or logits (any device);
-    ``"triton"`` is the same walk as a Triton kernel (CUDA); ``"off"`` forms ``cos (B, k)``
+    ``"triton"`` is the same walk as a Triton kernel (CUDA); ``"plain"`` forms ``cos (B, k)``
     and runs the loss's plain objective (the reference); ``"auto"`` (default) is ``"torch"``
-    for a :class:`~partialfc.losses.base.MarginLoss` and ``"off"`` for any other loss
-    module. ``True`` / ``False`` mean ``"torch"`` / ``"off"``. The resolved choice is
+    for a :class:`~partialfc.losses.base.MarginLoss` and ``"plain"`` for any other loss
+    module. ``True`` / ``False`` mean ``"torch"`` / ``"plain"``. The resolved choice is
     :attr:`fused`.
 
     ``dtype`` is the storage dtype of the centres: ``torch.bfloat16`` halves the bytes per
@@ -197,7 +197,7 @@ class PartialFC(nn.Module):
         self.last_sampled = index
         if not torch.is_autocast_enabled(embeddings.device.type):  # e.g. bf16 from a DeepSpeed engine
             embeddings = embeddings.to(centres.dtype)
-        if self.fused != "off":
+        if self.fused != "plain":
             return self.loss.fused(F.normalize(embeddings, dim=1), centres, targets, self.group,
                                    implementation=self.fused, chunk_size=self.fused_chunk).mean()
         cos = F.linear(F.normalize(embeddings, dim=1), F.normalize(centres, dim=1))
