@@ -48,7 +48,7 @@ OptimizerName = _choices("OptimizerName", "sgd", "adamw")
 ScheduleName = _choices("ScheduleName", "poly", "cosine", "step", "constant")
 WandbMode = _choices("WandbMode", "offline", "online", "disabled")
 OnBadImage = _choices("OnBadImage", "error", "skip")
-HeadFused = _choices("HeadFused", "auto", "torch", "triton", "off")
+HeadFused = _choices("HeadFused", "auto", "torch", "triton", "plain")
 Storage = _choices("Storage", "fp32", "bf16")
 
 
