@@ -218,6 +218,7 @@ shuffle_dataset(sys.argv[1], sys.argv[2], seed=1, progress=False)
 """
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("in_place", [False, True])
 def test_shuffle_killed_between_rec_and_idx_keeps_a_valid_pair(tmp_path, in_place):
     prefix = str(tmp_path / "u")

@@ -138,6 +138,7 @@ def _nccl_rank(rank, world_size, name):
     return run_head(loss, rate, {}, f"cuda:{rank}", group=dist.group.WORLD)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("name", ["arcface", "dsoftmax_K"])
 def test_head_under_nccl_world_of_one(name):
     """A real NCCL default group of one rank (a single GPU cannot hold two NCCL ranks)."""
