@@ -218,3 +218,41 @@ def test_a_torch_zip_with_a_hostile_data_pickle_is_refused(tmp_path):
     with pytest.raises(PartialFCError, match="t.pt"):
         read_exported(str(tmp_path / "t.pt"))
     assert not marker.exists()
+
+
+# ----------------------------------------------------------------- damaged checkpoints
+
+
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("which", [ckpt.TRAINER_FILE, ckpt.head_file(1)])
+def test_a_truncated_file_falls_back_to_the_previous_checkpoint(tmp_path, caplog, which):
+    root = tmp_path / "checkpoints"
+    for step in (1, 2):
+        ckpt.save_checkpoint(str(root), step, {"step": step}, {"w": torch.full((64,), float(step))})
+        torch.save({"w": torch.zeros(64)}, root / ckpt.step_name(step) / ckpt.head_file(1))  # a second rank's
+    _truncate(root / ckpt.step_name(2) / which)
+    with caplog.at_level("WARNING"):
+        found = ckpt.latest_checkpoint(str(root))
+    assert found == str(root / ckpt.step_name(1)) and ckpt.load_shared(found) == {"step": 1}
+    assert f"{root / ckpt.step_name(2) / which}" in caplog.text and ckpt.step_name(1) in caplog.text
+    _truncate(root / ckpt.step_name(1) / which, 0.0)
+    with pytest.raises(ckpt.CheckpointError, match=f"{ckpt.step_name(2)}/{which}"):
+        ckpt.latest_checkpoint(str(root))
+
+
+def test_resume_and_export_skip_a_truncated_shard(tmp_path, cache, capsys):
+    from partialfc.train.trainer import Trainer
+
+    run = tmp_path / "run"
+    overrides = tiny_overrides(run, cache, "train.max_steps=4", "checkpoint.every_steps=2", "eval.at_end=false")
+    Trainer(load_config(None, overrides)).train()
+    _truncate(run / "checkpoints" / ckpt.step_name(4) / ckpt.head_file(0))
+    assert main(["export", "centres", str(run), str(tmp_path / "c.pt")]) == 0
+    resumed = Trainer(load_config(None, overrides))
+    assert resumed.step == 2
+    resumed.train()
+    assert ckpt.load_shared(ckpt.latest_checkpoint(str(run / "checkpoints")))["step"] == 4

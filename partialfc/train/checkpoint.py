@@ -16,7 +16,8 @@ rank has written its file and ``trainer.pt`` (written last) is on disk; ``latest
 replaced atomically. A crash mid-write leaves only a ``.tmp-*`` directory, never a
 ``step_*`` directory or a ``latest`` that looks valid. All ranks must see the same file
 system. The files' contents are defined in :mod:`partialfc.train.state`; they are read
-with ``torch.load(weights_only=True)``.
+with ``torch.load(weights_only=True)``. Finding the latest checkpoint skips one with a
+truncated or missing file (a warning names it) for the one written before it.
 
 Resharding: :func:`gather_head_rows` builds a new class range from the old shard files that
 overlap it (rows of weights and of every per-row optimizer state).
@@ -24,15 +25,19 @@ overlap it (rows of weights and of every per-row optimizer state).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
+import zipfile
 
 import torch
 
 from partialfc import dist as pdist
 from partialfc.errors import CheckpointError
 from partialfc.torch_files import load_plain
+
+log = logging.getLogger(__name__)
 
 LATEST = "latest"
 TRAINER_FILE = "trainer.pt"
@@ -109,21 +114,67 @@ def list_checkpoints(root: str) -> list[str]:
     return [os.path.join(root, n) for n in names]
 
 
+def _damage(file: str) -> str | None:
+    """Why ``file`` is not a whole ``torch.save`` archive, judged from its zip directory alone
+    (cheap at any size: truncation, a missing file, other bytes); None if it looks whole."""
+    try:
+        size = os.path.getsize(file)
+        with zipfile.ZipFile(file) as archive:
+            for info in archive.infolist():
+                if info.header_offset + info.compress_size > size:
+                    return f"{info.filename} runs past the end of the file"
+    except (OSError, zipfile.BadZipFile, ValueError) as err:
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
+    return None
+
+
+def damaged_file(path: str) -> tuple[str, str] | None:
+    """``(file, why)`` for the first file of checkpoint ``path`` that is not whole, or None."""
+    heads = sorted(n for n in os.listdir(path) if n.startswith("head_rank") and n.endswith(".pt"))
+    expected = [head_file(r) for r in range(len(heads))]
+    if heads != expected:
+        missing = sorted(set(expected) - set(heads)) or [head_file(len(heads))]
+        return os.path.join(path, missing[0]), "missing"
+    for name in (TRAINER_FILE, *heads):
+        why = _damage(os.path.join(path, name))
+        if why is not None:
+            return os.path.join(path, name), why
+    return None
+
+
+def _pointed(root: str) -> str | None:
+    """The step directory ``latest`` names, if it exists; a pointer naming anything but a
+    ``step_*`` directory beside it is refused."""
+    pointer = os.path.join(root, LATEST)
+    if not os.path.exists(pointer):
+        return None
+    with open(pointer, errors="replace") as f:
+        name = f.read().strip()
+    if not re.fullmatch(r"step_\d+", name):
+        raise CheckpointError(f"{pointer} names {name[:80]!r}, not a step_* directory beside it; remove "
+                              "the file to resume from the newest complete checkpoint")
+    path = os.path.join(root, name)
+    return path if os.path.exists(os.path.join(path, TRAINER_FILE)) else None
+
+
 def latest_checkpoint(root: str) -> str | None:
     """The directory named by ``latest`` (or the newest complete one), None if there is none.
-    A ``latest`` naming anything but a ``step_*`` directory of ``root`` is refused."""
-    pointer = os.path.join(root, LATEST)
-    if os.path.exists(pointer):
-        with open(pointer, errors="replace") as f:
-            name = f.read().strip()
-        if not re.fullmatch(r"step_\d+", name):
-            raise CheckpointError(f"{pointer} names {name[:80]!r}, not a step_* directory beside it; remove "
-                                  "the file to resume from the newest complete checkpoint")
-        path = os.path.join(root, name)
-        if os.path.exists(os.path.join(path, TRAINER_FILE)):
+    A checkpoint with a damaged file (:func:`damaged_file`) is skipped with a warning for the
+    one written before it; :class:`CheckpointError` naming the file if none is whole."""
+    pointed = _pointed(root)
+    by_time = sorted(list_checkpoints(root), key=lambda p: os.path.getmtime(os.path.join(p, TRAINER_FILE)))
+    candidates = [p for p in [pointed, *reversed(by_time)] if p is not None]
+    damaged = []
+    for path in dict.fromkeys(candidates):
+        if (bad := damaged_file(path)) is None:
+            if damaged:
+                log.warning("checkpoint file %s is damaged (%s); using the previous complete checkpoint %s",
+                            *damaged[0], path)
             return path
-    found = list_checkpoints(root)
-    return found[-1] if found else None
+        damaged.append(bad)
+    if damaged:
+        raise CheckpointError(f"no whole checkpoint in {root}: {damaged[0][0]} is damaged ({damaged[0][1]})")
+    return None
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -131,8 +182,9 @@ def resolve_checkpoint(path: str) -> str:
     for candidate in (path, os.path.join(path, "checkpoints")):
         if os.path.exists(os.path.join(candidate, TRAINER_FILE)):
             return candidate
-        if os.path.isdir(candidate) and latest_checkpoint(candidate):
-            return latest_checkpoint(candidate)
+        found = latest_checkpoint(candidate) if os.path.isdir(candidate) else None
+        if found:
+            return found
     raise CheckpointError(f"no complete checkpoint at {path} (expected {TRAINER_FILE} in a step_* directory)")
 
 
