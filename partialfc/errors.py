@@ -52,3 +52,7 @@ class ExportError(PartialFCError, ValueError):
 
 class TrainingDiverged(PartialFCError, RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class DistributedError(PartialFCError, RuntimeError):
+    """A rank did not join at start-up, or a collective timed out or lost a peer; names what it can."""

@@ -131,6 +131,9 @@ class EpochLoader:
         while True:
             yield from self
 
+    def close(self) -> None:
+        """Release worker processes, if the loader has any (the position is kept)."""
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches_consumed": self.batches_consumed, "seed": self.seed,
                 "world_size": self.world_size, "rank": self.rank, "batch_size": self.batch_size,

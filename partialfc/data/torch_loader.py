@@ -4,10 +4,19 @@ Each epoch draws a global permutation from ``(seed, epoch)`` (same on every rank
 communication), cuts it into DALI-style shards and decodes with Pillow in worker processes.
 Flips are drawn with the permutation, so a position ``(epoch, batch)`` fully determines the
 following batches, whatever the number of workers.
+
+Workers ignore SIGTERM and SIGINT: a scheduler signals every process of a job step, and the
+rank must outlive its workers long enough to checkpoint; :meth:`TorchLoader.close` (the
+trainer calls it on every exit path; also run at interpreter exit) shuts them down. Their
+seeds come from the loader's own generator (stream ``data.workers``), never from torch's
+global one, so creating the workers does not shift the rank's dropout stream.
 """
 
 from __future__ import annotations
 
+import atexit
+import signal
+import weakref
 from typing import Iterator
 
 import numpy as np
@@ -18,6 +27,7 @@ from partialfc.data.dataset_index import RecordDataset
 from partialfc.data.images import IMAGE_SIZE, decode_face
 from partialfc.data.loader import EpochLoader, normalise, shard_bounds
 from partialfc.data.recordio import RecordIOError, unpack_payload
+from partialfc.seeding import Stream, seeded_generator
 
 Bad = list[tuple[int, str]]  # (key, reason) of records that could not be used
 
@@ -91,6 +101,18 @@ class EpochBatchSampler:
         return len(self.loader) - self.start
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """``worker_init_fn``: leave SIGTERM/SIGINT to the rank, which stops at a step boundary."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _close_at_exit(ref: weakref.ref) -> None:
+    loader = ref()
+    if loader is not None:
+        loader.close()
+
+
 class TorchLoader(EpochLoader):
     """Multi-process PyTorch loader with the contract of :mod:`partialfc.data.loader`.
 
@@ -110,7 +132,16 @@ class TorchLoader(EpochLoader):
         self.loader = DataLoader(RecordImages(self.dataset, on_bad_image == "skip"), batch_sampler=self.sampler,
                                  num_workers=num_workers,
                                  collate_fn=collate, pin_memory=self.device.type == "cuda",
-                                 persistent_workers=num_workers > 0)
+                                 persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals,
+                                 generator=seeded_generator(seed, Stream.DATA_WORKERS, self.rank))
+        # before multiprocessing's own exit hook, which would SIGTERM the workers and wait forever
+        atexit.register(_close_at_exit, weakref.ref(self))
+
+    def close(self) -> None:
+        """Shut the worker processes down (they ignore SIGTERM); the next epoch starts new ones."""
+        iterator, self.loader._iterator = self.loader._iterator, None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
 
     def _batches(self, epoch: int, start: int):
         self.sampler.epoch, self.sampler.start = epoch, start

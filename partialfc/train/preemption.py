@@ -3,7 +3,8 @@
 Sources of a request, any rank:
 
 - the file named by ``$PARTIALFC_STOP_FILE`` exists (the SLURM templates create it when the
-  batch shell receives ``--signal=B:USR1@T``; see ``slurm/preemptible.sh``);
+  batch shell receives ``--signal=B:USR1@T``; see ``slurm/preemptible.sh``), unless an earlier
+  run already acknowledged it (``<stop file>.done`` as new as the file: a leftover, ignored);
 - SIGTERM (the scheduler's kill at the time limit, ``scancel``, a preemption with grace time).
 
 The trainer folds :meth:`StopRequest.local_flag` into a collective every step performs
@@ -51,8 +52,21 @@ class StopRequest:
             self._previous = None
 
     def local_flag(self) -> bool:
-        """This rank's view: a signal arrived or the stop file exists."""
-        return self.signalled or bool(self.stop_file and os.path.exists(self.stop_file))
+        """This rank's view: a signal arrived or the stop file asks for a stop."""
+        return self.signalled or self._file_pending()
+
+    def _file_pending(self) -> bool:
+        """The stop file exists and no run has acknowledged it since it was last touched."""
+        if not self.stop_file:
+            return False
+        try:
+            asked = os.stat(self.stop_file).st_mtime_ns
+        except FileNotFoundError:
+            return False
+        try:
+            return os.stat(self.stop_file + ".done").st_mtime_ns < asked
+        except FileNotFoundError:
+            return True
 
     def acknowledge(self, step: int) -> None:
         """Rank 0, after the checkpoint: write ``<stop file>.done`` with the step. The batch
