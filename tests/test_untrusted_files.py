@@ -256,3 +256,74 @@ def test_resume_and_export_skip_a_truncated_shard(tmp_path, cache, capsys):
     assert resumed.step == 2
     resumed.train()
     assert ckpt.load_shared(ckpt.latest_checkpoint(str(run / "checkpoints")))["step"] == 4
+
+
+# ----------------------------------------------------------------- disk full
+
+
+def _disk_full_after(monkeypatch, files: int) -> None:
+    """``torch.save`` writes ``files`` files, then half of the next one and fails with ENOSPC."""
+    import errno
+
+    real, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) <= files:
+            return real(obj, f, *args, **kwargs)
+        f.write(b"PK\x03\x04 half a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+@pytest.mark.parametrize("files", [0, 1])  # the rank's file, or trainer.pt
+def test_disk_full_while_checkpointing(tmp_path, monkeypatch, files):
+    root = tmp_path / "checkpoints"
+    ckpt.save_checkpoint(str(root), 1, {"step": 1}, {"w": torch.zeros(2)})
+    _disk_full_after(monkeypatch, files)
+    with pytest.raises(ckpt.CheckpointError, match=f"{root}.*No space left on device"):
+        ckpt.save_checkpoint(str(root), 2, {"step": 2}, {"w": torch.ones(2)})
+    assert sorted(os.listdir(root)) == [ckpt.LATEST, ckpt.step_name(1)]
+    assert ckpt.load_shared(ckpt.latest_checkpoint(str(root))) == {"step": 1}
+
+
+def test_disk_full_during_training_is_one_line(tmp_path, cache, monkeypatch, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("seed: 1\n")
+    _disk_full_after(monkeypatch, 2)  # the checkpoint at step 2 (two files), then the one at step 4
+    err = run_cli(["train", str(config), *tiny_overrides(tmp_path / "run", cache, "train.max_steps=4",
+                                                         "checkpoint.every_steps=2", "eval.at_end=false")], capsys)
+    root = tmp_path / "run" / "checkpoints"
+    assert f"{root}" in err and "No space left on device" in err
+    assert sorted(os.listdir(root)) == [ckpt.LATEST, ckpt.step_name(2)]
+
+
+def _one_rank_out_of_space(rank, world_size, root):
+    """Rank 1's write fails: every rank gets the error, nobody waits for ever."""
+    import errno
+
+    from partialfc.train import checkpoint as ckpt_module
+
+    ckpt_module.save_checkpoint(root, 1, {"step": 1}, {"w": torch.zeros(2)})
+    if rank == 1:
+        def full(obj, path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        ckpt_module._save = full
+    try:
+        ckpt_module.save_checkpoint(root, 2, {"step": 2}, {"w": torch.ones(2)})
+    except ckpt_module.CheckpointError as err:
+        return str(err)
+    return None
+
+
+@pytest.mark.multiprocess
+@pytest.mark.required
+def test_disk_full_on_one_rank_fails_every_rank(tmp_path):
+    from partialfc.testing.multiprocess import run_distributed
+
+    root = str(tmp_path / "checkpoints")
+    errors = run_distributed(_one_rank_out_of_space, 2, root, timeout=120)
+    assert "No space left on device" in errors[1] and "another rank" in errors[0]
+    assert all(root in e for e in errors)
+    assert sorted(os.listdir(root)) == [ckpt.LATEST, ckpt.step_name(1)]

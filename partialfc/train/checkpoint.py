@@ -78,24 +78,34 @@ def save_checkpoint(root: str, step: int, shared: dict | None, rank_state: dict,
 
     ``write_extra(tmp_dir)`` (called on every rank, e.g. DeepSpeed's own save) writes more
     files into the checkpoint before it is committed. Keeps the ``keep`` newest checkpoints
-    (0 = all). Returns the final directory."""
+    (0 = all). Returns the final directory.
+
+    A write that fails on any rank (disk full, quota, I/O error) fails on every rank: the
+    ``.tmp-*`` directory is removed, the previous checkpoint and ``latest`` stay as they were,
+    and a :class:`CheckpointError` names the directory."""
     rank = pdist.get_rank()
     final = os.path.join(root, step_name(step))
     tmp = os.path.join(root, ".tmp-" + step_name(step))
-    if rank == 0:
+
+    def start():
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    _barrier()
-    _save(rank_state, os.path.join(tmp, head_file(rank)))
-    if write_extra is not None:
-        write_extra(tmp)
-    _barrier()
-    if rank == 0:
+
+    def write():
+        _save(rank_state, os.path.join(tmp, head_file(rank)))
+        if write_extra is not None:
+            write_extra(tmp)
+
+    def commit():
         _save(shared, os.path.join(tmp, TRAINER_FILE))
         if os.path.exists(final):  # saved again at the same step (e.g. on request)
             shutil.rmtree(final)
         os.replace(tmp, final)
+
+    for phase, everywhere in ((start, False), (write, True), (commit, False)):
+        _collectively(phase if everywhere or rank == 0 else None, rank, root, tmp, step)
+    if rank == 0:
         _write_text_atomic(os.path.join(root, LATEST), step_name(step) + "\n")
         if keep > 0:  # by write time: after a rollback, higher-numbered steps are the old ones
             written = sorted(list_checkpoints(root), key=lambda p: os.path.getmtime(os.path.join(p, TRAINER_FILE)))
@@ -103,6 +113,34 @@ def save_checkpoint(root: str, step: int, shared: dict | None, rank_state: dict,
                 shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def _collectively(phase, rank: int, root: str, tmp: str, step: int) -> None:
+    """Run ``phase`` (None: nothing on this rank), then agree over the ranks that it worked
+    everywhere; if not, rank 0 removes ``tmp`` and every rank raises :class:`CheckpointError`."""
+    failure = None
+    try:
+        if phase is not None:
+            phase()
+    except OSError as err:
+        failure = err
+    if _all_ranks_agree(failure is None):
+        return
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    reason = f"{failure}" if failure is not None else "another rank could not write its file (see its message)"
+    raise CheckpointError(f"cannot write checkpoint {step_name(step)} in {root}: {reason}; the partial files "
+                          "were removed and the previous checkpoint is intact") from None
+
+
+def _all_ranks_agree(ok: bool) -> bool:
+    """Collective: True on every rank iff ``ok`` on every rank (a barrier carrying a verdict)."""
+    if not pdist.is_initialized():
+        return ok
+    device = torch.device("cuda", torch.cuda.current_device()) if pdist.backend_of() == "nccl" else "cpu"
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def list_checkpoints(root: str) -> list[str]:
