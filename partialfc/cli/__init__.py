@@ -8,6 +8,8 @@ data ...`` never loads the trainer, and a missing optional extra cannot break th
   ``add_commands(subparsers)`` registering subcommands with ``set_defaults(func=...)``.
 - ``COMMANDS``: a single command (``partialfc train CONFIG ...``); the module exposes
   ``add_arguments(parser)`` and ``run(args) -> int``.
+
+Every parser shows an option's default after its help text (:class:`HelpFormatter`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import importlib
 import sys
 
+from partialfc import __version__
 from partialfc.errors import PartialFCError
 
 GROUPS = {
@@ -31,8 +34,28 @@ COMMANDS = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``help (default: X)``, except where there is no default to state (None, False, an
+    empty list) or the help text already says it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == [] or \
+                "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser with :class:`HelpFormatter`; subparsers inherit the class."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser(names=None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="partialfc", description="Partial FC face-recognition training toolkit")
+    parser = Parser(prog="partialfc", description="Partial FC face-recognition training toolkit")
+    parser.add_argument("--version", action="version", version=f"partialfc {__version__}")
     sub = parser.add_subparsers(dest="entry", required=True, metavar="COMMAND")
     for name in names or [*GROUPS, *COMMANDS]:
         if name in GROUPS:

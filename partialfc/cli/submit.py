@@ -11,33 +11,36 @@ import time
 from pathlib import Path
 
 from partialfc.errors import LaunchError
-from partialfc.launch.submit import PATTERNS, REPO, render
+from partialfc.launch.submit import PATTERNS, render
+from partialfc.resources import SLURM, resolve_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="training config (YAML)")
+    parser.add_argument("config", help="training config: a YAML file or the name of a packaged one (demo, ...)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides key=value")
-    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--nodes", type=int, default=1, help="nodes to allocate")
     parser.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (0: CPU ranks)")
     parser.add_argument("--tasks-per-node", type=int, default=None, help="ranks per node (default: GPUs per node)")
-    parser.add_argument("--pattern", choices=sorted(PATTERNS), default="task-per-gpu")
+    parser.add_argument("--pattern", choices=sorted(PATTERNS), default="task-per-gpu",
+                        help="task-per-gpu: srun starts every rank; torchrun: one torchrun per node")
     parser.add_argument("--cpus-per-task", type=int, default=4, help="CPU cores per rank")
     parser.add_argument("--time", default="24:00:00", help="time limit ([D-]HH:MM:SS)")
-    parser.add_argument("--partition")
-    parser.add_argument("--account")
-    parser.add_argument("--qos")
-    parser.add_argument("--job-name")
+    parser.add_argument("--partition", help="Slurm partition (default: the cluster's)")
+    parser.add_argument("--account", help="Slurm account to charge")
+    parser.add_argument("--qos", help="Slurm quality of service")
+    parser.add_argument("--job-name", help="job name (default partialfc-<config name>)")
     parser.add_argument("--run-dir", type=Path, help="where logs and checkpoints go (default runs/<config name>)")
     parser.add_argument("--signal-seconds", type=int, default=120, help="USR1 warning before the time limit")
     parser.add_argument("--nccl-ifname", help="NCCL_SOCKET_IFNAME for multi-node jobs (e.g. ib0, eth1)")
     parser.add_argument("--overcommit", action="store_true", help="allow more ranks than cores (CPU testing)")
     parser.add_argument("--sbatch-arg", action="append", default=[], help="extra #SBATCH directive, e.g. --mem=0")
     parser.add_argument("--python", default=sys.executable, help="interpreter on the compute nodes")
-    parser.add_argument("--template-dir", type=Path, default=REPO / "slurm")
+    parser.add_argument("--template-dir", type=Path, default=SLURM, help="directory of the sbatch templates")
     parser.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
 
 
 def run(args) -> int:
+    args.config = resolve_config(args.config)
     script, run_dir = render(args)
     if args.dry_run:
         print(script, end="")
