@@ -56,7 +56,8 @@ def test_training_learns_and_logs(tmp_path, cache, world):
         files = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "*.wandb"))
         assert len(files) == 1
         data = open(files[0], "rb").read()
-        assert b"train/loss" in data and b"eval/accuracy" in data and b"train/lr_head" in data
+        eval_set = os.path.splitext(next(r["set"] for r in records if r["kind"] == "eval"))[0]
+        assert b"train/loss" in data and f"eval/{eval_set}/accuracy".encode() in data and b"train/lr_head" in data
 
 
 def _interrupted_then_resumed(rank, world, overrides, interrupt_at):

@@ -216,8 +216,11 @@ class CheckpointConfig:
 
 @dataclass
 class WandbConfig:
-    mode: WandbMode = WandbMode.offline
-    project: str = "partialfc"
+    """Unset (null) keys take WANDB_MODE / WANDB_PROJECT / WANDB_ENTITY from the environment,
+    else ``offline`` / ``partialfc`` / the account's default."""
+
+    mode: Optional[WandbMode] = None
+    project: Optional[str] = None
     entity: Optional[str] = None
     name: Optional[str] = None
 

@@ -1,19 +1,29 @@
-"""Run output on rank 0: console lines, ``metrics.jsonl``, wandb, and the curves PNG.
+"""Run output on rank 0: console lines (also in ``training.log``), the resolved
+``config.yaml``, ``metrics.jsonl``, wandb, and the curves PNG.
 
 Every record is one JSON line ``{"kind": "train" | "eval" | "event", "step": int, ...}``.
-wandb runs offline by default (no account, files under ``<run_dir>/wandb``); the run id is
-kept in checkpoints so that a resumed job continues the same wandb run.
+In wandb a record's numbers are ``<kind>/<name>``; an eval record's are
+``eval/<set>/<name>`` (``set`` without ``.bin``), so every verification set keeps its own
+curve. wandb's mode, project and entity come from ``log.wandb``, else from WANDB_MODE /
+WANDB_PROJECT / WANDB_ENTITY, else ``offline`` (no account) / ``partialfc``; the run's files
+go under ``<run_dir>/wandb``, the user's wandb settings are left alone, system metrics are
+on. The run id is kept in checkpoints so that a resumed job continues the same wandb run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
+
+from omegaconf import OmegaConf
 
 from partialfc import dist as pdist
 
 METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.yaml"
+LOG_FILE = "training.log"
 
 
 def new_run_id() -> str:
@@ -35,13 +45,23 @@ def read_metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def wandb_key(kind: str, metrics: dict, name: str) -> str:
+    """The wandb key of ``metrics[name]`` in a record of ``kind``: ``eval/<set>/<name>`` when
+    the record names a verification set, else ``<kind>/<name>``."""
+    if "set" in metrics:
+        return f"{kind}/{os.path.splitext(metrics['set'])[0]}/{name}"
+    return f"{kind}/{name}"
+
+
 class RunLogger:
-    """Rank 0 writes; other ranks' calls are no-ops. ``resume_step`` (None on a fresh run)
-    trims records the crashed part of a previous run wrote after its last checkpoint."""
+    """Rank 0 writes; other ranks' calls are no-ops. ``config`` (a mapping) is written to
+    ``config.yaml``. ``resume_step`` (None on a fresh run) trims records the crashed part of
+    a previous run wrote after its last checkpoint; ``training.log`` is appended to."""
 
     def __init__(self, run_dir: str, run_id: str, wandb_cfg, config: dict, resume_step: int | None = None):
         self.active = pdist.get_rank() == 0
         self.path = os.path.join(run_dir, METRICS_FILE)
+        self.log_path = os.path.join(run_dir, LOG_FILE)
         self.wandb = None
         if not self.active:
             return
@@ -50,20 +70,21 @@ class RunLogger:
             open(self.path, "w").close()
         else:
             truncate_metrics(self.path, resume_step)
-        if wandb_cfg.mode != "disabled":
-            self.wandb = self._init_wandb(run_dir, run_id, wandb_cfg, config)
+        with open(os.path.join(run_dir, CONFIG_FILE), "w") as f:
+            f.write(OmegaConf.to_yaml(config))
+        mode = wandb_cfg.mode or os.environ.get("WANDB_MODE") or "offline"
+        if mode != "disabled":
+            self.wandb = self._init_wandb(run_dir, run_id, wandb_cfg, mode, config)
 
     @staticmethod
-    def _init_wandb(run_dir: str, run_id: str, cfg, config: dict):
+    def _init_wandb(run_dir: str, run_id: str, cfg, mode: str, config: dict):
         import wandb
 
-        wandb_dir = os.path.join(run_dir, "wandb")
-        os.makedirs(wandb_dir, exist_ok=True)
-        for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
-            os.environ.setdefault(var, wandb_dir)
-        return wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name, id=run_id, resume="allow",
-                          mode=cfg.mode, dir=run_dir, config=config,
-                          settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+        os.makedirs(os.path.join(run_dir, "wandb"), exist_ok=True)
+        return wandb.init(project=cfg.project or os.environ.get("WANDB_PROJECT") or "partialfc",
+                          entity=cfg.entity or os.environ.get("WANDB_ENTITY"), name=cfg.name, id=run_id,
+                          resume="allow", mode=str(mode), dir=run_dir, config=config,
+                          settings=wandb.Settings(silent=True, console="off"))
 
     def log(self, kind: str, step: int, metrics: dict) -> None:
         if not self.active:
@@ -71,12 +92,15 @@ class RunLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps({"kind": kind, "step": step, **metrics}) + "\n")
         if self.wandb is not None:
-            numeric = {f"{kind}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+            numeric = {wandb_key(kind, metrics, k): v for k, v in metrics.items() if isinstance(v, (int, float))}
             self.wandb.log(numeric, step=step)
 
     def print(self, line: str) -> None:
+        """``line`` on the console and, time-stamped, in ``training.log``."""
         if self.active:
             print(line, flush=True)
+            with open(self.log_path, "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
 
     def close(self) -> None:
         if self.wandb is not None:
