@@ -17,7 +17,6 @@ from string import Template
 
 from partialfc.errors import LaunchError
 
-REPO = Path(__file__).resolve().parents[2]
 PATTERNS = {"task-per-gpu": "task_per_gpu.sbatch", "torchrun": "torchrun_per_node.sbatch"}
 TIME_FORMAT = re.compile(r"^(\d+-)?\d{1,3}(:\d{2}){0,2}$")
 
