@@ -139,8 +139,8 @@ def read_index(idx_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         raise RecordIOError(f"{idx_path}: odd number of fields; each line must be 'key<TAB>offset'")
     try:
         pairs = np.array(fields, dtype=np.int64).reshape(-1, 2)
-    except ValueError as e:
-        raise RecordIOError(f"{idx_path}: non-integer field ({e})") from None
+    except (ValueError, OverflowError) as e:
+        raise RecordIOError(f"{idx_path}: non-integer or out-of-range field ({e})") from None
     return pairs[:, 0].copy(), pairs[:, 1].copy()
 
 
