@@ -13,26 +13,26 @@ import pytest
 import torch
 
 from partialfc import PartialFC
+from partialfc.head import partial_fc
 
 CUDA_TIER = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-# The parametrization point for the fused chunked objective (issue 12): PartialFC's switch
-# and the values tried. Until the switch exists only the default path runs.
+# The parametrization point for the fused chunked objective: PartialFC's switch and its
+# explicit choices (partial_fc.FUSED_CHOICES less "auto"). Without the switch only the
+# default path runs.
 FUSED_SWITCH = "fused"
-FUSED_VALUES = {"unfused": "off", "fused_torch": "torch", "fused_triton": "triton"}
+FUSED_VALUES = [c for c in getattr(partial_fc, "FUSED_CHOICES", ()) if c != "auto"]
 NO_TRITON = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 
 
 def head_variants() -> list:
     """``pytest.param(kwargs of PartialFC)`` for each path of the head; the fused ones are
     skipped (with a reason) where PartialFC has no fused switch."""
-    has_switch = FUSED_SWITCH in inspect.signature(PartialFC).parameters
-    if not has_switch:
+    if FUSED_SWITCH not in inspect.signature(PartialFC).parameters or not FUSED_VALUES:
         return [pytest.param({}, id="default"),
-                *[pytest.param({}, id=name, marks=pytest.mark.skip(reason=f"PartialFC has no {FUSED_SWITCH}= switch"))
-                  for name in FUSED_VALUES if name != "unfused"]]
-    return [pytest.param({FUSED_SWITCH: value}, id=name, marks=[NO_TRITON] if value == "triton" else [])
-            for name, value in FUSED_VALUES.items()]
+                pytest.param({}, id="fused", marks=pytest.mark.skip(reason=f"PartialFC has no {FUSED_SWITCH}= switch"))]
+    return [pytest.param({FUSED_SWITCH: value}, id=f"fused_{value}", marks=[NO_TRITON] if value == "triton" else [])
+            for value in FUSED_VALUES]
 
 
 def count_syncs(fn) -> list[str]:
