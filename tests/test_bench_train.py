@@ -20,7 +20,7 @@ REQUIRED_FIELDS = {"method", "classes", "sample_rate", "world_size", "global_bat
 def test_bench_train_writes_json_table_and_png(tmp_path):
     cmd = [sys.executable, "-m", "partialfc.cli", "bench", "train", "--classes", "500", "--identities", "16",
            "--images-per-identity", "4", "--methods", "full_softmax,partialfc", "--sample-rate", "0.5",
-           "--batch", "8", "--dim", "32", "--steps", "2", "--warmup", "1", "--nproc", "2", "--out", str(tmp_path),
+           "--batch", "16", "--dim", "32", "--steps", "2", "--warmup", "1", "--nproc", "2", "--out", str(tmp_path),
            "--name", "tiny"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr

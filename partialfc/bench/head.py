@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-rate", default="1.0,0.1", help="comma-separated Partial FC rates")
     parser.add_argument("--methods", default="full_softmax,partialfc",
                         help="comma-separated: full_softmax, partialfc, dsoftmax_b, dsoftmax_k64, ...")
-    parser.add_argument("--batch", type=int, default=512, help="global batch size")
+    parser.add_argument("--batch", type=int, default=512,
+                        help="global batch: all ranks together, split over the ranks (as in bench train)")
     parser.add_argument("--dim", type=int, default=512, help="embedding size")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--nproc", default="1", help="comma-separated world sizes (gloo on CPU, NCCL on CUDA)")

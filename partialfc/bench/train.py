@@ -29,7 +29,8 @@ Phases of one step, each closed by ``torch.cuda.synchronize`` on CUDA:
 
 ``step_s`` is the timed loop's wall time per step (after ``--warmup`` steps), the phases their
 per-step means, both averaged over ranks: they sum to ``step_s`` up to the loop's own
-bookkeeping. ``samples_per_s`` = ``batch * world_size / step_s``. Peak memory per rank as in
+bookkeeping. ``--batch`` is the global batch, as in ``partialfc bench head`` (each rank loads
+``batch / world_size`` images); ``samples_per_s`` = ``batch / step_s``. Peak memory per rank as in
 ``partialfc bench head``. Each configuration runs in fresh processes.
 """
 
@@ -42,6 +43,7 @@ from pathlib import Path
 import torch
 
 from partialfc.bench.common import autocast, average_gradients, build_head, configs, method_label, peak_bytes, setup
+from partialfc.errors import InputError
 
 PHASES = ("data", "forward", "backward", "comm", "optimizer")
 COLOURS = ("tab:gray", "tab:blue", "tab:orange", "tab:red", "tab:green")
@@ -54,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated: full_softmax, partialfc, dsoftmax_b, dsoftmax_k64, ...")
     parser.add_argument("--backbone", default="iresnet_tiny", help="backbone name (partialfc.models)")
     parser.add_argument("--dim", type=int, default=512, help="embedding size")
-    parser.add_argument("--batch", type=int, default=64, help="batch per rank")
+    parser.add_argument("--batch", type=int, default=64,
+                        help="global batch: all ranks together, each loads batch / world size (as in bench head)")
     parser.add_argument("--nproc", default="1", help="comma-separated world sizes (gloo on CPU, NCCL on CUDA)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
@@ -69,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _build_loader(cfg: dict, device: torch.device):
-    common = dict(batch_size=cfg["batch"], device=device, seed=0)
+    common = dict(batch_size=cfg["batch"] // cfg["world_size"], device=device, seed=0)
     if cfg["loader"] == "dali":
         from partialfc.data.dali_loader import DaliLoader
 
@@ -147,7 +150,7 @@ def _record(cfg: dict) -> dict:
 
     world = cfg["world_size"]
     record = dict(method=cfg["method"], classes=cfg["classes"], sample_rate=cfg["rate"], world_size=world,
-                  batch_per_rank=cfg["batch"], global_batch=cfg["batch"] * world, backbone=cfg["backbone"],
+                  batch_per_rank=cfg["batch"] // world, global_batch=cfg["batch"], backbone=cfg["backbone"],
                   dim=cfg["dim"], dtype=cfg["dtype"], device=cfg["device"], loader=cfg["loader"],
                   identities=cfg["identities"], status="ok")
     try:
@@ -218,6 +221,8 @@ def run(args) -> int:
     runs = configs(argparse.Namespace(**vars(args), no_reference=False))
     if any(c["classes"] < args.identities for c in runs):
         raise ValueError(f"--classes must be at least --identities ({args.identities})")
+    if any(c["batch"] % c["world_size"] for c in runs):
+        raise InputError(f"--batch {args.batch} (the global batch) must divide evenly over --nproc {args.nproc}")
     extra = dict(backbone=args.backbone, loader=args.loader, warmup=args.warmup, identities=args.identities,
                  data=_dataset(args))
     records = [_record({**cfg, **extra}) for cfg in
@@ -226,7 +231,7 @@ def run(args) -> int:
     columns = [("method", "method"), ("sample_rate", "rate"), ("classes", "classes"), ("world_size", "ranks"),
                ("global_batch", "global batch"), ("step_s", "step s"), ("samples_per_s", "samples/s"),
                *[(p, f"{p} ms (%)") for p in PHASES], ("peak_mem_mb", "peak MB/rank"), ("status", "status")]
-    setting = (f"{args.backbone}, dim {args.dim}, batch {args.batch}/rank, {args.dtype}, {args.loader} loader, "
+    setting = (f"{args.backbone}, dim {args.dim}, global batch {args.batch}, {args.dtype}, {args.loader} loader, "
                f"{hardware}, torch {torch.__version__}")
     table = (f"Training step (data + forward + backward + gradient all-reduce + optimizer), {setting}; "
              f"{args.identities}x{args.images_per_identity} synthetic images, labels spread over the classes\n\n"
