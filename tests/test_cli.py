@@ -3,13 +3,16 @@ for every command group, in-process and through the installed console script."""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from partialfc.cli import COMMANDS, GROUPS, main
+import partialfc
+from partialfc.cli import COMMANDS, GROUPS, HelpFormatter, build_parser, main
 from partialfc.errors import PartialFCError
 
 
@@ -25,6 +28,8 @@ def user_errors(tmp: Path) -> list[tuple[list[str], str]]:
         (["eval", "verify", "--checkpoint", str(tmp / "no_run"), "--bin", str(tmp / "x.bin")],
          "no complete checkpoint"),
         (["submit", str(config), "--dry-run"], "no ranks per node"),
+        (["embed", str(tmp / "no_image.jpg"), "--out", str(tmp / "e.npy"), "--checkpoint", str(tmp / "no_run")],
+         "no_image.jpg not found"),
     ]
 
 
@@ -65,3 +70,45 @@ def test_console_script(tmp_path):
                           text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr == f"error: {tmp_path / 'missing'}.rec not found (dataset given as '{tmp_path / 'missing'}')\n"
+
+
+def _actions(parser, path=("partialfc",)):
+    """``(command path, action)`` for every argument of every command, depth first."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _actions(sub, (*path, name))
+        elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            yield path, action
+
+
+def test_every_argument_has_help_with_its_default():
+    parser = build_parser()
+    for path, action in _actions(parser):
+        name = " ".join(path) + " " + (action.option_strings[0] if action.option_strings else action.dest)
+        assert action.help, f"{name} has no help text"
+        shown = HelpFormatter("partialfc")._get_help_string(action) % {"default": action.default}
+        stated = action.default is None or action.default is False or action.default == []
+        assert stated or "default" in shown, f"{name}: the help does not state its default {action.default!r}"
+    submit = next(a for p, a in _actions(parser) if p == ("partialfc", "submit") and "--nodes" in a.option_strings)
+    assert "(default: 1)" in HelpFormatter("partialfc")._get_help_string(submit)
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out == f"partialfc {partialfc.__version__}\n"
+
+
+def test_print_config_resolves_names_and_replaces_loss_params(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the packaged config by name, not a file here
+    assert main(["train", "demo", "--print-config", "loss.name=arcface", "loss.params={s: 64.0, m: 0.5}"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["loss"] == {"name": "arcface", "params": {"s": 64.0, "m": 0.5}}
+    assert printed["run_dir"] == str(tmp_path / "runs" / "demo") and not (tmp_path / "runs").exists()
+    assert main(["train", "demo", "--print-config", "loss.params={s: 20.0}"]) == 0  # replaced, not merged
+    assert yaml.safe_load(capsys.readouterr().out)["loss"]["params"] == {"s": 20.0}
+    assert main(["train", "demo", "--print-config", "loss.params.s=20.0"]) == 0  # one key changed
+    assert yaml.safe_load(capsys.readouterr().out)["loss"]["params"] == {"s": 20.0, "m": 0.3}
+    assert main(["train", "no_such_config"]) == 2
+    assert "packaged: " in capsys.readouterr().err

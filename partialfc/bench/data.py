@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, help="dataset (.rec or prefix); default: a synthetic set in --out")
     parser.add_argument("--identities", type=int, default=200, help="synthetic set: identities")
     parser.add_argument("--images-per-identity", type=int, default=20, help="synthetic set: images per identity")
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=128, help="images per batch (one loader, one process)")
     parser.add_argument("--batches", type=int, default=20, help="timed batches per configuration")
     parser.add_argument("--warmup", type=int, default=3, help="untimed batches first")
     parser.add_argument("--workers", default="0,1,2", help="comma-separated PyTorch DataLoader worker counts")

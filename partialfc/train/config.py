@@ -9,7 +9,9 @@ across fields are its ``check(key)`` method.
 
 A YAML file may start from another one: ``base: other.yaml`` (relative to the file naming
 it; bases may have bases) is read first and the file's own keys are merged over it,
-mappings key by key (``loss.params`` included), lists and scalars replaced.
+mappings key by key (``loss.params`` included), lists and scalars replaced. On the command
+line ``loss.params.m=0.4`` changes one key, while ``loss.params={s: 64, m: 0.5}`` replaces the
+whole mapping (a loss's parameters are a set; the YAML's others would not fit another loss).
 ``num_classes`` and ``num_images`` are read from the dataset (``data.num_classes`` only states
 the count of a plain-flavour set with sparse labels). File paths (``run_dir``, ``data.rec``,
 ``data.cache_dir``, ``eval.bins``, ``checkpoint.init_backbone``/``resume``) given relative are
@@ -256,6 +258,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+REPLACED = ("loss.params",)  # mappings that a whole-mapping override replaces instead of merging into
+
+
 def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
     key = getattr(err, "full_key", None)
     reason = str(err).splitlines()[0]
@@ -304,6 +309,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
         for source, layer in layers:
             cfg = OmegaConf.merge(cfg, layer)
         source = "overrides"
+        replaced = [o.split("=", 1)[0].strip() for o in overrides if o.split("=", 1)[0].strip() in REPLACED]
+        for key in replaced:
+            OmegaConf.update(cfg, key, {}, merge=False)
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as err:
         raise _explain(err, source) from None
