@@ -32,8 +32,8 @@ def submit(*args, env=None):
 @pytest.mark.parametrize("pattern", ["task-per-gpu", "torchrun"])
 def test_dry_run_is_a_valid_sbatch_script(cluster, tmp_path, pattern):
     config = tmp_path / "demo.yaml"
-    config.write_text("seed: 1\n")
-    done = submit(str(config), "train.steps=5", "--pattern", pattern, "--tasks-per-node", "2", "--cpus-per-task",
+    config.write_text("seed: 1\ndata:\n  synthetic: {}\n")  # valid: submit loads it
+    done = submit(str(config), "train.max_steps=5", "--pattern", pattern, "--tasks-per-node", "2", "--cpus-per-task",
                   "1", "--time", "00:10:00", "--overcommit", "--run-dir", str(tmp_path / "run"), "--dry-run",
                   env=cluster.env)
     assert done.returncode == 0, done.stderr
@@ -43,12 +43,12 @@ def test_dry_run_is_a_valid_sbatch_script(cluster, tmp_path, pattern):
     check = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True, env=cluster.env)
     assert check.returncode == 0 and "to start at" in check.stderr, check.stderr
     assert "--signal=B:USR1@120" in done.stdout and "--requeue" in done.stdout
-    assert "train.steps=5" in done.stdout and f"run_dir={tmp_path / 'run'}" in done.stdout
+    assert "train.max_steps=5" in done.stdout and f"run_dir={tmp_path / 'run'}" in done.stdout
 
 
 def test_submit_rejects_inconsistent_options(tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text("seed: 1\n")
+    config.write_text("seed: 1\ndata:\n  synthetic: {}\n")  # valid: submit loads it
     for args, message in [((), "no ranks per node"), (("--gpus-per-node", "2", "--tasks-per-node", "4"), "exceeds"),
                           (("--tasks-per-node", "1", "--time", "soon"), "not [D-]HH:MM:SS")]:
         done = submit(str(config), *args, "--dry-run")

@@ -76,7 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; its exit code, or 2 after printing a :class:`PartialFCError`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     names = [argv[0]] if argv and (argv[0] in GROUPS or argv[0] in COMMANDS) else None
-    args = build_parser(names).parse_args(argv)
+    parser = build_parser(names)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides after options (partialfc train CONFIG --opt x a=b)
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.parse_args(argv)  # argparse's own usage error (exit 2)
+        args.overrides = [*args.overrides, *extra]
     try:
         return int(args.func(args) or 0)
     except PartialFCError as err:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -39,9 +40,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
 
 
+def chosen_run_dir(args) -> Path:
+    """``--run-dir``, else the last ``run_dir=`` override, else ``runs/<config name>``."""
+    given = [o.split("=", 1)[1] for o in args.overrides if o.split("=", 1)[0].strip() == "run_dir"]
+    return Path(args.run_dir or (given[-1] if given else Path("runs") / Path(args.config).stem)).resolve()
+
+
 def run(args) -> int:
+    from partialfc.train.config import load_config
+
     args.config = resolve_config(args.config)
+    args.run_dir = chosen_run_dir(args)
     script, run_dir = render(args)
+    load_config(args.config, [*args.overrides, f"run_dir={run_dir}"], cwd=os.getcwd())  # fails here, not in the job
     if args.dry_run:
         print(script, end="")
         return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import unicodedata
 from pathlib import Path
 from string import Template
 
@@ -19,6 +20,17 @@ from partialfc.errors import LaunchError
 
 PATTERNS = {"task-per-gpu": "task_per_gpu.sbatch", "torchrun": "torchrun_per_node.sbatch"}
 TIME_FORMAT = re.compile(r"^(\d+-)?\d{1,3}(:\d{2}){0,2}$")
+
+
+def _check_script_text(args) -> None:
+    """:class:`LaunchError` if an option or override that goes into the script as text holds a
+    control character (a newline would start a script line of its own)."""
+    texts = [("--partition", args.partition), ("--account", args.account), ("--qos", args.qos),
+             ("--job-name", args.job_name), ("--nccl-ifname", args.nccl_ifname),
+             *(("--sbatch-arg", extra) for extra in args.sbatch_arg), *(("override", o) for o in args.overrides)]
+    for option, text in texts:
+        if text and any(unicodedata.category(c) == "Cc" for c in text):
+            raise LaunchError(f"{option} {text!r} contains a control character; it would change the batch script")
 
 
 def render(args) -> tuple[str, Path]:
@@ -33,6 +45,7 @@ def render(args) -> tuple[str, Path]:
         raise LaunchError(f"--tasks-per-node {tasks} exceeds --gpus-per-node {args.gpus_per_node}")
     if not TIME_FORMAT.match(args.time):
         raise LaunchError(f"--time {args.time!r} is not [D-]HH:MM:SS")
+    _check_script_text(args)
     template_path = args.template_dir / PATTERNS[args.pattern]
     if not template_path.exists():
         raise LaunchError(f"template {template_path} not found (pass --template-dir to the repo's slurm/)")
