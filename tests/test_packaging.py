@@ -12,6 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 import partialfc
 
@@ -65,13 +66,16 @@ def test_version(installed, tmp_path):
 
 def test_packaged_demo_trains(installed, tmp_path):
     run_dir = tmp_path / "run"
-    _run([installed / "partialfc", "train", "demo", "train.max_steps=2", "log.wandb.mode=disabled",
-          "eval.at_start=false", "data.synthetic.num_identities=40", "data.synthetic.verification_identities=10",
-          "data.synthetic.verification_pairs=40", f"run_dir={run_dir}"], cwd=tmp_path)
+    done = _run([installed / "partialfc", "train", "demo", "train.max_steps=2", "log.wandb.mode=disabled",
+                 "eval.at_start=false", "data.synthetic.num_identities=40", "data.synthetic.verification_identities=10",
+                 "data.synthetic.verification_pairs=40", f"run_dir={run_dir}"], cwd=tmp_path)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in records) == 2
     assert any(r["kind"] == "eval" and 0.0 <= r["accuracy"] <= 1.0 for r in records)
     assert (tmp_path / "runs" / "data").is_dir()  # the demo's cache_dir is relative to where it ran
+    summary = "data synthetic (40 identities): 40 classes, 480 images, torch loader"
+    assert summary in done.stdout and summary in (run_dir / "training.log").read_text()
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["run_dir"] == str(run_dir)
 
 
 def test_packaged_templates_submit(installed, tmp_path):

@@ -115,8 +115,26 @@ class Trainer:
             self.load(resume)
         self.logger = RunLogger(cfg.run_dir, self.run_id, cfg.log.wandb, OmegaConf.to_container(cfg),
                                 resume_step=self.step if resume is not None else None)
+        self.print_summary()
         if resume is not None:
             self.logger.print(f"resumed from {resume} at step {self.step}")
+
+    def print_summary(self) -> None:
+        """The start-up summary (rank 0; also in ``training.log``): data, model, loss and head,
+        ranks and precision, steps."""
+        cfg = self.cfg
+        dtype, scaled = resolve_precision(cfg.train.precision, self.device)
+        data = cfg.data.rec or f"synthetic ({cfg.data.synthetic.num_identities} identities)"
+        for line in (
+                f"run {cfg.run_dir}",
+                f"data {data}: {self.num_classes} classes, {self.loader.num_images} images, {cfg.data.loader} loader",
+                f"model {cfg.model.backbone} ({cfg.model.embedding_size}-d), {cfg.train.engine}",
+                f"loss {cfg.loss.name} {dict(cfg.loss.params)}, head sample rate {self.head.sample_rate:g}",
+                f"world {self.world_size} rank(s) on {self.device.type}, precision "
+                f"{str(dtype or torch.float32).removeprefix('torch.')}{' with loss scaling' if scaled else ''}, "
+                f"global batch {cfg.data.batch_size * cfg.train.grad_accum * self.world_size}",
+                f"steps {self.step} -> {self.total_steps} ({self.steps_per_epoch} per epoch)"):
+            self.logger.print(line)
 
     # ----------------------------------------------------------------- data
     @property
