@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from partialfc.errors import LaunchError
+from partialfc.errors import ConfigError, DistributedError, LaunchError
 
 
 def is_initialized() -> bool:
@@ -144,9 +144,89 @@ def detect_launch_env(env=None) -> LaunchEnv:
     return LaunchEnv(0, 1, 0, 1, "127.0.0.1", 29500, "single")
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> LaunchEnv:
+DEFAULT_TIMEOUT_S = 600.0
+TIMEOUT_ENV = "PARTIALFC_DIST_TIMEOUT"
+
+
+def resolve_timeout(configured: float = DEFAULT_TIMEOUT_S) -> float:
+    """Seconds a rank waits for the others (start-up and every collective): ``$PARTIALFC_DIST_TIMEOUT``
+    if set, else ``configured`` (``dist.timeout_s``)."""
+    text = os.environ.get(TIMEOUT_ENV)
+    if text is None:
+        return float(configured)
+    try:
+        value = float(text)
+    except ValueError:
+        raise LaunchError(f"{TIMEOUT_ENV}={text!r} is not a number of seconds") from None
+    if value <= 0:
+        raise LaunchError(f"{TIMEOUT_ENV}={text!r} must be > 0")
+    return value
+
+
+def collective_failure(err: BaseException) -> str | None:
+    """The first line of ``err`` (its source location cut) if it says a collective timed out
+    or lost a peer (torch's distributed errors, gloo's RuntimeErrors), else None."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, dist.DistError) or "gloo" in text:
+        return text.split("] ", 1)[1] if text.startswith("[") and "] " in text else text
+    return None
+
+
+def rendezvous(launch: LaunchEnv, timeout_s: float, report_every_s: float = 30.0) -> dist.Store:
+    """The job's store, once every rank has checked in. Rank 0 hosts it and, while ranks are
+    missing, logs ``waiting for ranks [...]`` every ``report_every_s``; after ``timeout_s`` each
+    rank raises :class:`DistributedError` naming the ranks (or the address) it waited for."""
+    import logging
+    import time
+    from datetime import timedelta
+
+    where = f"{launch.master_addr}:{launch.master_port}"
+    # under torchrun the agent hosts the store on MASTER_PORT and keeps it across worker restarts
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    try:
+        store = dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size,
+                              launch.rank == 0 and not agent, timeout=timedelta(seconds=timeout_s),
+                              wait_for_workers=False)
+    except dist.DistError as err:
+        raise DistributedError(f"rank {launch.rank}: no store of rank 0 at {where} within dist.timeout_s="
+                               f"{timeout_s:g} s ({str(err).strip().splitlines()[0]})") from None
+    store = dist.PrefixStore(f"partialfc/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+    store.set(f"joined/{launch.rank}", "1")
+    store.add("joined", 1)
+    if launch.rank != 0:
+        try:
+            store.wait(["all_joined"])
+        except dist.DistError:
+            raise DistributedError(f"rank {launch.rank}: the job's {launch.world_size} ranks did not all join "
+                                   f"within dist.timeout_s={timeout_s:g} s (rank 0 at {where} names them)") from None
+        return store
+
+    def missing() -> list[int]:
+        return [r for r in range(1, launch.world_size) if not store.check([f"joined/{r}"])]
+
+    start = time.monotonic()
+    report = start + report_every_s
+    while store.add("joined", 0) < launch.world_size:
+        now = time.monotonic()
+        if now - start > timeout_s or now >= report:
+            absent = missing()
+        if now - start > timeout_s:
+            shown = ", ".join(map(str, absent[:20])) + (f", ... ({len(absent)} in all)" if len(absent) > 20 else "")
+            raise DistributedError(f"ranks [{shown}] did not join rank 0 at {where} within dist.timeout_s="
+                                   f"{timeout_s:g} s: were they started, and can they reach it?")
+        if now >= report:
+            logging.getLogger(__name__).warning("waiting for ranks %s to join rank 0 at %s (%.0f s)", absent,
+                                                where, now - start)
+            report += report_every_s
+        time.sleep(0.2)
+    store.set("all_joined", "1")
+    return store
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> LaunchEnv:
     """Initialise the default process group from the launch environment (no-op for one
-    process). The backend defaults to NCCL when CUDA is available, gloo otherwise."""
+    process), after every rank checked in (:func:`rendezvous`); ``timeout_s`` also bounds each
+    collective. The backend defaults to NCCL when CUDA is available, gloo otherwise."""
     from datetime import timedelta
 
     launch = detect_launch_env()
@@ -154,7 +234,46 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> L
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(launch.local_rank)
-        dist.init_process_group(backend, init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
-                                rank=launch.rank, world_size=launch.world_size,
+        store = rendezvous(launch, timeout_s)
+        dist.init_process_group(backend, store=store, rank=launch.rank, world_size=launch.world_size,
                                 timeout=timedelta(seconds=timeout_s))
     return launch
+
+
+@dataclass(frozen=True)
+class CandidateLayout:
+    """A world of ``population x group_size`` ranks split into candidates (Search-Softmax).
+
+    Candidate ``c`` is the ranks ``[c*G, (c+1)*G)``; ``group`` is this rank's candidate (a
+    complete trainer), ``cross`` the ranks with this ``group_rank`` in every candidate (one
+    per candidate, in candidate order). Both are None in a single process."""
+
+    population: int
+    group_size: int
+    candidate: int
+    group_rank: int
+    group: dist.ProcessGroup | None
+    cross: dist.ProcessGroup | None
+
+    def world_rank(self, candidate: int, group_rank: int) -> int:
+        return candidate * self.group_size + group_rank
+
+
+def candidate_groups(population: int) -> CandidateLayout:
+    """Collective: create the candidates' groups and the cross groups with
+    ``torch.distributed.new_group`` (every rank creates every group, in the same order).
+    Raises :class:`ConfigError` naming ``search.population`` unless it divides the world size."""
+    world, rank = get_world_size(), get_rank()
+    if population < 1 or world % population:
+        raise ConfigError(f"search.population={population} must divide the world size {world} "
+                          "(world = population x ranks per candidate)")
+    size = world // population
+    group = cross = None
+    if world > 1:
+        for c in range(population):
+            made = dist.new_group(list(range(c * size, (c + 1) * size)))
+            group = made if c == rank // size else group
+        for i in range(size):
+            made = dist.new_group(list(range(i, world, size)))
+            cross = made if i == rank % size else cross
+    return CandidateLayout(population, size, rank // size, rank % size, group, cross)

@@ -62,19 +62,19 @@ def embed_images(model: torch.nn.Module, images: torch.Tensor, batch_size: int =
     return torch.cat(out)
 
 
-def embed_distributed(model: torch.nn.Module, images: torch.Tensor, **kw) -> torch.Tensor:
-    """:func:`embed_images` with the images split over the ranks of the default group;
-    every rank returns all ``N`` embeddings (in order)."""
-    world, rank = pdist.get_world_size(), pdist.get_rank()
+def embed_distributed(model: torch.nn.Module, images: torch.Tensor, group=None, **kw) -> torch.Tensor:
+    """:func:`embed_images` with the images split over the ranks of ``group`` (default: the
+    world); every rank returns all ``N`` embeddings (in order)."""
+    world, rank = pdist.get_world_size(group), pdist.get_rank(group)
     n = len(images)
     bounds = [n * r // world for r in range(world + 1)]
     local = embed_images(model, images[bounds[rank]:bounds[rank + 1]], **kw)
     if world == 1:
         return local
     dim = torch.tensor([local.shape[1] if local.numel() else 0], dtype=torch.int64)
-    dist.all_reduce(dim, op=dist.ReduceOp.MAX)  # a rank without images does not know the width
+    dist.all_reduce(dim, op=dist.ReduceOp.MAX, group=group)  # a rank without images does not know the width
     sizes = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
-    return gather_rows(local.reshape(sizes[rank], int(dim)), sizes, None, differentiable=False)
+    return gather_rows(local.reshape(sizes[rank], int(dim)), sizes, group, differentiable=False)
 
 
 def _accuracy(dist2: np.ndarray, issame: np.ndarray) -> np.ndarray:
@@ -117,6 +117,7 @@ class VerificationSet:
         images, self.issame = load_bin_images(path)
         self.images = torch.from_numpy(images)
 
-    def evaluate(self, model: torch.nn.Module, **kw) -> VerificationResult:
-        """Embed over all ranks and score; every rank returns the same result."""
-        return verification_metrics(embed_distributed(model, self.images, **kw).numpy(), self.issame)
+    def evaluate(self, model: torch.nn.Module, group=None, **kw) -> VerificationResult:
+        """Embed over the ranks of ``group`` (default: the world) and score; each of them
+        returns the same result."""
+        return verification_metrics(embed_distributed(model, self.images, group, **kw).numpy(), self.issame)

@@ -3,8 +3,9 @@
 The unified form ``p_m = p / (a*p + 1 - a)`` with a constant ``a <= 0`` is exactly the
 softmax whose target logit is lowered by ``delta = ln(1 - a)``: CosFace with
 ``m = ln(1 - a)/s``. The loss is implemented in that logit-shift form, so it composes with
-the sharded head unchanged; a search driver only calls :meth:`SearchSoftmax.set_a` each
-epoch.
+the sharded head unchanged; the search (:mod:`partialfc.train.search`) only calls
+:meth:`SearchSoftmax.set_a` each epoch, and the schedule of ``a`` it learned replays with
+``schedule=[a_0, a_1, ...]`` (one value per epoch).
 """
 
 from __future__ import annotations
@@ -18,16 +19,33 @@ from partialfc.losses.registry import register_loss
 from partialfc.seeding import Stream, seeded_generator
 
 
+def global_a(x: float, s: float) -> float:
+    """The authors' "global" mode: a draw ``x`` of the policy gives ``a = -|x| * exp(s/3)``,
+    an equivalent CosFace margin of about ``1/3 + ln|x|/s``."""
+    return -abs(float(x)) * math.exp(s / 3.0)
+
+
 @register_loss("search_softmax")
 class SearchSoftmax(MarginLoss):
     """Target logit ``s*c_y - ln(1 - a)``, ``a <= 0`` settable per epoch with :meth:`set_a`.
 
     ``a = 0`` is NormFace. ``delta = log1p(-a)`` is exact for tiny ``|a|`` and finite for
-    huge ones (the authors' global mode scales ``a`` by ``exp(s/3)``)."""
+    huge ones (the authors' global mode scales ``a`` by ``exp(s/3)``). ``schedule``: one ``a``
+    per epoch (a search's ``a_schedule.json``), set by :meth:`set_epoch`; epochs past its end
+    keep the last value."""
 
-    def __init__(self, s: float = 64.0, a: float = 0.0, **kwargs):
+    def __init__(self, s: float = 64.0, a: float = 0.0, schedule: list[float] | None = None, **kwargs):
         super().__init__(s=s, **kwargs)
-        self.set_a(a)
+        self.schedule = [float(v) for v in schedule] if schedule else None
+        for value in self.schedule or ():
+            self.set_a(value)  # validates every entry now
+        self.set_a(self.schedule[0] if self.schedule else a)
+
+    def set_epoch(self, epoch: int) -> float:
+        """With a schedule, set epoch ``epoch``'s ``a``; returns the current ``a``."""
+        if self.schedule:
+            self.set_a(self.schedule[min(int(epoch), len(self.schedule) - 1)])
+        return self.a
 
     def set_a(self, a: float) -> None:
         """Set the probability-reduction parameter ``a <= 0`` (finite)."""
@@ -64,7 +82,7 @@ class RandomSoftmax(SearchSoftmax):
     :meth:`set_epoch` the loss is NormFace (``a = 0``)."""
 
     def __init__(self, s: float = 64.0, mu: float = 0.0, sigma: float = 0.2, seed: int = 0, **kwargs):
-        super().__init__(s=s, a=0.0, **kwargs)
+        super().__init__(s=s, a=0.0, schedule=None, **kwargs)
         if not sigma > 0:
             raise ValueError(f"Random-Softmax needs sigma > 0, got sigma={sigma}")
         self.mu, self.sigma, self.seed = float(mu), float(sigma), int(seed)
@@ -73,7 +91,7 @@ class RandomSoftmax(SearchSoftmax):
         """Draw and set this epoch's ``a``; returns it."""
         gen = seeded_generator(self.seed, Stream.RANDOM_SOFTMAX, int(epoch))
         x = self.mu + self.sigma * torch.randn((), generator=gen, dtype=torch.float64).item()
-        self.set_a(-abs(x) * math.exp(self.s / 3.0))
+        self.set_a(global_a(x, self.s))
         return self.a
 
     def extra_repr(self) -> str:

@@ -73,8 +73,10 @@ def _write_text_atomic(path: str, text: str) -> None:
 
 
 def save_checkpoint(root: str, step: int, shared: dict | None, rank_state: dict, keep: int = 0,
-                    write_extra=None) -> str:
-    """Collective: every rank passes its ``rank_state``; rank 0 also ``shared``.
+                    write_extra=None, rank: int | None = None) -> str:
+    """Collective: every rank passes its ``rank_state``; rank 0 also ``shared``. ``rank``
+    (default: the world rank) names this rank's file; a search's candidates pass their group
+    rank, each into its own ``root``.
 
     ``write_extra(tmp_dir)`` (called on every rank, e.g. DeepSpeed's own save) writes more
     files into the checkpoint before it is committed. Keeps the ``keep`` newest checkpoints
@@ -83,7 +85,7 @@ def save_checkpoint(root: str, step: int, shared: dict | None, rank_state: dict,
     A write that fails on any rank (disk full, quota, I/O error) fails on every rank: the
     ``.tmp-*`` directory is removed, the previous checkpoint and ``latest`` stay as they were,
     and a :class:`CheckpointError` names the directory."""
-    rank = pdist.get_rank()
+    rank = pdist.get_rank() if rank is None else rank
     final = os.path.join(root, step_name(step))
     tmp = os.path.join(root, ".tmp-" + step_name(step))
 

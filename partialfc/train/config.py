@@ -50,6 +50,7 @@ OptimizerName = _choices("OptimizerName", "sgd", "adamw")
 ScheduleName = _choices("ScheduleName", "poly", "cosine", "step", "constant")
 WandbMode = _choices("WandbMode", "offline", "online", "disabled")
 OnBadImage = _choices("OnBadImage", "error", "skip")
+SearchMode = _choices("SearchMode", "search", "random")
 HeadFused = _choices("HeadFused", "auto", "torch", "triton", "plain")
 Storage = _choices("Storage", "fp32", "bf16")
 
@@ -214,6 +215,13 @@ class CheckpointConfig:
     keep: int = bounded(2, ge=0)  # complete checkpoints kept (older ones are deleted)
     resume: str = "auto"  # auto (latest in run_dir if any) | none | a checkpoint path
     init_backbone: Optional[str] = None  # backbone weights to fine-tune from (export or checkpoint)
+    overwrite: bool = False  # resume=none on a run_dir holding checkpoints: start over (they get replaced)
+    allow_config_change: bool = False  # resume although model.options/loss/head.sample_rate differ from the checkpoint's
+
+
+@dataclass
+class DistConfig:
+    timeout_s: float = bounded(600.0, gt=0.0)  # start-up and collectives; env PARTIALFC_DIST_TIMEOUT wins
 
 
 @dataclass
@@ -244,6 +252,29 @@ class EvalConfig:
 
 
 @dataclass
+class SearchConfig:
+    """Search-Softmax (docs/losses.md): ``population`` candidates of ``world / population``
+    ranks each; from ``start_epoch`` each draws ``x ~ N(mu, sigma)`` per epoch and trains
+    with ``a = -|x| exp(s/3)``; rewards = verification accuracy on ``reward`` (a ``.bin``;
+    null: the synthetic set's held-out pairs). ``mode: random`` draws the same but never
+    updates ``mu`` (Random-Softmax in a population)."""
+
+    enabled: bool = False
+    population: int = bounded(8, ge=1)
+    sigma: float = bounded(0.2, gt=0.0)
+    lr: float = bounded(0.05, gt=0.0)
+    betas: List[float] = field(default_factory=lambda: [0.5, 0.999])
+    start_epoch: int = bounded(2, ge=0)
+    mu: float = 0.0
+    reward: Optional[str] = None
+    mode: SearchMode = SearchMode.search
+
+    def check(self, key: str) -> None:
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"{key}.betas must be two values in [0, 1), got {list(self.betas)}")
+
+
+@dataclass
 class Config:
     run_dir: str = MISSING
     seed: int = 0
@@ -254,8 +285,23 @@ class Config:
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+
+    def check(self, key: str) -> None:
+        """Rules across sections (the search's loss, reward set and engine)."""
+        if not self.search.enabled:
+            return
+        if self.loss.name != "search_softmax" or self.loss.params.get("schedule"):
+            raise ConfigError(f"search.enabled needs loss.name=search_softmax without a schedule, got "
+                              f"loss.name={self.loss.name}")
+        if self.search.reward is None and (self.data.synthetic is None or self.data.synthetic.verification_pairs < 1):
+            raise ConfigError("search.reward: give the verification .bin whose accuracy is the reward "
+                              "(only a synthetic dataset with verification pairs provides a default)")
+        if self.train.engine != "ddp":
+            raise ConfigError(f"search.enabled needs train.engine=ddp, got {self.train.engine}")
 
 
 REPLACED = ("loss.params",)  # mappings that a whole-mapping override replaces instead of merging into

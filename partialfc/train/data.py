@@ -56,11 +56,13 @@ def prepare_dataset(cfg) -> tuple[str, list[str]]:
     return prefix, bins
 
 
-def build_loader(cfg, prefix: str, device: torch.device):
-    """The configured loader (``torch`` or ``dali``) over this rank's shard."""
+def build_loader(cfg, prefix: str, device: torch.device, rank: int | None = None, world_size: int | None = None):
+    """The configured loader (``torch`` or ``dali``) over shard ``rank`` of ``world_size``
+    (default: this rank of the world)."""
     from partialfc.data.dataset_index import open_dataset
 
-    common = dict(batch_size=cfg.data.batch_size, device=device, shuffle=cfg.data.shuffle, flip=cfg.data.flip,
+    common = dict(batch_size=cfg.data.batch_size, device=device, rank=rank, world_size=world_size,
+                  shuffle=cfg.data.shuffle, flip=cfg.data.flip,
                   seed=cfg.data.seed, on_bad_image=str(cfg.data.on_bad_image),
                   bad_image_budget=cfg.data.bad_image_budget)
     dataset = open_dataset(prefix, num_classes=cfg.data.num_classes)

@@ -22,9 +22,11 @@ class DDPEngine:
     ``backward`` divides the loss by ``accum``; inner micro-steps run under ``no_sync`` so
     gradients are all-reduced once per optimizer step."""
 
-    def __init__(self, backbone: torch.nn.Module, cfg, total_steps: int, scaler: torch.amp.GradScaler):
+    def __init__(self, backbone: torch.nn.Module, cfg, total_steps: int, scaler: torch.amp.GradScaler,
+                 group=None):
         self.module = backbone
-        self.model = DistributedDataParallel(backbone) if pdist.get_world_size() > 1 else backbone
+        self.model = (DistributedDataParallel(backbone, process_group=group) if pdist.get_world_size(group) > 1
+                      else backbone)
         self.accum = cfg.train.grad_accum
         self.clip = cfg.optim.clip_grad_norm
         self.scaler = scaler
@@ -149,9 +151,10 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(os.path.join(directory, "deepspeed"), tag="backbone", save_latest=False)
 
 
-def build_engine(backbone: torch.nn.Module, cfg, total_steps: int, scaler, autocast_dtype):
+def build_engine(backbone: torch.nn.Module, cfg, total_steps: int, scaler, autocast_dtype, group=None):
+    """The configured engine; ``group``: the backbone's data-parallel ranks (DDP only; default: the world)."""
     if cfg.train.engine == "deepspeed":
         if scaler.is_enabled():
             raise ValueError("train.engine=deepspeed supports precision bf16 or fp32, not fp16")
         return DeepSpeedEngine(backbone, cfg, total_steps, bf16=autocast_dtype == torch.bfloat16)
-    return DDPEngine(backbone, cfg, total_steps, scaler)
+    return DDPEngine(backbone, cfg, total_steps, scaler, group)

@@ -7,7 +7,9 @@ contents (format 2). Each holds only tensors and plain Python values, so it load
 ``trainer.pt`` (rank 0, :func:`build_shared`): format, step, skipped_steps, run_id, config
 (YAML text), num_classes, world_size, model (backbone, embedding_size, options),
 head_shards (``(class_start, num_local)`` of every rank), backbone (the engine's state),
-head_schedule, head_param_groups, scaler, data (rank 0's loader position).
+head_schedule, head_param_groups, scaler, data (rank 0's loader position), search (the
+Search-Softmax state: mu, its Adam state, the history and schedule of ``a``; None without a
+search).
 
 ``head_rank*.pt`` (every rank, :func:`build_rank_state`): head (``head.state_dict()``: the
 shard's rows, its class range and the sampler), optimizer_rows (the head optimizer's per-row
@@ -17,6 +19,11 @@ tensors), rng (torch, numpy, python and CUDA generators), data (the loader's pos
 resume). On another world size the head rows and their optimizer rows are gathered from the
 saved shards that overlap the new ones, the sampler and torch's generators restart on their
 ``(seed, rank, step)`` streams, and the loader converts rank 0's position.
+
+In a search each candidate checkpoints into its own root (:func:`checkpoint_root`), with its
+group ranks as ranks; candidate 0's is the run's ``checkpoints`` directory. :func:`live_state`
+and :func:`apply_state` carry a candidate's complete state in memory (the search's copy of
+the best candidate).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from partialfc.errors import CheckpointError
+from partialfc.errors import CheckpointError, ConfigError
 from partialfc.head.sharding import shard_range
 from partialfc.seeding import Stream, derive_seed
 from partialfc.train import checkpoint as ckpt
@@ -50,6 +57,7 @@ class Components:
     head_schedule: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     loader: object  # partialfc.data.loader.EpochLoader
+    search: object | None = None  # partialfc.train.search.SearchDriver, in a search
 
 
 class Progress(NamedTuple):
@@ -59,8 +67,12 @@ class Progress(NamedTuple):
 
 
 def seed_rank_stream(seed: int, rank: int, step: int) -> None:
-    """Seed torch's global generators (dropout, ...) with this rank's stream at ``step``."""
-    torch.manual_seed(derive_seed(seed, Stream.RANK, rank, step))
+    """Seed the global generators of torch (dropout, ...), numpy and Python with this rank's
+    stream at ``step``."""
+    value = derive_seed(seed, Stream.RANK, rank, step)
+    torch.manual_seed(value)
+    np.random.seed(value % 2**32)
+    random.seed(value)
 
 
 def capture_rng() -> dict:
@@ -88,17 +100,26 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def checkpoint_root(cfg) -> str:
-    return os.path.join(cfg.run_dir, "checkpoints")
+def checkpoint_root(cfg, candidate: int = 0) -> str:
+    """``RUN_DIR/checkpoints``; a search's candidate ``c > 0``: ``checkpoints/candidates/c``."""
+    root = os.path.join(cfg.run_dir, "checkpoints")
+    return root if candidate == 0 else os.path.join(root, "candidates", str(candidate))
 
 
-def resume_path(cfg) -> str | None:
-    """The checkpoint that ``checkpoint.resume`` (none, auto or a path) asks for, if any."""
+def resume_path(cfg, candidate: int = 0) -> str | None:
+    """The checkpoint that ``checkpoint.resume`` (none, auto or a path) asks for, if any.
+    ``none`` on a run directory that holds checkpoints is a :class:`ConfigError` unless
+    ``checkpoint.overwrite`` (the new run replaces its metrics and, in time, its checkpoints)."""
     how = cfg.checkpoint.resume
     if how == "none":
+        found = ckpt.latest_checkpoint(checkpoint_root(cfg, candidate))
+        if found is not None and not cfg.checkpoint.overwrite:
+            raise ConfigError(f"checkpoint.resume=none but {cfg.run_dir} holds checkpoints ({found}); "
+                              "use another run_dir, resume (checkpoint.resume=auto) or start over there "
+                              "with checkpoint.overwrite=true")
         return None
     if how == "auto":
-        return ckpt.latest_checkpoint(checkpoint_root(cfg))
+        return ckpt.latest_checkpoint(checkpoint_root(cfg, candidate))
     return ckpt.resolve_checkpoint(how)
 
 
@@ -110,9 +131,48 @@ def build_shared(cfg, parts: Components, progress: Progress) -> dict:
             "model": {"backbone": cfg.model.backbone, "embedding_size": cfg.model.embedding_size,
                       "options": OmegaConf.to_container(cfg.model.options)},
             "head_shards": [shard_range(num_classes, world_size, r) for r in range(world_size)],
-            "backbone": parts.engine.state_dict(), "head_schedule": parts.head_schedule.state_dict(),
+            **_common_state(parts), "data": parts.loader.state_dict(),
+            "search": parts.search.state_dict() if parts.search is not None else None}
+
+
+def _common_state(parts: Components) -> dict:
+    return {"backbone": parts.engine.state_dict(), "head_schedule": parts.head_schedule.state_dict(),
             "head_param_groups": parts.head_optimizer.state_dict()["param_groups"],
-            "scaler": parts.scaler.state_dict(), "data": parts.loader.state_dict()}
+            "scaler": parts.scaler.state_dict()}
+
+
+def live_state(parts: Components) -> dict:
+    """This rank's complete training state in memory: ``trainer.pt``'s backbone, schedules,
+    scaler and head param groups with this rank's ``head_rank*.pt`` contents."""
+    return {**_common_state(parts), **build_rank_state(parts)}
+
+
+def apply_state(state: dict, parts: Components, source: str) -> None:
+    """Load a :func:`live_state` (or a checkpoint's shared file merged with one rank's file)
+    of the same world size into ``parts``."""
+    _load_common(state, parts, source)
+    parts.head.load_state_dict(state["head"])
+    restore_rng(state["rng"])
+    parts.loader.load_state_dict(state["data"])
+    _load_optimizer_rows(state["optimizer_rows"], state["head_param_groups"], parts)
+
+
+def _load_common(state: dict, parts: Components, source: str) -> None:
+    try:
+        parts.engine.load_state_dict(state["backbone"], source)
+    except (RuntimeError, ValueError) as err:
+        raise CheckpointError(f"cannot load the backbone from {source}: {str(err).splitlines()[0]}") from None
+    parts.head_schedule.load_state_dict(state["head_schedule"])
+    if state["scaler"] and parts.scaler.is_enabled():  # a bf16/fp32 run saved no scaler state
+        parts.scaler.load_state_dict(state["scaler"])
+
+
+def _load_optimizer_rows(rows: dict, param_groups: list, parts: Components) -> None:
+    if rows:
+        device = parts.head.weight.device
+        parts.head_optimizer.load_state_dict({"state": {0: {k: v.to(device) for k, v in rows.items()}},
+                                              "param_groups": param_groups})
+    sync_schedule(parts.head_schedule)
 
 
 def build_rank_state(parts: Components) -> dict:
@@ -124,8 +184,34 @@ def build_rank_state(parts: Components) -> dict:
             "optimizer_rows": rows, "rng": capture_rng(), "data": parts.loader.state_dict()}
 
 
+# What else defines the model and the objective (backbone, embedding size and class count must
+# match anyway): a resume with other values would continue another experiment under this run's
+# name, so it needs checkpoint.allow_config_change.
+OBJECTIVE_KEYS = ("model.options", "loss.name", "loss.params", "head.sample_rate")
+
+
+def _leaves(node, key: str) -> dict:
+    """``{dotted key: value}`` of every leaf of a config node (the node itself if a leaf)."""
+    value = OmegaConf.to_container(node) if OmegaConf.is_config(node) else node
+    if isinstance(value, dict):
+        return {k: v for name, item in value.items() for k, v in _leaves(item, f"{key}.{name}").items()}
+    return {key: value}
+
+
+def objective_changes(cfg, saved_yaml: str) -> list[str]:
+    """``"key: saved -> now"`` for each leaf under :data:`OBJECTIVE_KEYS` that differs between
+    the checkpoint's config (its YAML text) and ``cfg``."""
+    saved, changes = OmegaConf.create(saved_yaml), []
+    for key in OBJECTIVE_KEYS:
+        old, new = _leaves(OmegaConf.select(saved, key), key), _leaves(OmegaConf.select(cfg, key), key)
+        changes += [f"{k}: {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}"
+                    for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    return changes
+
+
 def check_compatible(cfg, num_classes: int, shared: dict, path: str) -> None:
-    """Raise :class:`CheckpointError` unless ``shared`` is of this format, model and class count."""
+    """Raise :class:`CheckpointError` unless ``shared`` is of this format, model and class count,
+    and (unless ``checkpoint.allow_config_change``) has the same :data:`OBJECTIVE_KEYS`."""
     if shared.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} has format {shared.get('format')}, this version resumes "
                               f"format {FORMAT} only")
@@ -135,38 +221,32 @@ def check_compatible(cfg, num_classes: int, shared: dict, path: str) -> None:
     if mine != theirs:
         raise CheckpointError(f"checkpoint {path} was written for {theirs}, this run is {mine}; "
                                    "to fine-tune on other classes set checkpoint.init_backbone instead")
+    changes = objective_changes(cfg, shared["config"])
+    if changes and not cfg.checkpoint.allow_config_change:
+        raise CheckpointError(f"checkpoint {path} was trained with another model or objective ("
+                              f"{'; '.join(changes)}); use another run_dir, or set "
+                              "checkpoint.allow_config_change=true to continue from it anyway")
 
 
 def restore(path: str, cfg, parts: Components) -> Progress:
     """Load the checkpoint at ``path`` into ``parts``; reshards the head if the world size changed."""
     shared = ckpt.load_shared(path)
     check_compatible(cfg, parts.head.num_classes, shared, path)
-    try:
-        parts.engine.load_state_dict(shared["backbone"], path)
-    except (RuntimeError, ValueError) as err:
-        raise CheckpointError(f"cannot load the backbone from {path}: {str(err).splitlines()[0]}") from None
-    parts.head_schedule.load_state_dict(shared["head_schedule"])
-    if shared["scaler"] and parts.scaler.is_enabled():  # a bf16/fp32 run saved no scaler state
-        parts.scaler.load_state_dict(shared["scaler"])
+    if parts.search is not None:
+        if shared.get("search") is None:
+            raise CheckpointError(f"checkpoint {path} holds no search state; a search resumes only from a search")
+        parts.search.load_state_dict(shared["search"])
     progress = Progress(shared["step"], shared["skipped_steps"], shared["run_id"])
     head = parts.head
     if shared["world_size"] == head.world_size:
-        mine = ckpt.load_rank_file(path, head.rank)
-        head.load_state_dict(mine["head"])
-        rows = mine["optimizer_rows"]
-        restore_rng(mine["rng"])
-        parts.loader.load_state_dict(mine["data"])
-    else:
-        gathered = ckpt.gather_head_rows(path, shared["head_shards"], head.class_start, head.num_local)
-        with torch.no_grad():
-            head.weight.copy_(gathered["weight"])
-        rows = gathered["optimizer"]
-        head.sampler.reseed(progress.step)
-        seed_rank_stream(cfg.seed, head.rank, progress.step)
-        parts.loader.load_state_dict(shared["data"])
-    if rows:
-        device = head.weight.device
-        parts.head_optimizer.load_state_dict({"state": {0: {k: v.to(device) for k, v in rows.items()}},
-                                              "param_groups": shared["head_param_groups"]})
-    sync_schedule(parts.head_schedule)
+        apply_state({**shared, **ckpt.load_rank_file(path, head.rank)}, parts, path)
+        return progress
+    _load_common(shared, parts, path)
+    gathered = ckpt.gather_head_rows(path, shared["head_shards"], head.class_start, head.num_local)
+    with torch.no_grad():
+        head.weight.copy_(gathered["weight"])
+    head.sampler.reseed(progress.step)
+    seed_rank_stream(cfg.seed, head.rank, progress.step)
+    parts.loader.load_state_dict(shared["data"])
+    _load_optimizer_rows(gathered["optimizer"], shared["head_param_groups"], parts)
     return progress

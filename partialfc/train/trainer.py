@@ -8,6 +8,7 @@ launcher that :func:`partialfc.dist.init_distributed` understands.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -19,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from partialfc import dist as pdist
-from partialfc.errors import TrainingDiverged
+from partialfc.errors import DistributedError, TrainingDiverged
 from partialfc.eval.verification import VerificationSet
 from partialfc.head import PartialFC
 from partialfc.losses import build_loss
@@ -30,6 +31,7 @@ from partialfc.train.engine import build_engine
 from partialfc.train.logging import RunLogger, new_run_id, plot_curves
 from partialfc.train.optim import build_optimizer, build_schedule, clip_grads_, grad_norm
 from partialfc.train.preemption import Preempted, StopRequest
+from partialfc.train.search import SearchDriver
 from partialfc.train.state import Components, Progress, build_rank_state, build_shared, checkpoint_root, \
     resume_path, restore, seed_rank_stream
 
@@ -61,15 +63,19 @@ def load_backbone_weights(backbone: torch.nn.Module, path: str) -> None:
 class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
-        launch = pdist.init_distributed()
+        launch = pdist.init_distributed(timeout_s=pdist.resolve_timeout(cfg.dist.timeout_s))
         self.rank, self.world_size = pdist.get_rank(), pdist.get_world_size()
+        # Search-Softmax: this rank's candidate is a complete trainer over its group's ranks.
+        self.layout = pdist.candidate_groups(cfg.search.population) if cfg.search.enabled else None
+        self.group = self.layout.group if self.layout is not None else None
+        self.group_rank, self.group_size = pdist.get_rank(self.group), pdist.get_world_size(self.group)
         self.device = torch.device(f"cuda:{launch.local_rank}" if torch.cuda.is_available() else "cpu")
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         prefix, bins = prepare_dataset(cfg)
-        self.loader = build_loader(cfg, prefix, self.device)
+        self.loader = build_loader(cfg, prefix, self.device, self.group_rank, self.group_size)
         self.batches = self.loader.forever()
         self.num_classes = self.loader.num_classes
         self.steps_per_epoch = len(self.loader) // cfg.train.grad_accum
@@ -84,35 +90,45 @@ class Trainer:
                                   **dict(cfg.model.options)).to(self.device)
         if cfg.checkpoint.init_backbone:
             load_backbone_weights(backbone, cfg.checkpoint.init_backbone)
-        seed_rank_stream(cfg.seed, self.rank, 0)  # dropout, ...
+        seed_rank_stream(cfg.seed, self.group_rank, 0)  # dropout, ...
         self.head = PartialFC(cfg.model.embedding_size, self.num_classes,
                               loss=build_loss(cfg.loss.name, **dict(cfg.loss.params)),
                               sample_rate=cfg.head.sample_rate, seed=cfg.seed, init_std=cfg.head.init_std,
-                              device=self.device, fused=str(cfg.head.fused),
+                              device=self.device, process_group=self.group, fused=str(cfg.head.fused),
                               dtype=torch.bfloat16 if str(cfg.head.storage) == "bf16" else torch.float32)
         self.head_optimizer = build_optimizer([self.head.weight], cfg.head.optimizer, sparse_rows=True)
         self.head_schedule = build_schedule(self.head_optimizer, cfg.head.optimizer.schedule, self.total_steps)
         autocast_dtype, use_scaler = resolve_precision(cfg.train.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
-        self.engine = build_engine(backbone, cfg, self.total_steps, self.scaler, autocast_dtype)
+        self.engine = build_engine(backbone, cfg, self.total_steps, self.scaler, autocast_dtype, self.group)
         self.autocast_dtype = autocast_dtype if cfg.train.engine == "ddp" else None
         self.eval_sets = [VerificationSet(p) for p in bins]
         self.parts = Components(self.engine, self.head, self.head_optimizer, self.head_schedule, self.scaler,
                                 self.loader)
+        self.search = None  # Search-Softmax driver (train/search.py); its state is in the checkpoints
+        if self.layout is not None:
+            reward_set = VerificationSet(cfg.search.reward or prefix + ".bin")
+            self.search = SearchDriver(cfg, self.layout, self.parts, lambda: reward_set.evaluate(
+                self.engine.module, group=self.group, batch_size=cfg.eval.batch_size, device=self.device,
+                autocast_dtype=self.autocast_dtype).accuracy)
+            self.parts = dataclasses.replace(self.parts, search=self.search)
 
         self.step = 0
         self.skipped_steps = 0
         self.consecutive_nonfinite = 0
         self.run_id = new_run_id()
-        self.checkpoint_root = checkpoint_root(cfg)
+        candidate = self.layout.candidate if self.layout is not None else 0
+        self.checkpoint_root = checkpoint_root(cfg, candidate)
         self.checkpoint_requested = False  # agreed by all ranks
         self.local_checkpoint_request = False  # this rank's, from SIGUSR1
         self.stop = StopRequest()
         self.stop_requested = False
         self.last_accuracy: float | None = None
-        resume = resume_path(cfg)
+        resume = resume_path(cfg, candidate)
         if resume is not None:
             self.load(resume)
+        if self.search is not None:
+            self.search.begin_epoch(self.step // self.steps_per_epoch)
         self.logger = RunLogger(cfg.run_dir, self.run_id, cfg.log.wandb, OmegaConf.to_container(cfg),
                                 resume_step=self.step if resume is not None else None)
         self.print_summary()
@@ -146,15 +162,15 @@ class Trainer:
         """The head's loss; NaN (with a backward that reaches the backbone only) when any
         rank's embeddings are non-finite, so that all ranks skip the step together."""
         bad = torch.tensor([0.0 if torch.isfinite(embeddings).all() else 1.0])
-        if self.world_size > 1:
-            torch.distributed.all_reduce(bad)
+        if self.group_size > 1:
+            torch.distributed.all_reduce(bad, group=self.group)
         if bad.item():
             return embeddings.float().sum() * float("nan")
-        if self.world_size > 1 and embeddings.requires_grad:
+        if self.group_size > 1 and embeddings.requires_grad:
             # The head hands each rank the exact gradient of the global-batch mean for its own
             # rows; DDP/DeepSpeed then *average* the backbone gradients over the ranks. Scaling
             # by the world size here makes that average the gradient of the global mean loss.
-            embeddings.register_hook(lambda grad: grad * self.world_size)
+            embeddings.register_hook(lambda grad: grad * self.group_size)
         return self.head(embeddings, labels)
 
     def _global_head_norm(self) -> torch.Tensor:
@@ -166,11 +182,16 @@ class Trainer:
         # The signal handler only sets the local request; what the step acts on is the agreed flag.
         asked, self.local_checkpoint_request = self.local_checkpoint_request, False
         flags = torch.tensor([float(asked), float(self.stop.local_flag())], dtype=torch.float64)
-        packed = torch.cat([(local.double() ** 2).reshape(1), flags])
+        # One slot per search candidate (one slot without a search): the norm sums over this
+        # candidate's shards only, the requests over the whole job.
+        slots, mine = (self.layout.population, self.layout.candidate) if self.layout is not None else (1, 0)
+        norms = torch.zeros(slots, dtype=torch.float64)
+        norms[mine] = local.double() ** 2
+        packed = torch.cat([norms, flags])
         if self.world_size > 1:
             torch.distributed.all_reduce(packed)
-        self.checkpoint_requested, self.stop_requested = bool(packed[1] > 0), bool(packed[2] > 0)
-        return packed[0].sqrt().float()
+        self.checkpoint_requested, self.stop_requested = bool(packed[slots] > 0), bool(packed[slots + 1] > 0)
+        return packed[mine].sqrt().float()
 
     def _follow_epoch(self) -> None:
         """Losses with a per-epoch parameter (Random-Softmax's draw of ``a``) get each new
@@ -244,11 +265,25 @@ class Trainer:
             if self.last_accuracy is not None:
                 self.logger.print(f"accuracy: {self.last_accuracy:.3f}")
             return summary
+        except RuntimeError as err:
+            reason = pdist.collective_failure(err)
+            if reason is None:
+                raise
+            raise DistributedError(
+                f"rank {self.rank} at step {self.step}: a collective failed ({reason}): a rank died, hung or was "
+                f"stopped, or did not answer within dist.timeout_s={pdist.resolve_timeout(cfg.dist.timeout_s):g} s; "
+                "resume from the last checkpoint") from None
         finally:
             if previous is not None:
                 signal.signal(signal.SIGUSR1, previous)
             self.stop.uninstall()
-            self.logger.close()
+            self.close()
+
+    def close(self) -> None:
+        """Shut the data workers down and close the logs (every exit path of :meth:`train`)."""
+        self.batches.close()
+        self.loader.close()
+        self.logger.close()
 
     def _loop(self) -> dict:
         cfg = self.cfg
@@ -258,6 +293,8 @@ class Trainer:
         last: dict = {}
         while self.step < self.total_steps:
             last = self.train_step()
+            if self.search is not None and self.step % self.steps_per_epoch == 0:
+                self._search_epoch_end()
             if last["finite"]:
                 window["loss"].append(last["loss"])
             window["wait"] += last["data_wait"]
@@ -280,6 +317,15 @@ class Trainer:
             if (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0) or self.checkpoint_requested:
                 self.save()
         return {"step": self.step, "loss": last.get("loss"), "skipped_steps": self.skipped_steps}
+
+    def _search_epoch_end(self) -> None:
+        """Collective: the search's step after each epoch (rewards, mu, copy of the best)."""
+        record = self.search.end_epoch(self.step // self.steps_per_epoch - 1)
+        if record is not None:
+            self.logger.log("search", self.step, record)
+            self.logger.print(f"search epoch {record['epoch']}: mu {record['mu']:.4f} -> {record['mu_next']:.4f} "
+                              f"x {[round(x, 4) for x in record['x']]} reward "
+                              f"{[round(r, 4) for r in record['reward']]} best {record['best']}")
 
     def _log_train(self, last: dict, window: dict, start: float, start_step: int) -> None:
         now = time.perf_counter()
@@ -307,8 +353,8 @@ class Trainer:
         """Verification accuracy on every ``.bin`` set (all ranks take part)."""
         out = {}
         for vs in self.eval_sets:
-            result = vs.evaluate(self.engine.module, batch_size=self.cfg.eval.batch_size, device=self.device,
-                                 autocast_dtype=self.autocast_dtype)
+            result = vs.evaluate(self.engine.module, group=self.group, batch_size=self.cfg.eval.batch_size,
+                                 device=self.device, autocast_dtype=self.autocast_dtype)
             name = os.path.basename(vs.path)
             self.logger.log("eval", self.step, {"set": name, **result.as_dict()})
             self.logger.print(f"eval {name} step {self.step}: accuracy {result.accuracy:.4f} "
@@ -323,10 +369,11 @@ class Trainer:
     def save(self) -> str:
         """Collective: write a complete checkpoint of this step."""
         shared = None
-        if self.rank == 0:
+        if self.group_rank == 0:
             shared = build_shared(self.cfg, self.parts, Progress(self.step, self.skipped_steps, self.run_id))
         path = ckpt.save_checkpoint(self.checkpoint_root, self.step, shared, build_rank_state(self.parts),
-                                    keep=self.cfg.checkpoint.keep, write_extra=self.engine.save_extra)
+                                    keep=self.cfg.checkpoint.keep, write_extra=self.engine.save_extra,
+                                    rank=self.group_rank)
         self._saved_step = self.step
         self.checkpoint_requested = False
         self.logger.print(f"checkpoint step {self.step} -> {path}")
