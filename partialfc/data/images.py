@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from partialfc.errors import RecordIOError
 
@@ -25,6 +25,8 @@ def decode_face(data: bytes, where: str) -> np.ndarray:
     ``(IMAGE_SIZE, IMAGE_SIZE, 3)``, else :class:`RecordIOError` starting with ``where``."""
     try:
         image = decode_image(data)
+    except UnidentifiedImageError:
+        raise RecordIOError(f"{where}: image cannot be decoded (not an image format Pillow knows)") from None
     except (OSError, ValueError, SyntaxError) as e:  # Pillow's errors for corrupt data
         raise RecordIOError(f"{where}: image cannot be decoded ({e})") from None
     if image.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
