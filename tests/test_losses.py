@@ -330,6 +330,7 @@ def test_build_loss_errors_list_valid_choices():
     ("dsoftmax", {"d": 2.0}, r"\[-1, 1\]"), ("search_softmax", {"a": 0.5}, "a <= 0"),
     ("combined", {"m1": 0.0}, "m1 must be > 0"), ("combined", {"m1": 4.0, "m2": 0.0}, "monotone"),
     ("arcface", {"m": 3.5}, r"\[0, pi\)"), ("cosface", {"s": -1.0}, "s must be > 0"),
+    ("cosface", {"m": 1.0}, r"CosFace margin m must lie in \[0, 1\)"), ("cosface", {"m": -0.1}, r"\[0, 1\)"),
     ("arcface", {"gradient": "fast"}, "exact.*straight_through"), ("random_softmax", {"sigma": 0}, "sigma > 0"),
     ("cosface", {"s": "big"}, "valid parameters: s, m")])
 def test_build_loss_rejects_invalid_values(name, params, message):

@@ -21,6 +21,8 @@ class CosFace(MarginLoss):
 
     def __init__(self, s: float = 64.0, m: float = 0.4, **kwargs):
         super().__init__(s=s, **kwargs)
+        if not 0.0 <= m < 1.0:
+            raise ValueError(f"CosFace margin m must lie in [0, 1), got {m}")
         self.m = float(m)
 
     def psi(self, cos_target: torch.Tensor) -> torch.Tensor:
