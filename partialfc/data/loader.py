@@ -20,7 +20,7 @@ import torch
 
 from partialfc import dist
 from partialfc.data.dataset_index import RecordDataset, open_dataset
-from partialfc.errors import RecordIOError
+from partialfc.errors import InputError, RecordIOError
 
 log = logging.getLogger(__name__)
 BAD_IMAGE_MODES = ("error", "skip")
@@ -77,9 +77,11 @@ class EpochLoader:
         self.seed = seed
         self.epoch = 0
         self.batches_consumed = 0
+        if self.dataset.num_images == 0:
+            raise InputError(f"{self.dataset.rec_path}: the dataset holds no images")
         if len(self) == 0:
-            raise ValueError(f"{self.dataset.rec_path}: {self.dataset.num_images} images give no full batch of "
-                             f"{batch_size} on each of {self.world_size} ranks")
+            raise InputError(f"{self.dataset.rec_path}: {self.dataset.num_images} images give no full batch of "
+                             f"{batch_size} on each of {self.world_size} ranks; lower the batch size")
 
     @property
     def num_classes(self) -> int:

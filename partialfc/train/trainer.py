@@ -20,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from partialfc import dist as pdist
-from partialfc.errors import DistributedError, TrainingDiverged
+from partialfc.errors import ConfigError, DistributedError, TrainingDiverged
 from partialfc.eval.verification import VerificationSet
 from partialfc.head import PartialFC
 from partialfc.losses import build_loss
@@ -80,8 +80,8 @@ class Trainer:
         self.num_classes = self.loader.num_classes
         self.steps_per_epoch = len(self.loader) // cfg.train.grad_accum
         if self.steps_per_epoch == 0:
-            raise ValueError(f"an epoch has {len(self.loader)} batches per rank, fewer than train.grad_accum="
-                             f"{cfg.train.grad_accum}")
+            raise ConfigError(f"train.grad_accum={cfg.train.grad_accum} is more than the {len(self.loader)} "
+                              f"batches per rank of an epoch of {prefix}; lower it or data.batch_size")
         self.total_steps = cfg.train.max_steps or max(1, round(cfg.train.epochs * self.steps_per_epoch))
 
         torch.manual_seed(cfg.seed)  # same backbone initialisation on every rank
