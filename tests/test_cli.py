@@ -90,8 +90,9 @@ def test_every_argument_has_help_with_its_default():
         shown = HelpFormatter("partialfc")._get_help_string(action) % {"default": action.default}
         stated = action.default is None or action.default is False or action.default == []
         assert stated or "default" in shown, f"{name}: the help does not state its default {action.default!r}"
-    submit = next(a for p, a in _actions(parser) if p == ("partialfc", "submit") and "--nodes" in a.option_strings)
-    assert "(default: 1)" in HelpFormatter("partialfc")._get_help_string(submit)
+    entries = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    shown = " ".join(entries.choices["submit"].format_help().split())
+    assert "nodes to allocate (default: 1)" in shown and "(default: None)" not in shown
 
 
 def test_version(capsys):
