@@ -120,3 +120,37 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path):
     resumed = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", log)]
     assert stopped and resumed == stopped[:1] and 0 < stopped[0] < steps, log
     assert metrics_steps(run_dir)[-1] == steps
+
+
+def test_scancel_term_with_workers_checkpoints_requeues_and_resumes(cluster, tmp_path):
+    """`scancel --signal=TERM`: SIGTERM to every process of the job step, DataLoader workers
+    included (here 2 per rank), as a preemption with grace time does."""
+    run_dir = tmp_path / "run"
+    steps = 400
+    done = submit("configs/demo.yaml", *tiny_training(tmp_path, steps), "data.num_workers=2", "--tasks-per-node",
+                  "2", "--cpus-per-task", "1", "--overcommit", "--time", "00:15:00", "--run-dir", str(run_dir),
+                  env=cluster.env)
+    assert done.returncode == 0, done.stderr
+    job_id = int(done.stdout.split()[2].rstrip(":"))
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and len(metrics_steps(run_dir)) >= 5:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("training did not start: " + "".join(p.read_text() for p in run_dir.glob("slurm-*.out")))
+    sent = time.monotonic()
+    subprocess.run(["scancel", "--signal=TERM", str(job_id)], check=True, env=cluster.env)
+    cluster.wait(job_id, timeout=120, states=("PENDING", "COMPLETED", "FAILED", "CANCELLED"))
+    requeued_after = time.monotonic() - sent
+    info = cluster.wait(job_id, timeout=600, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
+    log = next(run_dir.glob("slurm-*.out")).read_text()
+    assert info["JobState"] == "COMPLETED", log
+    assert int(info.get("Restarts", 0)) == 1, info
+    assert "killed by signal" not in log, log
+    stopped = [int(s) for s in re.findall(r"stopped on request at step (\d+)", log)]
+    resumed = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", log)]
+    assert stopped and resumed == stopped[:1] and 0 < stopped[0] < steps, log
+    assert metrics_steps(run_dir)[-1] == steps
+    print(f"scancel --signal=TERM with 2 workers per rank: checkpoint at step {stopped[0]}, job pending "
+          f"for its requeue {requeued_after:.1f} s after the signal, resumed at step {resumed[0]}, finished")

@@ -1,0 +1,229 @@
+"""What clusters do to a run, on real processes: a signal to every process of the job (ranks
+and their DataLoader workers), a rank that never starts or stops answering, an interrupted run
+with dropout and workers, a stop file or checkpoints left by an earlier run, a resume with
+another model or objective. (Slurm itself: tests/test_slurm.py.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from partialfc.dist import free_port
+from partialfc.errors import CheckpointError, ConfigError
+from partialfc.train.checkpoint import latest_checkpoint
+from partialfc.train.config import load_config
+from partialfc.train.logging import read_metrics
+from partialfc.train.preemption import EXIT_PREEMPTED, StopRequest
+from tests.train_helpers import tiny_overrides
+
+
+def launch_ranks(run_dir, cache, world, *extra, ranks=None):
+    """``partialfc train`` as ranks ``ranks`` (default all) of a ``world``-rank gloo job, all in
+    one new process group (as a scheduler's job step); output in ``run_dir/rank<r>.log``."""
+    os.makedirs(run_dir, exist_ok=True)
+    port, procs = free_port(), []
+    cmd = [sys.executable, "-m", "partialfc.cli", "train", "configs/demo.yaml",
+           *tiny_overrides(run_dir, cache, "train.threads=1", *extra)]
+    for r in range(world) if ranks is None else ranks:
+        env = {**os.environ, "RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        env.pop("PARTIALFC_STOP_FILE", None)
+        group = {"process_group": procs[0].pid if procs else 0}
+        log = open(os.path.join(run_dir, f"rank{r}.log"), "w")
+        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, **group))
+    return procs
+
+
+def train_steps(run_dir) -> list[int]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    return [r["step"] for r in read_metrics(path) if r["kind"] == "train"] if os.path.exists(path) else []
+
+
+def wait_for_steps(run_dir, n, procs, timeout=180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(train_steps(run_dir)) < n:
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            logs = "".join(open(os.path.join(run_dir, f)).read() for f in os.listdir(run_dir) if f.endswith(".log"))
+            pytest.fail(f"training did not reach step {n}:\n{logs}")
+        time.sleep(0.2)
+
+
+def read_log(run_dir, rank) -> str:
+    return open(os.path.join(run_dir, f"rank{rank}.log")).read()
+
+
+@pytest.mark.multiprocess
+def test_sigterm_to_every_process_with_workers_checkpoints(tmp_path, cache):
+    """What Slurm does at the time limit, on scancel and on preemption: SIGTERM to the ranks and
+    to their DataLoader workers at once. The workers ignore it; the ranks checkpoint, shut their
+    workers down and exit 3."""
+    run_dir = str(tmp_path / "run")
+    procs = launch_ranks(run_dir, cache, 2, "data.num_workers=2", "train.max_steps=100000")
+    try:
+        wait_for_steps(run_dir, 3, procs)
+        sent = time.monotonic()
+        os.killpg(procs[0].pid, signal.SIGTERM)
+        codes = [p.wait(timeout=120) for p in procs]
+        elapsed = time.monotonic() - sent
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    logs = [read_log(run_dir, r) for r in range(2)]
+    assert codes == [EXIT_PREEMPTED] * 2, logs
+    assert not any("worker" in log and "killed" in log for log in logs), logs
+    stopped = int(logs[0].split("stopped on request at step ")[1].split(";")[0])
+    assert stopped >= 3 and latest_checkpoint(os.path.join(run_dir, "checkpoints")).endswith(f"step_{stopped:08d}")
+    print(f"SIGTERM to the process group: both ranks exited 3 after {elapsed:.1f} s, checkpoint at step {stopped}")
+
+
+@pytest.mark.multiprocess
+def test_a_rank_that_never_starts_is_named_within_the_timeout(tmp_path, cache):
+    run_dir = str(tmp_path / "run")
+    start = time.monotonic()
+    (rank0,) = launch_ranks(run_dir, cache, 2, "dist.timeout_s=5", ranks=[0])
+    try:
+        code = rank0.wait(timeout=120)
+    finally:
+        if rank0.poll() is None:
+            rank0.kill()
+    elapsed, log = time.monotonic() - start, read_log(run_dir, 0)
+    assert code == 2, log
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "[1]" in errors[0] and "dist.timeout_s=5" in errors[0], log
+    assert "Traceback" not in log
+    assert elapsed < 5 + 60, elapsed  # the timeout plus start-up (imports, dataset) on a loaded machine
+    print(f"rank 1 never started: rank 0 exited 2 after {elapsed:.1f} s: {errors[0]}")
+
+
+@pytest.mark.multiprocess
+def test_a_rank_that_stops_answering_ends_the_run_with_one_line(tmp_path, cache):
+    run_dir = str(tmp_path / "run")
+    procs = launch_ranks(run_dir, cache, 2, "dist.timeout_s=5", "train.max_steps=100000")
+    try:
+        wait_for_steps(run_dir, 3, procs)
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        stalled = time.monotonic()
+        code = procs[0].wait(timeout=120)
+        elapsed = time.monotonic() - stalled
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    log = read_log(run_dir, 0)
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "dist.timeout_s=5" in errors[0], log
+    assert "Traceback" not in log
+    assert elapsed < 5 + 30, elapsed
+    print(f"rank 1 stopped (SIGSTOP): rank 0 exited 2 after {elapsed:.1f} s: {errors[0]}")
+
+
+def _run(overrides, interrupt_at=None):
+    """Train in this process (workers are this process's children); with ``interrupt_at``,
+    stop there, checkpoint, drop the trainer and resume in a new one. Returns the losses of
+    every step, the head weight and the backbone state."""
+    from partialfc.train.trainer import Trainer
+
+    losses = []
+    if interrupt_at is not None:
+        first = Trainer(load_config(None, overrides))
+        losses = [first.train_step()["loss"] for _ in range(interrupt_at)]
+        first.save()
+        first.close()
+        del first
+    trainer = Trainer(load_config(None, overrides))
+    trainer.train()
+    losses += [r["loss"] for r in read_metrics(os.path.join(trainer.cfg.run_dir, "metrics.jsonl"))
+               if r["kind"] == "train" and r["step"] > len(losses)]
+    return losses, trainer.head.weight.detach().clone(), {k: v.clone() for k, v in
+                                                            trainer.engine.module.state_dict().items()}
+
+
+@pytest.mark.multiprocess
+def test_resume_is_bitwise_exact_with_dropout_and_workers(tmp_path, cache):
+    common = ("model.options={dropout: 0.2}", "data.num_workers=1", "train.deterministic=true",
+              "train.max_steps=6", "eval.at_end=false")
+    straight = _run(tiny_overrides(tmp_path / "a", cache, *common))
+    resumed = _run(tiny_overrides(tmp_path / "b", cache, *common), interrupt_at=3)
+    assert len(straight[0]) == 6 and straight[0] == resumed[0]
+    assert torch.equal(straight[1], resumed[1])
+    for key, value in straight[2].items():
+        assert torch.equal(value, resumed[2][key]), key
+
+
+def test_a_stop_file_left_by_an_earlier_run_is_ignored(tmp_path):
+    stop = tmp_path / "stop"
+    stop.touch()
+    os.utime(stop, (1000, 1000))
+    (tmp_path / "stop.done").write_text("7\n")  # the earlier run acknowledged it
+    os.utime(tmp_path / "stop.done", (1001, 1001))
+    request = StopRequest(str(stop))
+    assert not request.local_flag()
+    os.utime(stop, (1002, 1002))  # asked again after that run
+    assert request.local_flag()
+    (tmp_path / "stop.done").unlink()
+    os.utime(stop, (1000, 1000))  # never acknowledged: a request for this run
+    assert StopRequest(str(stop)).local_flag()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, cache):
+    """A run directory holding the checkpoint of a finished 2-step run."""
+    from partialfc.train.trainer import Trainer
+
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    Trainer(load_config(None, tiny_overrides(run_dir, cache, "train.max_steps=2", "eval.at_end=false"))).train()
+    return run_dir
+
+
+def test_resume_none_on_a_run_with_checkpoints_refuses(finished_run, cache, tmp_path):
+    from partialfc.train.trainer import Trainer
+
+    metrics = (finished_run / "metrics.jsonl").read_bytes()
+    with pytest.raises(ConfigError, match="checkpoint.overwrite=true"):
+        Trainer(load_config(None, tiny_overrides(finished_run, cache, "checkpoint.resume=none")))
+    assert (finished_run / "metrics.jsonl").read_bytes() == metrics
+    assert latest_checkpoint(str(finished_run / "checkpoints")).endswith("step_00000002")
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(finished_run), str(copy)], check=True)
+    fresh = Trainer(load_config(None, tiny_overrides(copy, cache, "checkpoint.resume=none",
+                                                     "checkpoint.overwrite=true")))
+    assert fresh.step == 0
+    fresh.close()
+
+
+def test_resume_with_another_model_or_objective_names_the_keys(finished_run, cache):
+    from partialfc.train.trainer import Trainer
+
+    changed = ("loss.name=arcface", "loss.params={s: 16.0, m: 0.3}", "head.sample_rate=1.0")
+    with pytest.raises(CheckpointError) as err:
+        Trainer(load_config(None, tiny_overrides(finished_run, cache, "train.max_steps=4", *changed)))
+    message = str(err.value)
+    for key in ("loss.name", "loss.params.m", "head.sample_rate", "checkpoint.allow_config_change=true"):
+        assert key in message, message
+    assert "loss.params.s" not in message and "train.max_steps" not in message
+    resumed = Trainer(load_config(None, tiny_overrides(finished_run, cache, "train.max_steps=4", *changed,
+                                                       "checkpoint.allow_config_change=true")))
+    assert resumed.step == 2
+    resumed.close()
+
+
+def test_the_environment_overrides_the_configured_timeout(monkeypatch):
+    from partialfc.dist import TIMEOUT_ENV, resolve_timeout
+    from partialfc.errors import LaunchError
+
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    assert resolve_timeout(600) == 600.0
+    monkeypatch.setenv(TIMEOUT_ENV, "7.5")
+    assert resolve_timeout(600) == 7.5
+    for bad in ("soon", "0"):
+        monkeypatch.setenv(TIMEOUT_ENV, bad)
+        with pytest.raises(LaunchError, match=TIMEOUT_ENV):
+            resolve_timeout(600)
