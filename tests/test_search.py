@@ -5,6 +5,7 @@ and the configuration errors."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
@@ -79,6 +80,18 @@ def test_policy_update_is_reinforce_with_adam():
     assert normalised_rewards([1.0, 3.0]).tolist() == pytest.approx([-1.0, 1.0], rel=1e-5)
 
 
+def test_a_schedule_replays_per_epoch():
+    from partialfc.losses import build_loss
+
+    loss = build_loss("search_softmax", s=16.0, schedule=[0.0, -3.0, -1.5])
+    assert loss.a == 0.0
+    for epoch, a in [(1, -3.0), (2, -1.5), (7, -1.5), (0, 0.0)]:
+        loss.set_epoch(epoch)
+        assert loss.a == a and loss.margin == pytest.approx(math.log(1 - a) / 16.0)
+    with pytest.raises(ValueError, match="a <= 0"):
+        build_loss("search_softmax", schedule=[-1.0, 0.5])
+
+
 def test_draws_are_seeded_by_epoch_and_candidate():
     policy = SearchPolicy(0.3, 0.2, 0.05, (0.5, 0.999), seed=7)
     draws = [policy.draw(e, c) for e in range(3) for c in range(2)]
@@ -134,6 +147,15 @@ def test_rigged_reward_moves_mu_and_random_mode_does_not(tmp_path, cache):
     for r in searched["history"]:
         assert r["best"] == max(range(2), key=lambda c: abs(r["x"][c]))
         assert searched["schedule"][r["epoch"]] == r["a"][r["best"]]
+    run_dir = tmp_path / "search"
+    assert [json.loads(line) for line in open(run_dir / "search.jsonl")] == searched["history"]
+    logged = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert [{k: v for k, v in r.items() if k not in ("kind", "step")} for r in logged if r["kind"] == "search"] \
+        == searched["history"]
+    replay = json.loads((run_dir / "a_schedule.json").read_text())["loss"]
+    cfg = load_config(None, [f"run_dir={tmp_path}", "data.rec=unused", "loss.name=search_softmax",
+                             f"loss.params={json.dumps(replay['params'])}"])
+    assert list(cfg.loss.params.schedule) == searched["schedule"]
     random = run_distributed(_run, 2, str(tmp_path / "random"), str(cache),
                              ["train.epochs=4", "search.mode=random"], True)[0]
     assert [r["mu"] for r in random["history"]] + [random["mu"]] == [0.3] * 4
