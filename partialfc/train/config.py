@@ -135,12 +135,12 @@ class LossConfig:
     params: Dict[str, Any] = field(default_factory=dict)
 
     def check(self, key: str) -> None:
-        from partialfc.losses import build_loss
+        from partialfc.losses import LOSSES, build_loss
 
         try:
             build_loss(self.name, **self.params)
         except ValueError as err:
-            raise ConfigError(f"{key}: {err}") from None
+            raise ConfigError(f"{key}.{'params' if self.name in LOSSES else 'name'}: {err}") from None
 
 
 @dataclass

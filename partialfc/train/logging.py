@@ -45,6 +45,11 @@ def read_metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def wandb_mode(wandb_cfg) -> str:
+    """``log.wandb.mode``, else WANDB_MODE, else ``offline``."""
+    return str(wandb_cfg.mode or os.environ.get("WANDB_MODE") or "offline")
+
+
 def wandb_key(kind: str, metrics: dict, name: str) -> str:
     """The wandb key of ``metrics[name]`` in a record of ``kind``: ``eval/<set>/<name>`` when
     the record names a verification set, else ``<kind>/<name>``."""
@@ -72,7 +77,7 @@ class RunLogger:
             truncate_metrics(self.path, resume_step)
         with open(os.path.join(run_dir, CONFIG_FILE), "w") as f:
             f.write(OmegaConf.to_yaml(config))
-        mode = wandb_cfg.mode or os.environ.get("WANDB_MODE") or "offline"
+        mode = wandb_mode(wandb_cfg)
         if mode != "disabled":
             self.wandb = self._init_wandb(run_dir, run_id, wandb_cfg, mode, config)
 

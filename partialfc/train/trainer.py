@@ -31,6 +31,7 @@ from partialfc.train.engine import build_engine
 from partialfc.train.logging import RunLogger, new_run_id, plot_curves
 from partialfc.train.optim import build_optimizer, build_schedule, clip_grads_, grad_norm
 from partialfc.train.preemption import Preempted, StopRequest
+from partialfc.train.preflight import preflight
 from partialfc.train.search import SearchDriver
 from partialfc.train.state import Components, Progress, build_rank_state, build_shared, checkpoint_root, \
     resume_path, restore, seed_rank_stream
@@ -63,6 +64,7 @@ def load_backbone_weights(backbone: torch.nn.Module, path: str) -> None:
 class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
+        preflight(cfg)  # before the process group, the dataset and the model
         launch = pdist.init_distributed(timeout_s=pdist.resolve_timeout(cfg.dist.timeout_s))
         self.rank, self.world_size = pdist.get_rank(), pdist.get_world_size()
         # Search-Softmax: this rank's candidate is a complete trainer over its group's ranks.
