@@ -9,6 +9,7 @@ import glob
 import json
 import os
 import struct
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -35,6 +36,8 @@ def read_wandb_records(path: str) -> list:
             pos += left
             continue
         length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+        if pos + HEADER + length > len(data):  # still being written
+            break
         chunk = data[pos + HEADER:pos + HEADER + length]
         pos += HEADER + length
         if kind == 0:
@@ -45,6 +48,17 @@ def read_wandb_records(path: str) -> list:
             record.ParseFromString(pending)
             records.append(record)
     return records
+
+
+def finished_records(path: str, timeout: float = 60.0) -> list:
+    """The records once the run's exit record is on disk: wandb's service process writes the
+    log behind ``finish()``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_wandb_records(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
 
 
 def history(records) -> dict:
@@ -80,7 +94,7 @@ def test_two_sets_keep_their_own_keys(tmp_path, monkeypatch):
 
     files = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-abcdef123456.wandb"))
     assert len(files) == 1
-    records = read_wandb_records(files[0])
+    records = finished_records(files[0])
     keys = history(records)
     assert keys["eval/lfw/accuracy"] == [(5, 0.91)] and keys["eval/cfp_fp/accuracy"] == [(5, 0.83)]
     assert keys["eval/lfw/tar_at_far_1e3"] == [(5, 0.5)] and keys["train/loss"] == [(5, 2.5)]
