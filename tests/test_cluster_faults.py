@@ -227,3 +227,20 @@ def test_the_environment_overrides_the_configured_timeout(monkeypatch):
         monkeypatch.setenv(TIMEOUT_ENV, bad)
         with pytest.raises(LaunchError, match=TIMEOUT_ENV):
             resolve_timeout(600)
+
+
+def test_rendezvous_names_the_missing_ranks(caplog):
+    """In-process: rank 0 of 3 alone reports who is missing while it waits, then names them;
+    a rank whose rank 0 never comes names the address it tried."""
+    from partialfc.dist import LaunchEnv, free_port, rendezvous
+    from partialfc.errors import DistributedError
+
+    port = free_port()
+    start = time.monotonic()
+    with caplog.at_level("WARNING"), pytest.raises(DistributedError, match=r"ranks \[1, 2\] did not join"):
+        rendezvous(LaunchEnv(0, 3, 0, 3, "127.0.0.1", port, "torchrun"), timeout_s=1.5, report_every_s=0.5)
+    assert time.monotonic() - start < 10
+    assert any("waiting for ranks [1, 2]" in r.getMessage() for r in caplog.records), caplog.records
+    port = free_port()
+    with pytest.raises(DistributedError, match=f"rank 1: no store of rank 0 at 127.0.0.1:{port}"):
+        rendezvous(LaunchEnv(1, 2, 1, 2, "127.0.0.1", port, "torchrun"), timeout_s=1.0)
