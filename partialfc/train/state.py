@@ -111,10 +111,10 @@ def resume_path(cfg, candidate: int = 0) -> str | None:
     ``none`` on a run directory that holds checkpoints is a :class:`ConfigError` unless
     ``checkpoint.overwrite`` (the new run replaces its metrics and, in time, its checkpoints)."""
     how = cfg.checkpoint.resume
-    if how == "none":
-        found = ckpt.latest_checkpoint(checkpoint_root(cfg, candidate))
-        if found is not None and not cfg.checkpoint.overwrite:
-            raise ConfigError(f"checkpoint.resume=none but {cfg.run_dir} holds checkpoints ({found}); "
+    if how == "none":  # any checkpoint, whole or damaged, would be replaced
+        found = ckpt.list_checkpoints(checkpoint_root(cfg, candidate))
+        if found and not cfg.checkpoint.overwrite:
+            raise ConfigError(f"checkpoint.resume=none but {cfg.run_dir} holds checkpoints ({found[-1]}); "
                               "use another run_dir, resume (checkpoint.resume=auto) or start over there "
                               "with checkpoint.overwrite=true")
         return None
