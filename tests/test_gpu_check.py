@@ -28,6 +28,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert "no CUDA (CPU)" in (tmp_path / "summary.md").read_text()
 
 
+@pytest.mark.multiprocess
 def test_a_failed_step_is_reported_and_the_rest_still_run(tmp_path):
     env = dict(os.environ, GPU_CHECK_DRY="1", GPU_CHECK_OUT=str(tmp_path), PYTHON="false")
     done = subprocess.run(["bash", "launch/gpu_check.sh"], env=env, capture_output=True, text=True, timeout=60)

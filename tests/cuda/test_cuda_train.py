@@ -40,6 +40,7 @@ def _losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if r["kind"] == "train"}
 
 
+@pytest.mark.multiprocess
 def test_iresnet50_bf16_resume_gives_the_same_loss_curve(tmp_path, cache, monkeypatch):
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (spawned ranks inherit it)
     common = ("model.backbone=iresnet50", "model.embedding_size=512", "train.precision=bf16",
@@ -65,6 +66,7 @@ def _deepspeed(rank, world, overrides):
     return resumed.step, same, resumed.train()["step"]
 
 
+@pytest.mark.multiprocess
 def test_deepspeed_zero1_on_one_gpu(tmp_path, cache):
     pytest.importorskip("deepspeed")
     run_dir = tmp_path / "zero1"
