@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def base_config(args, out: Path) -> dict:
     """The config every run shares (as a ``base:`` file)."""
-    data: dict = {"batch_size": args.batch, "num_workers": 0, "cache_dir": str(out / "data")}
+    data: dict = {"batch_size": args.batch, "num_workers": 0, "cache_dir": str(out / "runs" / "data")}
     if args.rec:
         data["rec"] = args.rec
     else:
@@ -84,7 +84,7 @@ def reward_bin(args, out: Path) -> str:
         return args.reward_bin
     from partialfc.data.synthetic import write_synthetic_dataset
 
-    prefix = out / "data" / "reward" / "reward"
+    prefix = out / "runs" / "data" / "reward" / "reward"
     if not Path(f"{prefix}.bin").exists():
         prefix.parent.mkdir(parents=True, exist_ok=True)
         write_synthetic_dataset(str(prefix), 8, 2, verification_identities=100, verification_pairs=args.pairs,

@@ -13,15 +13,16 @@ class X2Softmax(MarginLoss):
     """``psi(c) = a*(theta - h)**2 + k`` with ``theta = arccos(c)``; target logit ``s*psi``.
 
     Defaults are the authors' released run: s=64, a=-0.9, h=0, k=0.65. ``a < 0`` and
-    ``h <= 0`` keep ``psi`` decreasing on ``[0, pi]``. Default gradient: straight-through,
-    as in the released code behind the published numbers (which, unlike here, did not clamp
-    before arccos); ``gradient="exact"`` back-propagates ``s*psi'(c)``, which grows like
-    ``1/sin(theta)`` toward theta = pi. The logit-space penalty ``c - psi`` grows with the
+    ``h <= 0`` keep ``psi`` decreasing on ``[0, pi]``. Default gradient: exact
+    (``s*psi'(c)``, which grows like ``1/sin(theta)`` toward theta = pi), chosen from the
+    evidence in docs/losses.md (level with CosFace only with it on a real-face check);
+    ``gradient="straight_through"`` reproduces the released code behind the published
+    numbers (which, unlike here, did not clamp before arccos). The logit-space penalty ``c - psi`` grows with the
     angle, so the two-class decision margin widens with the angle between class centres
     above ~90 degrees (the paper's "margin adaptive" property).
     """
 
-    default_gradient = "straight_through"
+    default_gradient = "exact"
 
     def __init__(self, s: float = 64.0, a: float = -0.9, h: float = 0.0, k: float = 0.65, **kwargs):
         super().__init__(s=s, **kwargs)
