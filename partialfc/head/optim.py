@@ -6,11 +6,17 @@ moments and weight decay of every other row stay bit-identical, and no dense gra
 the shard is ever formed. A dense gradient (``sample_rate == 1``) updates every row and then
 matches ``torch.optim.SGD`` / ``torch.optim.AdamW`` step for step.
 
+Memory: the rows are stepped ``block_rows`` (default 65536) at a time, so the step's working
+copies are bounded by a block, whatever the number of sampled rows; the result is bit-identical
+to stepping all rows at once. The head's sparse gradient (unique, sorted rows) is read as it
+stands, without the copy ``coalesce()`` would make.
+
 Compact storage: for a bf16 parameter the state is kept in bf16 as well (half the bytes
 per class); each step reads the sampled rows into fp32, does the arithmetic there and
 writes back with unbiased stochastic rounding, so that updates far below bf16's resolution
-still move the rows on average. The rounding noise comes from the ``seed`` and the step
-count (:class:`partialfc.seeding.Stream` ``ROUNDING``), so runs and resumes repeat.
+still move the rows on average. The rounding noise comes from the ``seed``, the step count
+and the tensor written (:class:`partialfc.seeding.Stream` ``ROUNDING``), so runs and resumes
+repeat.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from __future__ import annotations
 import torch
 
 from partialfc.seeding import Stream, seeded_generator
+
+
+BLOCK_ROWS = 65536  # rows stepped at a time: bounds the step's fp32 working set
 
 
 def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -29,35 +38,71 @@ def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = N
     return (bits + noise).bitwise_and_(-(1 << 16)).view(torch.float32).to(torch.bfloat16)
 
 
-class _Rows:
-    """The sampled rows of one parameter for one step: read in the working dtype (fp32 for
-    half-precision storage), written back with stochastic rounding when stored in bf16."""
+def sparse_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows (n,), values (n, ...))`` of a sparse row gradient, each row once, ascending.
+    The head's gradient (an embedding lookup of unique sorted rows) already is, and is used
+    as it stands; only one with repeated or unsorted rows (e.g. accumulated over several
+    backwards) is coalesced, which copies the values."""
+    if not grad.is_coalesced():
+        rows = grad._indices()[0]
+        if rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
+            grad = grad.coalesce()
+    return grad._indices()[0], grad._values()
 
-    def __init__(self, param: torch.Tensor, state: dict, seed: int, index: int):
+
+class _Rows:
+    """The rows one step of one parameter updates: the sampled rows of a sparse gradient, or
+    all rows of a dense one. :meth:`blocks` walks them ``block_rows`` at a time, so the
+    working copies (fp32 for half-precision storage) are a block's, not the whole sample's.
+
+    For bf16 storage every tensor written gets its own rounding noise stream, seeded by
+    ``(seed, Stream.ROUNDING, param index, step, tensor)`` and drawn block after block, so
+    the result does not depend on the block size (on CPU; a CUDA generator may draw
+    differently when split)."""
+
+    def __init__(self, param: torch.Tensor, state: dict, seed: int, index: int, block_rows: int):
         self.work = torch.promote_types(param.dtype, torch.float32)
         grad = param.grad
-        if grad.is_sparse:
-            grad = grad.coalesce()
-            self.rows, self.grad = grad.indices()[0], grad.values().to(self.work)
-        else:
-            self.rows, self.grad = None, grad.to(self.work)
-        self.generator = None
+        self.rows, self.values = sparse_rows(grad) if grad.is_sparse else (None, grad)
+        self.block_rows = block_rows
+        self.rounding: dict[int, torch.Generator] | None = None  # id(tensor) -> noise stream
         if param.dtype == torch.bfloat16:
             state["rounding_step"] = state.get("rounding_step", 0) + 1
-            self.generator = seeded_generator(seed, Stream.ROUNDING, index, state["rounding_step"],
-                                              device=param.device)
+            self.rounding, self.keys = {}, (seed, Stream.ROUNDING, index, state["rounding_step"])
+
+    def blocks(self):
+        n = self.values.shape[0]
+        for lo in range(0, n, self.block_rows):
+            yield _Block(self, lo, min(lo + self.block_rows, n))
+
+    def noise(self, t: torch.Tensor) -> torch.Generator:
+        if id(t) not in self.rounding:
+            self.rounding[id(t)] = seeded_generator(*self.keys, len(self.rounding), device=t.device)
+        return self.rounding[id(t)]
+
+
+class _Block:
+    """Rows ``[lo, hi)`` of a :class:`_Rows`: ``grad`` in the working dtype; :meth:`take`
+    reads those rows of the parameter or a state tensor, :meth:`put` writes them back."""
+
+    def __init__(self, rows: _Rows, lo: int, hi: int):
+        self.owner, self.lo, self.hi = rows, lo, hi
+        self.index = None if rows.rows is None else rows.rows[lo:hi]
+        self.grad = rows.values[lo:hi].to(rows.work)
 
     def take(self, t: torch.Tensor) -> torch.Tensor:
-        """The rows of ``t`` in the working dtype (fp64 kept); all of ``t`` itself at rate 1."""
-        return (t if self.rows is None else t.index_select(0, self.rows)).to(torch.promote_types(t.dtype, self.work))
+        """The block's rows of ``t`` in the working dtype (fp64 kept); at rate 1 with an fp32
+        ``t`` a view of ``t`` itself."""
+        rows = t[self.lo:self.hi] if self.index is None else t.index_select(0, self.index)
+        return rows.to(torch.promote_types(t.dtype, self.owner.work))
 
     def put(self, t: torch.Tensor, value: torch.Tensor) -> None:
-        if self.generator is not None and t.dtype == torch.bfloat16:
-            value = stochastic_round_bf16(value, self.generator)
-        if self.rows is None:
-            t.copy_(value)
+        if self.owner.rounding is not None and t.dtype == torch.bfloat16:
+            value = stochastic_round_bf16(value, self.owner.noise(t))
+        if self.index is None:
+            t[self.lo:self.hi].copy_(value)
         else:
-            t.index_copy_(0, self.rows, value.to(t.dtype))
+            t.index_copy_(0, self.index, value.to(t.dtype))
 
 
 def _run_closure(closure):
@@ -68,12 +113,18 @@ def _run_closure(closure):
         return closure()
 
 
+def _check_block_rows(block_rows: int) -> int:
+    if int(block_rows) < 1:
+        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+    return int(block_rows)
+
+
 class SparseRowSGD(torch.optim.Optimizer):
     """SGD with momentum, Nesterov and L2 weight decay (``torch.optim.SGD`` semantics,
-    dampening 0) applied to the sampled rows only."""
+    dampening 0) applied to the sampled rows only, ``block_rows`` rows at a time."""
 
     def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
-                 nesterov: bool = False, seed: int = 0):
+                 nesterov: bool = False, seed: int = 0, block_rows: int = BLOCK_ROWS):
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError(f"invalid lr={lr}, momentum={momentum} or weight_decay={weight_decay}")
         if nesterov and momentum <= 0:
@@ -81,6 +132,7 @@ class SparseRowSGD(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                       nesterov=nesterov))
         self.seed = int(seed)  # stochastic rounding of bf16 parameters
+        self.block_rows = _check_block_rows(block_rows)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -91,32 +143,34 @@ class SparseRowSGD(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 state = self.state[p]
-                rows = _Rows(p, state, self.seed, index)
-                p_rows, d = rows.take(p), rows.grad
-                if wd:
-                    d = d.add(p_rows, alpha=wd)
-                if mu:
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p)
-                    buf = rows.take(state["momentum_buffer"]).mul_(mu).add_(d)
-                    rows.put(state["momentum_buffer"], buf)
-                    d = d.add(buf, alpha=mu) if group["nesterov"] else buf
-                rows.put(p, p_rows.add(d, alpha=-lr))
+                if mu and "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                for rows in _Rows(p, state, self.seed, index, self.block_rows).blocks():
+                    p_rows, d = rows.take(p), rows.grad
+                    if wd:
+                        d = d.add(p_rows, alpha=wd)
+                    if mu:
+                        buf = rows.take(state["momentum_buffer"]).mul_(mu).add_(d)
+                        rows.put(state["momentum_buffer"], buf)
+                        d = d.add(buf, alpha=mu) if group["nesterov"] else buf
+                    rows.put(p, p_rows.add(d, alpha=-lr))
         return loss
 
 
 class SparseRowAdamW(torch.optim.Optimizer):
-    """AdamW (decoupled weight decay, ``torch.optim.AdamW`` semantics) on the sampled rows.
+    """AdamW (decoupled weight decay, ``torch.optim.AdamW`` semantics) on the sampled rows,
+    ``block_rows`` rows at a time.
 
     Each row keeps its own step count, so the bias correction of a row reflects how often
     that row was sampled; at ``sample_rate == 1`` this is the usual global step."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, seed: int = 0):
+                 eps: float = 1e-8, weight_decay: float = 1e-2, seed: int = 0, block_rows: int = BLOCK_ROWS):
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"invalid lr={lr}, betas={betas}, eps={eps} or weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.seed = int(seed)  # stochastic rounding of bf16 parameters
+        self.block_rows = _check_block_rows(block_rows)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -131,17 +185,17 @@ class SparseRowAdamW(torch.optim.Optimizer):
                     state["step"] = torch.zeros(p.shape[0], dtype=torch.float64, device=p.device)
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
-                rows = _Rows(p, state, self.seed, index)
-                g = rows.grad
-                p_rows = rows.take(p).mul_(1 - lr * wd)
-                m = rows.take(state["exp_avg"]).lerp_(g, 1 - b1)
-                v = rows.take(state["exp_avg_sq"]).mul_(b2).addcmul_(g, g, value=1 - b2)
-                step = rows.take(state["step"]) + 1
-                shape = (-1,) + (1,) * (p.dim() - 1)
-                bias1 = (1 - b1 ** step).to(rows.work).view(shape)
-                bias2_sqrt = (1 - b2 ** step).sqrt().to(rows.work).view(shape)
-                p_rows.sub_(lr * m / bias1 / (v.sqrt() / bias2_sqrt + eps))
-                for name, value in (("exp_avg", m), ("exp_avg_sq", v), ("step", step)):
-                    rows.put(state[name], value)
-                rows.put(p, p_rows)
+                for rows in _Rows(p, state, self.seed, index, self.block_rows).blocks():
+                    g = rows.grad
+                    p_rows = rows.take(p).mul_(1 - lr * wd)
+                    m = rows.take(state["exp_avg"]).lerp_(g, 1 - b1)
+                    v = rows.take(state["exp_avg_sq"]).mul_(b2).addcmul_(g, g, value=1 - b2)
+                    step = rows.take(state["step"]) + 1
+                    shape = (-1,) + (1,) * (p.dim() - 1)
+                    bias1 = (1 - b1 ** step).to(rows.owner.work).view(shape)
+                    bias2_sqrt = (1 - b2 ** step).sqrt().to(rows.owner.work).view(shape)
+                    p_rows.sub_(lr * m / bias1 / (v.sqrt() / bias2_sqrt + eps))
+                    for name, value in (("exp_avg", m), ("exp_avg_sq", v), ("step", step)):
+                        rows.put(state[name], value)
+                    rows.put(p, p_rows)
         return loss
