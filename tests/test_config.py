@@ -56,12 +56,15 @@ def test_shipped_configs_validate(path):
     ("optim.schedule.warmup_fraction=2", "optim.schedule.warmup_fraction must be in"),
     ("optim.schedule.milestones=[0.5,2]", "milestones are fractions"), ("optim.betas=[0.9]", "two values"),
     ("train.deepspeed.zero_stage=3", "must be 0, 1 or 2"), ("head.optimizer.lr=-0.1", "head.optimizer.lr must be >= 0"),
+    ("train.engine=deepspeed train.precision=fp16", "train.precision=fp16 is not supported by train.engine=deepspeed"),
+    ("data.synthetic.verification_identities=1", "data.synthetic.verification_identities must be >= 2"),
+    ("data.synthetic.images_per_identity=0", "data.synthetic.images_per_identity must be >= 1"),
 ])
 def test_out_of_range_values_are_config_errors(override, message):
     from partialfc.train.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=message):
-        load_config(None, ["run_dir=/tmp/x", "data.synthetic.num_identities=4", override])
+        load_config(None, ["run_dir=/tmp/x", "data.synthetic.num_identities=4", *override.split()])
 
 
 def test_choices_name_the_key_and_the_valid_values():

@@ -64,6 +64,22 @@ def test_overrides_anywhere_and_the_run_dir_they_name(config, capsys, tmp_path, 
     assert f"run_dir={tmp_path / 'other'}" in capsys.readouterr().out.split("\n")[-2]
 
 
+def test_a_template_dir_of_any_name_sources_its_own_preemptible_sh(config, capsys, tmp_path):
+    from partialfc.resources import SLURM
+
+    mine = tmp_path / "my templates"
+    shutil.copytree(SLURM, mine)
+    assert main(["submit", str(config), "--tasks-per-node", "1", "--template-dir", str(mine), "--dry-run"]) == 0
+    source = [line for line in capsys.readouterr().out.splitlines() if line.startswith("source ")]
+    assert source == [f"source '{mine}/preemptible.sh'"]
+
+
+def test_synth_with_one_verification_identity_is_one_line_and_writes_nothing(tmp_path, capsys):
+    err = user_error(["data", "synth", str(tmp_path / "s"), "--identities", "2", "--images-per-identity", "1",
+                      "--verification-identities", "1", "--verification-pairs", "4", "--workers", "1"], capsys)
+    assert "at least 2" in err and list(tmp_path.iterdir()) == []
+
+
 def test_an_unknown_option_is_still_a_usage_error(config, capsys):
     with pytest.raises(SystemExit) as stop:
         main(["submit", str(config), "--tasks-per-node", "1", "--no-such-option"])

@@ -26,6 +26,7 @@ from partialfc.data.images import encode_jpeg
 from partialfc.data.parallel import ordered_map
 from partialfc.data.recordio import RecordWriter, pack_payload, pack_range
 from partialfc.data.verification_bin import write_bin
+from partialfc.errors import InputError
 
 CANVAS = 144
 TRAIN_STREAM, VERIFY_STREAM, PAIRS_STREAM = 0, 1, 2
@@ -119,6 +120,8 @@ def write_synthetic_dataset(prefix: str | os.PathLike, num_identities: int, imag
     what DALI needs, whose own shuffle is only a local buffer).
     """
     prefix = str(prefix)
+    if verification_pairs > 0:
+        _check_verification_identities(verification_identities)  # before any file is written
     if shuffle:
         from partialfc.data.tools import shuffle_dataset
         sorted_prefix = prefix + ".sorted"
@@ -153,12 +156,16 @@ def write_synthetic_dataset(prefix: str | os.PathLike, num_identities: int, imag
     return SyntheticDataset(prefix + ".rec", prefix + ".idx", bin_path, n, num_identities, verification_pairs)
 
 
+def _check_verification_identities(num_identities: int) -> None:
+    if num_identities < 2:
+        raise InputError(f"verification pairs need at least 2 held-out identities, got {num_identities}")
+
+
 def write_verification_pairs(path: str, num_identities: int, num_pairs: int, seed: int = 0,
                              quality: int = 90, workers: int | None = None, images_per_identity: int = 6) -> None:
     """A ``.bin`` of ``num_pairs`` pairs over ``num_identities`` held-out identities; even pairs
     are the same identity (two different views), odd pairs two different identities."""
-    if num_identities < 2:
-        raise ValueError("verification needs at least 2 identities")
+    _check_verification_identities(num_identities)
     workers = _effective_workers(workers)
     tasks = ((seed, VERIFY_STREAM, i, images_per_identity, quality) for i in range(num_identities))
     views = list(ordered_map(render_identity, tasks, num_identities, workers, progress=False))

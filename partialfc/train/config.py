@@ -88,10 +88,10 @@ def validate(section: Any, key: str = "") -> None:
 class SyntheticConfig:
     """A synthetic identity dataset generated on first use (cached under ``data.cache_dir``)."""
 
-    num_identities: int = 200
-    images_per_identity: int = 24
-    verification_identities: int = 100
-    verification_pairs: int = 1000
+    num_identities: int = bounded(200, ge=1)
+    images_per_identity: int = bounded(24, ge=1)
+    verification_identities: int = bounded(100, ge=2, note="a pair of different identities needs two")
+    verification_pairs: int = bounded(1000, ge=0, note="0: no held-out .bin")
     seed: int = 0
 
 
@@ -207,6 +207,10 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 20
     deterministic: bool = False
     threads: int = 0  # torch CPU threads per process; 0 = leave the default
+
+    def check(self, key: str) -> None:
+        if self.engine == "deepspeed" and self.precision == "fp16":
+            raise ConfigError(f"{key}.precision=fp16 is not supported by {key}.engine=deepspeed; use bf16 or fp32")
 
 
 @dataclass

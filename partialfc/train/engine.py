@@ -13,6 +13,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from partialfc import dist as pdist
+from partialfc.errors import ConfigError
 from partialfc.train.optim import build_optimizer, build_schedule, clip_grads_, grad_norm, sync_schedule
 
 
@@ -155,6 +156,7 @@ def build_engine(backbone: torch.nn.Module, cfg, total_steps: int, scaler, autoc
     """The configured engine; ``group``: the backbone's data-parallel ranks (DDP only; default: the world)."""
     if cfg.train.engine == "deepspeed":
         if scaler.is_enabled():
-            raise ValueError("train.engine=deepspeed supports precision bf16 or fp32, not fp16")
+            raise ConfigError(f"train.engine=deepspeed supports precision bf16 or fp32, not fp16 (train.precision="
+                              f"{cfg.train.precision} on this device); set train.precision=fp32")
         return DeepSpeedEngine(backbone, cfg, total_steps, bf16=autocast_dtype == torch.bfloat16)
     return DDPEngine(backbone, cfg, total_steps, scaler, group)
