@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Train with DeepSpeed's launcher (config: backbone.engine=deepspeed). Multi-node: a hostfile
+# Train with DeepSpeed's launcher (config: train.engine=deepspeed). Multi-node: a hostfile
 # with lines "host slots=GPUS" and passwordless ssh between the hosts.
 #   bash launch/deepspeed.sh CONFIG [key=value ...]
 #   HOSTFILE=hosts.txt bash launch/deepspeed.sh CONFIG [key=value ...]
+# Runs in the caller's directory, so relative paths (CONFIG, data.rec=...) mean what they say there.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
 [ $# -ge 1 ] || { echo "usage: bash launch/deepspeed.sh CONFIG [key=value ...]" >&2; exit 2; }
 args=()
 if [ -n "${HOSTFILE:-}" ]; then
@@ -12,4 +13,4 @@ if [ -n "${HOSTFILE:-}" ]; then
 elif [ -n "${NPROC:-}" ]; then
   args+=(--num_gpus "$NPROC")
 fi
-exec .venv/bin/deepspeed "${args[@]}" --no_local_rank --module partialfc.cli train "$@"
+exec "$REPO/.venv/bin/deepspeed" "${args[@]}" --no_local_rank --module partialfc.cli train "$@"

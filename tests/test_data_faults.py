@@ -282,6 +282,8 @@ def test_config_paths_are_absolute_from_where_the_user_stood(tmp_path, monkeypat
     cfg = load_config(user / "cfg" / "c.yaml", [f"data.rec={user}/d"], cwd=tmp_path)
     assert cfg.data.rec == f"{user}/d" and cfg.run_dir == str(tmp_path / "runs/x")
     assert load_config("me/cfg/c.yaml").run_dir == "runs/x"  # without cwd: as written
+    search = ["loss.name=search_softmax", "search.enabled=true", "search.reward=b/reward.bin"]
+    assert load_config(user / "cfg" / "c.yaml", search, cwd=user).search.reward == str(user / "b/reward.bin")
 
 
 def test_submit_script_runs_where_the_user_stood(tmp_path, monkeypatch, capsys):
@@ -295,6 +297,8 @@ def test_submit_script_runs_where_the_user_stood(tmp_path, monkeypatch, capsys):
     assert f"{REPO}/slurm/preemptible.sh" in script
 
 
-def test_torchrun_script_keeps_the_callers_directory():
-    text = (REPO / "launch" / "torchrun.sh").read_text()
-    assert "\ncd " not in text and "$REPO/.venv/bin/python" in text
+@pytest.mark.parametrize("script,venv", [("torchrun.sh", "$REPO/.venv/bin/python"),
+                                         ("deepspeed.sh", "$REPO/.venv/bin/deepspeed")])
+def test_launch_scripts_keep_the_callers_directory(script, venv):
+    text = (REPO / "launch" / script).read_text()
+    assert "\ncd " not in text and venv in text

@@ -14,7 +14,7 @@ line ``loss.params.m=0.4`` changes one key, while ``loss.params={s: 64, m: 0.5}`
 whole mapping (a loss's parameters are a set; the YAML's others would not fit another loss).
 ``num_classes`` and ``num_images`` are read from the dataset (``data.num_classes`` only states
 the count of a plain-flavour set with sparse labels). File paths (``run_dir``, ``data.rec``,
-``data.cache_dir``, ``eval.bins``, ``checkpoint.init_backbone``/``resume``) given relative are
+``data.cache_dir``, ``eval.bins``, ``checkpoint.init_backbone``/``resume``, ``search.reward``) given relative are
 made absolute against where the user stood (``load_config(..., cwd=)``; ``partialfc train``).
 """
 
@@ -382,6 +382,7 @@ def _absolute_paths(cfg: Config, cwd: str) -> None:
     cfg.run_dir, cfg.data.rec, cfg.data.cache_dir = fix(cfg.run_dir), fix(cfg.data.rec), fix(cfg.data.cache_dir)
     cfg.eval.bins = [fix(p) for p in cfg.eval.bins]
     cfg.checkpoint.init_backbone = fix(cfg.checkpoint.init_backbone)
+    cfg.search.reward = fix(cfg.search.reward)
     if cfg.checkpoint.resume not in ("auto", "none"):
         cfg.checkpoint.resume = fix(cfg.checkpoint.resume)
 
