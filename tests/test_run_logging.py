@@ -122,3 +122,15 @@ def test_environment_disables(tmp_path, monkeypatch):
     logger = _logger(tmp_path)
     assert logger.wandb is None
     logger.close()
+
+
+def test_a_resume_drops_a_torn_last_record(tmp_path):
+    """A run that died while appending a record (disk full, killed) left half a line: the
+    resumed run keeps the whole records up to its checkpoint and goes on."""
+    whole = [json.dumps({"kind": "train", "step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(whole) + '{"kind": "train", "st')
+    cfg = SimpleNamespace(mode="disabled", project=None, entity=None, name=None)
+    logger = RunLogger(str(tmp_path), "abcdef123456", cfg, {"run_dir": str(tmp_path)}, resume_step=2)
+    logger.log("train", 3, {"loss": 0.5})
+    assert [(r["step"], r["loss"]) for r in read_metrics(str(tmp_path / "metrics.jsonl"))] == [
+        (1, 1.0), (2, 1.0), (3, 0.5)]

@@ -30,12 +30,22 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
+def _record(line: str) -> dict | None:
+    """The record of one ``metrics.jsonl`` line; None for a torn one (a run that died while
+    appending it)."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
 def truncate_metrics(path: str, after_step: int) -> None:
-    """Drop records with ``step > after_step`` (written after the checkpoint a run resumes from)."""
+    """Drop records with ``step > after_step`` (written after the checkpoint a run resumes
+    from) and torn ones."""
     if not os.path.exists(path):
         return
     with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= after_step]
+        keep = [line for line in f if (record := _record(line)) is not None and record["step"] <= after_step]
     with open(path, "w") as f:
         f.writelines(keep)
 
