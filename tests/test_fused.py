@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from partialfc import PartialFC
 from partialfc.losses import build_loss
@@ -66,6 +67,41 @@ def test_chunk_sizes(name, chunk):
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+class _HostSyncOps(TorchDispatchMode):
+    """Records the aten ops that copy to the host on CUDA (a data-dependent shape: nonzero,
+    boolean-mask indexing, masked_select, unique; or a scalar read: item)."""
+
+    SYNCING = {"aten.nonzero.default", "aten.masked_select.default", "aten._local_scalar_dense.default",
+               "aten._unique2.default", "aten.unique_dim.default", "aten.unique_consecutive.default"}
+    INDEXING = {"aten.index.Tensor", "aten.index_put.default", "aten.index_put_.default"}
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if name in self.SYNCING or (name in self.INDEXING and any(
+                i is not None and i.dtype == torch.bool for i in args[1])):
+            self.found.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name, extra", [("arcface", {}), ("dsoftmax", {}), ("cosface", dict(inter_threshold=0.1))])
+def test_torch_chunk_walk_has_no_host_sync(name, extra):
+    """The fused PyTorch loop (forward and backward, several chunks, targets on other ranks)
+    runs no op that would synchronise with the host on CUDA: its sync count per head step
+    (docs/gpu.md) does not grow with the number of chunks."""
+    x, w, col = _cos_problem(5)
+    loss = build_loss(name, **extra)
+    targets = Targets.from_columns(col)
+    xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    emb = F.normalize(xs, dim=1)
+    with _HostSyncOps() as ops:
+        loss.fused(emb, ws, targets, chunk_size=5).sum().backward()
+    assert ops.found == []
 
 
 def test_default_is_fused_and_matches_reference():

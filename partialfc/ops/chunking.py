@@ -1,11 +1,13 @@
 """What both implementations of the fused objective share: the problem description, the
-centres' inverse norms and the derivative of their normalisation."""
+centres' inverse norms, the derivative of their normalisation and per-row target values."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from partialfc.ops.targets import Targets
 
 NORM_EPS = 1e-12  # F.normalize's floor on the norm
 
@@ -40,3 +42,11 @@ def project_out_norm(grad_dot: torch.Tensor, w: torch.Tensor, inv_norm: torch.Te
     w = w.to(grad_dot.dtype)
     radial = (w * grad_dot).sum(dim=1).mul_(inv_norm.square())
     return grad_dot.sub_(radial[:, None] * w)
+
+
+def per_row(targets: Targets, values: torch.Tensor, batch: int) -> torch.Tensor:
+    """``values`` (aligned with ``targets.rows``) as a ``(B,)`` vector, zero where the row's
+    target lives on another rank."""
+    dense = values.new_zeros(batch)
+    dense[targets.rows] = values
+    return dense

@@ -5,13 +5,25 @@ from __future__ import annotations
 
 import torch
 
-from partialfc.ops.chunking import ChunkProblem, project_out_norm
+from partialfc.ops.chunking import ChunkProblem, per_row, project_out_norm
 from partialfc.ops.targets import Targets
 
 
-def _chunk_logits(emb_c, centres, inv_norm, lo, hi, targets: Targets, target_logit, p: ChunkProblem):
-    """Logits ``(B, hi - lo)`` of centres ``[lo, hi)`` (fp32/fp64), the filter's keep mask
-    (``None`` without a threshold) and the local target entries ``(rows, cols - lo, selector)``."""
+def _put_targets(block: torch.Tensor, lo: int, targets: Targets, values) -> None:
+    """``block[i, col_i - lo] = values[i]`` (``values``: ``(B,)`` or a number) for the rows
+    whose target column lies in ``[lo, lo + width)``, in place; through ``gather``/``scatter``
+    on the dense ``targets.col``, so no boolean mask (a host synchronisation on CUDA)."""
+    local = targets.col - lo
+    in_chunk = ((local >= 0) & (local < block.shape[1]))[:, None]
+    index = local.clamp(0, block.shape[1] - 1)[:, None]
+    values = values[:, None] if torch.is_tensor(values) else values
+    block.scatter_(1, index, torch.where(in_chunk, values, block.gather(1, index)))
+
+
+def _chunk_logits(emb_c, centres, inv_norm, lo, hi, targets: Targets, row_logit, p: ChunkProblem):
+    """Logits ``(B, hi - lo)`` of centres ``[lo, hi)`` (fp32/fp64) with ``row_logit (B,)``
+    (or ``-inf`` when excluded) in the target columns, and the filter's keep mask (``None``
+    without a threshold)."""
     w = centres[lo:hi].to(p.compute_dtype)
     cos = (emb_c @ w.T).to(inv_norm.dtype).mul_(inv_norm[lo:hi]).clamp_(-1.0, 1.0)
     keep = None
@@ -19,10 +31,8 @@ def _chunk_logits(emb_c, centres, inv_norm, lo, hi, targets: Targets, target_log
         keep = cos <= p.threshold
         cos.masked_fill_(~keep, 0.0)
     z = cos.mul_(p.scale)
-    sel = (targets.cols >= lo) & (targets.cols < hi)
-    rows, cols = targets.rows[sel], targets.cols[sel] - lo
-    z[rows, cols] = float("-inf") if p.exclude_target else target_logit[sel]
-    return z, keep, (rows, cols, sel)
+    _put_targets(z, lo, targets, float("-inf") if p.exclude_target else row_logit)
+    return z, keep
 
 
 def row_stats(emb, centres, inv_norm, targets, target_logit, p: ChunkProblem):
@@ -32,8 +42,9 @@ def row_stats(emb, centres, inv_norm, targets, target_logit, p: ChunkProblem):
     m = torch.full((emb.shape[0],), start, dtype=inv_norm.dtype, device=emb.device)
     s = torch.zeros_like(m)
     emb_c = emb.to(p.compute_dtype)
+    row_logit = per_row(targets, target_logit, emb.shape[0])
     for lo in range(0, centres.shape[0], p.chunk_size):
-        z, _, _ = _chunk_logits(emb_c, centres, inv_norm, lo, lo + p.chunk_size, targets, target_logit, p)
+        z, _ = _chunk_logits(emb_c, centres, inv_norm, lo, lo + p.chunk_size, targets, row_logit, p)
         new_m = torch.maximum(m, z.amax(dim=1))
         s = s * torch.exp(m - new_m) + torch.exp(z - new_m[:, None]).sum(dim=1)
         m = new_m
@@ -48,14 +59,15 @@ def gradients(emb, centres, inv_norm, targets, target_logit, row_max, row_weight
     grad_e = torch.zeros(emb.shape, dtype=inv_norm.dtype, device=emb.device)
     grad_w = torch.empty_like(centres)
     emb_c = emb.to(p.compute_dtype)
+    row_logit = per_row(targets, target_logit, emb.shape[0])
+    row_target_grad = per_row(targets, target_grad, emb.shape[0])
     for lo in range(0, centres.shape[0], p.chunk_size):
         hi = min(lo + p.chunk_size, centres.shape[0])
-        z, keep, (rows, cols, sel) = _chunk_logits(emb_c, centres, inv_norm, lo, hi, targets,
-                                                         target_logit, p)
+        z, keep = _chunk_logits(emb_c, centres, inv_norm, lo, hi, targets, row_logit, p)
         g = z.sub_(row_max[:, None]).exp_().mul_((row_weight * p.scale)[:, None])
         if keep is not None:
             g.mul_(keep)
-        g[rows, cols] = target_grad[sel]
+        _put_targets(g, lo, targets, row_target_grad)
         g.mul_(inv_norm[lo:hi])  # d/d(E . w_j) = inv_norm_j * dL/dc_j
         g = g.to(p.compute_dtype)
         w = centres[lo:hi]

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from partialfc.ops.chunking import ChunkProblem, project_out_norm
+from partialfc.ops.chunking import ChunkProblem, per_row, project_out_norm
 from partialfc.ops.targets import Targets
 
 _NEG_INF = tl.constexpr(float("-inf"))
@@ -133,9 +133,7 @@ def _gradients_kernel(E, W, INV, TCOL, TLOGIT, ROW_MAX, ROW_WEIGHT, TGRAD, GE, G
 
 def _dense_targets(targets: Targets, target_logit: torch.Tensor, batch: int):
     """Per-row target column (``-1``: elsewhere) and a ``(B,)`` vector holding ``target_logit``."""
-    dense = target_logit.new_zeros(batch)
-    dense[targets.rows] = target_logit
-    return targets.col.to(torch.int32).contiguous(), dense
+    return targets.col.to(torch.int32).contiguous(), per_row(targets, target_logit, batch)
 
 
 def _launch_args(emb, centres, p: ChunkProblem):
@@ -177,8 +175,7 @@ def gradients(emb, centres, inv_norm, targets: Targets, target_logit, row_max, r
     if k and batch:
         emb_c, centres_c, flags, (scale, threshold) = _launch_args(emb, centres, p)
         tcol, tlogit = _dense_targets(targets, target_logit, batch)
-        tgrad = row_weight.new_zeros(batch)
-        tgrad[targets.rows] = target_grad
+        tgrad = per_row(targets, target_grad.to(row_weight.dtype), batch)
         block_b, block_k, block_d = _blocks(emb_c)
         grid = (triton.cdiv(batch, block_b), triton.cdiv(k, block_k))
         _gradients_kernel[grid](emb_c, centres_c, inv_norm, tcol, tlogit, row_max.contiguous(),
