@@ -168,3 +168,14 @@ def test_fused_rejects_unknown_implementation():
     with pytest.raises(ValueError, match="implementation"):
         build_loss("cosface").fused(F.normalize(x, dim=1), w, Targets.from_columns(col), implementation="cuda")
 
+
+
+@pytest.mark.parametrize("chunk", [0, -1])
+def test_chunk_size_below_one_is_refused(chunk):
+    """A chunk of 0 or fewer centres is an error (it used to mean the default, or to skip
+    every centre and return NaN), at construction and at the call."""
+    x, w, col = _cos_problem(4)
+    with pytest.raises(ValueError, match="chunk"):
+        build_loss("cosface").fused(F.normalize(x, dim=1), w, Targets.from_columns(col), chunk_size=chunk)
+    with pytest.raises(ValueError, match="fused_chunk"):
+        PartialFC(4, 10, fused_chunk=chunk)

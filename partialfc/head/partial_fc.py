@@ -124,6 +124,8 @@ class PartialFC(nn.Module):
         self.sampler = CentreSampler(self.num_local, sample_rate, seed, self.rank, device)
         self.fused = resolve_fused(fused, self.loss)
         self.fused_chunk = int(fused_chunk)
+        if self.fused_chunk < 1:
+            raise ValueError(f"fused_chunk must be >= 1 centre, got {fused_chunk}")
         self.last_sampled: torch.Tensor | None = None  # local indices used by the last step
 
     @property

@@ -98,16 +98,19 @@ def fused_margin_softmax(embeddings: torch.Tensor, centres: torch.Tensor, target
     ``target_logit(c_y)`` (``(n,) -> (n,)``, aligned with ``targets.rows``) at the targets.
 
     ``embeddings (B, D)``: already normalised (their normalisation stays in autograd);
-    ``centres (k, D)``: raw, this rank's columns (``k`` may be 0). Identical on every rank of
+    ``centres (k, D)``: raw, this rank's columns (``k`` may be 0); ``chunk_size``: centres
+    per chunk (``None``: :data:`DEFAULT_CHUNK`). Identical on every rank of
     ``group``; gradients flow to both inputs."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"fused implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    chunk = DEFAULT_CHUNK if chunk_size is None else int(chunk_size)
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be >= 1 centre, got {chunk_size}")
     device_type = embeddings.device.type
     compute = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
                else torch.promote_types(embeddings.dtype, centres.dtype))
     accumulate = torch.promote_types(torch.promote_types(embeddings.dtype, centres.dtype), torch.float32)
-    problem = ChunkProblem(float(scale), inter_threshold, objective.dissected, int(chunk_size or DEFAULT_CHUNK),
-                           compute)
+    problem = ChunkProblem(float(scale), inter_threshold, objective.dissected, chunk, compute)
     rows, cols = targets.rows, targets.cols
     with torch.no_grad():
         inv_norm = centre_inverse_norms(centres, problem.chunk_size, accumulate)
