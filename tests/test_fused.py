@@ -179,3 +179,17 @@ def test_chunk_size_below_one_is_refused(chunk):
         build_loss("cosface").fused(F.normalize(x, dim=1), w, Targets.from_columns(col), chunk_size=chunk)
     with pytest.raises(ValueError, match="fused_chunk"):
         PartialFC(4, 10, fused_chunk=chunk)
+
+
+@pytest.mark.parametrize("name", ["arcface", "dsoftmax", "x2"])
+def test_fused_loss_without_autograd(name):
+    """Under ``torch.inference_mode()`` and ``torch.no_grad()`` (a validation loss) the fused
+    path gives the plain loss; it used to fail taking psi's slope by autograd."""
+    x, w, col = _cos_problem(6)
+    loss = SPECS[name].build(build_loss)
+    targets = Targets.from_columns(col)
+    ref = _plain(loss, x, w, targets)
+    for context in (torch.inference_mode, torch.no_grad):
+        with context():
+            got = loss.fused(F.normalize(x, dim=1), w, targets, chunk_size=5)
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)

@@ -117,9 +117,12 @@ def fused_margin_softmax(embeddings: torch.Tensor, centres: torch.Tensor, target
         cos_y = (embeddings[rows].to(accumulate) * centres[cols].to(accumulate)).sum(dim=1)
         cos_y = cos_y.mul_(inv_norm[cols]).clamp_(-1.0, 1.0)
     with torch.autocast(device_type, enabled=False):
-        with torch.enable_grad():  # psi's slope by autograd on a detached leaf: both gradient modes
+        if torch.is_grad_enabled():  # psi's slope by autograd on a detached leaf: both gradient modes
             cos_y.requires_grad_(True)
             logit = target_logit(cos_y)
             slope, = torch.autograd.grad(logit.sum(), cos_y)
+        else:  # no_grad / inference_mode: no backward will read the slope
+            logit = target_logit(cos_y)
+            slope = torch.zeros_like(logit)
         return _FusedRows.apply(embeddings, centres, inv_norm, logit.detach(), slope, targets, objective,
                                 problem, group, implementation)
