@@ -24,7 +24,8 @@ class MarginLoss(nn.Module):
     """Base class: ``z_j = s * c_j`` for non-targets, ``z_y = s * psi(c_y)`` for the target.
 
     Subclasses implement :meth:`psi` (on target cosines, shape ``(n,)``) and may override
-    :meth:`objective`. ``gradient="straight_through"`` keeps the forward of ``psi`` but
+    :meth:`row_objective` (read by both the plain and the fused path; :meth:`objective` is the
+    plain path's call of it and is not used by :meth:`fused`). ``gradient="straight_through"`` keeps the forward of ``psi`` but
     back-propagates as if ``psi(c) = c``; ``None`` takes the class's ``default_gradient``
     (the setting behind its paper's published numbers). ``inter_threshold`` (inter-class
     filtering for noisy data) sets non-target cosines above it to 0 before the margin, in
