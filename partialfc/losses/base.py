@@ -29,8 +29,8 @@ class MarginLoss(nn.Module):
     keeps the forward of ``psi`` but back-propagates as if ``psi(c) = c``; ``None`` takes the
     class's ``default_gradient`` (the setting behind its paper's published numbers).
     ``inter_threshold`` (inter-class filtering for noisy data) sets non-target cosines above
-    it to 0 before the margin, in every row (the target entry is never filtered), so the result does not depend on how
-    the classes are sharded.
+    it to 0 before the margin, in every row (the target entry is never filtered), so the
+    result does not depend on how the classes are sharded.
     """
 
     default_gradient = "exact"
