@@ -244,3 +244,53 @@ def test_rendezvous_names_the_missing_ranks(caplog):
     port = free_port()
     with pytest.raises(DistributedError, match=f"rank 1: no store of rank 0 at 127.0.0.1:{port}"):
         rendezvous(LaunchEnv(1, 2, 1, 2, "127.0.0.1", port, "torchrun"), timeout_s=1.0)
+
+
+# ---- workers that ignore SIGTERM must never outlive the rank -----------------------------------
+
+SLOW_WORKER_SCRIPT = r"""
+import gc, sys, time
+import partialfc.data.torch_loader as tl
+from partialfc.data.torch_loader import TorchLoader
+
+decode = tl.decode_face
+def slow_decode(*args, **kwargs):  # the worker is busy (a slow disk) when the rank shuts it down
+    time.sleep(8)
+    return decode(*args, **kwargs)
+tl.decode_face = slow_decode
+
+loader = TorchLoader(sys.argv[1], 2, rank=0, world_size=1, device="cpu", shuffle=False, num_workers=1)
+batches = iter(loader)
+next(batches)
+if sys.argv[2] == "close":
+    loader.close()
+else:  # dropped without close: the DataLoader's own shutdown, as garbage collection runs it
+    del batches, loader
+    gc.collect()
+print("rank done", flush=True)
+"""
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("how", ["close", "dropped"])
+def test_a_busy_worker_never_keeps_the_rank_from_exiting(tmp_path, how):
+    """torch's shutdown waits 5 s for a worker, then SIGTERMs it: a worker that ignores SIGTERM
+    and is still busy would be left waiting forever, and the rank would hang at exit joining it."""
+    from tests.data_helpers import hand_image_payload, jpeg_bytes, smooth_image, write_hand_rec
+
+    write_hand_rec(tmp_path / "d", [(k, hand_image_payload(k % 2, jpeg_bytes(smooth_image(k)), key=k))
+                                    for k in range(8)])
+    script = tmp_path / "slow_worker.py"
+    script.write_text(SLOW_WORKER_SCRIPT)
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "d"), how], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"the rank hung at exit on its worker:\n{out}")
+    assert proc.returncode == 0, out
+    assert "rank done" in out
+    assert time.monotonic() - start < 80

@@ -7,7 +7,10 @@ following batches, whatever the number of workers.
 
 Workers ignore SIGTERM and SIGINT: a scheduler signals every process of a job step, and the
 rank must outlive its workers long enough to checkpoint; :meth:`TorchLoader.close` (the
-trainer calls it on every exit path; also run at interpreter exit) shuts them down. Their
+trainer calls it on every exit path) shuts them down. Because torch's own shutdown falls back
+on SIGTERM for a worker that is still busy, every worker this module starts is also killed
+(SIGKILL) where that fallback would have been needed: after :meth:`close` and at interpreter
+exit, before multiprocessing's exit hook would wait on it forever. Their
 seeds come from the loader's own generator (stream ``data.workers``), never from torch's
 global one, so creating the workers does not shift the rank's dropout stream.
 """
@@ -107,10 +110,19 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _close_at_exit(ref: weakref.ref) -> None:
-    loader = ref()
-    if loader is not None:
-        loader.close()
+_WORKERS: weakref.WeakSet = weakref.WeakSet()  # every worker process started by a TorchLoader
+
+
+def _kill_workers(workers) -> None:
+    """SIGKILL and reap the workers still alive (they ignore SIGTERM)."""
+    for worker in list(workers):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=10)
+
+
+# registered after multiprocessing's exit hook (imported by torch), so it runs before it
+atexit.register(_kill_workers, _WORKERS)
 
 
 class TorchLoader(EpochLoader):
@@ -134,18 +146,19 @@ class TorchLoader(EpochLoader):
                                  collate_fn=collate, pin_memory=self.device.type == "cuda",
                                  persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals,
                                  generator=seeded_generator(seed, Stream.DATA_WORKERS, self.rank))
-        # before multiprocessing's own exit hook, which would SIGTERM the workers and wait forever
-        atexit.register(_close_at_exit, weakref.ref(self))
 
     def close(self) -> None:
         """Shut the worker processes down (they ignore SIGTERM); the next epoch starts new ones."""
         iterator, self.loader._iterator = self.loader._iterator, None
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()
+            _kill_workers(iterator._workers)
 
     def _batches(self, epoch: int, start: int):
         self.sampler.epoch, self.sampler.start = epoch, start
-        for images, labels, bad in self.loader:
+        batches = iter(self.loader)
+        _WORKERS.update(getattr(batches, "_workers", ()))
+        for images, labels, bad in batches:
             self._note_bad(bad)
             if images is None:
                 raise RecordIOError(f"{self.dataset.rec_path}: no record decodes as a training image")
