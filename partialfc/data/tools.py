@@ -12,7 +12,7 @@ import numpy as np
 from partialfc.data.dataset_index import find_corrupt_images, open_dataset, resolve_paths
 from partialfc.data.images import encode_jpeg
 from partialfc.data.parallel import ordered_map
-from partialfc.data.recordio import RecordReader, RecordWriter, pack_payload, pack_range
+from partialfc.data.recordio import RecordWriter, pack_payload, pack_range
 from partialfc.errors import ImageFileError, InputNotFoundError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}

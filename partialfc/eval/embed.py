@@ -8,10 +8,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from partialfc.data.images import IMAGE_SIZE
+from partialfc.data.tools import IMAGE_SUFFIXES
 from partialfc.errors import InputNotFoundError
 from partialfc.eval.verification import embed_images
-
-SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 def list_images(inputs: list[str]) -> list[str]:
@@ -20,7 +20,7 @@ def list_images(inputs: list[str]) -> list[str]:
     for item in inputs:
         if os.path.isdir(item):
             paths += sorted(os.path.join(d, f) for d, _, files in os.walk(item) for f in files
-                            if f.lower().endswith(SUFFIXES))
+                            if f.lower().endswith(tuple(IMAGE_SUFFIXES)))
         elif os.path.isfile(item):
             paths.append(item)
         else:
@@ -42,11 +42,11 @@ class ImageFiles:
         return ImageFiles(self.paths[part])
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        faces = np.zeros((len(self), 3, 112, 112), np.uint8)
+        faces = np.zeros((len(self), 3, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
         for row, path in enumerate(self.paths):
             with Image.open(path) as image:
-                faces[row] = np.asarray(image.convert("RGB").resize((112, 112), Image.Resampling.BILINEAR)
-                                        ).transpose(2, 0, 1)
+                face = image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+                faces[row] = np.asarray(face).transpose(2, 0, 1)
         return faces if dtype is None else faces.astype(dtype)
 
 
