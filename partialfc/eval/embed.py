@@ -11,7 +11,7 @@ from PIL import Image
 from partialfc.data.images import IMAGE_SIZE
 from partialfc.data.tools import IMAGE_SUFFIXES
 from partialfc.errors import InputNotFoundError
-from partialfc.eval.verification import embed_images
+from partialfc.eval.verification import LazyFaces, embed_images
 
 
 def list_images(inputs: list[str]) -> list[str]:
@@ -28,26 +28,14 @@ def list_images(inputs: list[str]) -> list[str]:
     return paths
 
 
-class ImageFiles:
-    """Image files decoded only when a slice becomes an array: ``np.asarray(files[a:b])`` is
-    uint8 RGB ``(b - a, 3, 112, 112)`` (other sizes resized; crops should be aligned)."""
+class ImageFiles(LazyFaces):
+    """Image files (``items``: paths) decoded only when a slice becomes an array; other sizes
+    resized to 112x112 (crops should be aligned)."""
 
-    def __init__(self, paths: list[str]):
-        self.paths = paths
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, part: slice) -> ImageFiles:
-        return ImageFiles(self.paths[part])
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        faces = np.zeros((len(self), 3, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
-        for row, path in enumerate(self.paths):
-            with Image.open(path) as image:
-                face = image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
-                faces[row] = np.asarray(face).transpose(2, 0, 1)
-        return faces if dtype is None else faces.astype(dtype)
+    def face(self, path: str) -> np.ndarray:
+        with Image.open(path) as image:
+            face = image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+            return np.asarray(face).transpose(2, 0, 1)
 
 
 def embed_files(model: torch.nn.Module, paths: list[str], batch_size: int = 128,

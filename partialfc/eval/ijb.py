@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from partialfc.errors import InputNotFoundError
-from partialfc.eval.verification import embed_distributed, tar_at_far
+from partialfc.eval.verification import LazyFaces, embed_distributed, tar_at_far
 
 # 5 landmarks (eyes, nose, mouth corners) of a 112x112 ArcFace crop, in pixels
 ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
@@ -99,30 +99,20 @@ def read_ijb(dataset_dir: str, target: str) -> IJBSet:
                   points[:, :10].reshape(-1, 5, 2), points[:, 10], pairs[:, :2], pairs[:, 2].astype(bool))
 
 
-class AlignedFaces:
-    """The faces of an :class:`IJBSet`, read and aligned only when a slice is turned into an
-    array: ``np.asarray(faces[a:b])`` is uint8 ``(b - a, 3, 112, 112)``."""
+class AlignedFaces(LazyFaces):
+    """The faces of an :class:`IJBSet` (``items``: face indices), read and aligned only when a
+    slice is turned into an array."""
 
-    def __init__(self, ijb: IJBSet, start: int = 0, stop: int | None = None):
-        self.ijb, self.start = ijb, start
-        self.stop = len(ijb.names) if stop is None else stop
+    def __init__(self, ijb: IJBSet):
+        super().__init__(range(len(ijb.names)))
+        self.ijb = ijb
 
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def __getitem__(self, part: slice) -> AlignedFaces:
-        start, stop, _ = part.indices(len(self))
-        return AlignedFaces(self.ijb, self.start + start, self.start + max(start, stop))
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        faces = np.zeros((len(self), 3, 112, 112), np.uint8)
-        for row, i in enumerate(range(self.start, self.stop)):
-            path = os.path.join(self.ijb.root, self.ijb.names[i])
-            if not os.path.isfile(path):
-                raise InputNotFoundError(f"IJB face {path} not found")
-            with Image.open(path) as image:
-                faces[row] = align_face(image, self.ijb.landmarks[i])
-        return faces if dtype is None else faces.astype(dtype)
+    def face(self, i: int) -> np.ndarray:
+        path = os.path.join(self.ijb.root, self.ijb.names[i])
+        if not os.path.isfile(path):
+            raise InputNotFoundError(f"IJB face {path} not found")
+        with Image.open(path) as image:
+            return align_face(image, self.ijb.landmarks[i])
 
 
 def template_features(features: np.ndarray, templates: np.ndarray, medias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

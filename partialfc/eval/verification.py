@@ -10,7 +10,9 @@ the final gather.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -18,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from partialfc import dist as pdist
+from partialfc.data.images import IMAGE_SIZE
 from partialfc.data.loader import normalise
 from partialfc.data.verification_bin import load_bin_images
 from partialfc.ops.collectives import gather_rows
@@ -35,6 +38,31 @@ class VerificationResult:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+class LazyFaces:
+    """Faces read only when a slice is turned into an array: ``np.asarray(faces[a:b])`` is
+    uint8 ``(b - a, 3, 112, 112)``, row ``r`` being ``face(items[a + r])`` (subclasses)."""
+
+    def __init__(self, items: Sequence):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, part: slice) -> LazyFaces:
+        sliced = copy.copy(self)
+        sliced.items = self.items[part]
+        return sliced
+
+    def face(self, item) -> np.ndarray:
+        raise NotImplementedError
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        faces = np.zeros((len(self), 3, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+        for row, item in enumerate(self.items):
+            faces[row] = self.face(item)
+        return faces if dtype is None else faces.astype(dtype)
 
 
 @torch.no_grad()
