@@ -193,3 +193,18 @@ def test_fused_loss_without_autograd(name):
         with context():
             got = loss.fused(F.normalize(x, dim=1), w, targets, chunk_size=5)
         torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["arcface", "dsoftmax"])
+def test_frozen_centres_get_no_gradient(name):
+    """Centres that need no gradient get none (dW is not computed), and the embeddings'
+    gradient is the one they get when the centres are trained."""
+    x, w, col = _cos_problem(7)
+    loss, targets = build_loss(name), Targets.from_columns(col)
+    grads = []
+    for trained in (True, False):
+        xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(trained)
+        loss.fused(F.normalize(xs, dim=1), ws, targets, chunk_size=5).sum().backward()
+        assert (ws.grad is not None) == trained
+        grads.append(xs.grad)
+    assert torch.equal(grads[0], grads[1])

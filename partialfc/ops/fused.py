@@ -84,7 +84,7 @@ class _FusedRows(torch.autograd.Function):
         target_grad = target_pull * grad_rows[targets.rows] * target_slope
         grad_e, grad_w = _backend(ctx.implementation).gradients(emb, centres, inv_norm, targets, target_logit,
                                                                 row_max, weight * grad_rows, target_grad,
-                                                                ctx.problem)
+                                                                ctx.problem, need_w=ctx.needs_input_grad[1])
         return grad_e, grad_w, None, None, None, None, None, None, None, None
 
 

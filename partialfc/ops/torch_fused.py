@@ -52,12 +52,13 @@ def row_stats(emb, centres, inv_norm, targets, target_logit, p: ChunkProblem):
 
 
 def gradients(emb, centres, inv_norm, targets, target_logit, row_max, row_weight, target_grad,
-                    p: ChunkProblem):
+              p: ChunkProblem, need_w: bool = True):
     """``(dE (B, D), dW (k, D))`` for ``dL/dz_j = row_weight * exp(z_j - row_max)`` off the
     target and ``dL/dc_y = target_grad`` (aligned with ``targets.rows``) at it; filtered
-    entries get none. ``dW`` is with respect to the raw centres, in their dtype."""
+    entries get none. ``dW`` is with respect to the raw centres, in their dtype (``None``,
+    not computed, unless ``need_w``)."""
     grad_e = torch.zeros(emb.shape, dtype=inv_norm.dtype, device=emb.device)
-    grad_w = torch.empty_like(centres)
+    grad_w = torch.empty_like(centres) if need_w else None
     emb_c = emb.to(p.compute_dtype)
     row_logit = per_row(targets, target_logit, emb.shape[0])
     row_target_grad = per_row(targets, target_grad, emb.shape[0])
@@ -72,5 +73,6 @@ def gradients(emb, centres, inv_norm, targets, target_logit, row_max, row_weight
         g = g.to(p.compute_dtype)
         w = centres[lo:hi]
         grad_e += (g @ w.to(p.compute_dtype)).to(grad_e.dtype)
-        grad_w[lo:hi] = project_out_norm((g.T @ emb_c).to(inv_norm.dtype), w, inv_norm[lo:hi])
+        if need_w:
+            grad_w[lo:hi] = project_out_norm((g.T @ emb_c).to(inv_norm.dtype), w, inv_norm[lo:hi])
     return grad_e.to(emb.dtype), grad_w

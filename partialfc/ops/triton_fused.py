@@ -167,8 +167,9 @@ def row_stats(emb, centres, inv_norm, targets: Targets, target_logit, p: ChunkPr
 
 
 def gradients(emb, centres, inv_norm, targets: Targets, target_logit, row_max, row_weight, target_grad,
-              p: ChunkProblem):
-    """``(dE (B, D), dW (k, D))``, as :func:`torch_fused.gradients`."""
+              p: ChunkProblem, need_w: bool = True):
+    """``(dE (B, D), dW (k, D))``, as :func:`torch_fused.gradients` (without ``need_w`` the
+    kernel still accumulates the ``dW`` tiles; only their projection is skipped)."""
     batch, (k, dim) = emb.shape[0], centres.shape
     grad_e = torch.zeros((batch, dim), dtype=inv_norm.dtype, device=emb.device)
     grad_dot = torch.zeros((k, dim), dtype=inv_norm.dtype, device=emb.device)
@@ -182,6 +183,8 @@ def gradients(emb, centres, inv_norm, targets: Targets, target_logit, row_max, r
                                 row_weight.contiguous(), tgrad, grad_e, grad_dot, batch, k, dim,
                                 emb_c.stride(0), centres_c.stride(0), scale, threshold, **flags,
                                 BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_D=block_d)
+    if not need_w:
+        return grad_e.to(emb.dtype), None
     grad_w = grad_dot if grad_dot.dtype == centres.dtype else torch.empty_like(centres)  # in place if it can
     for lo in range(0, k, p.chunk_size):
         hi = lo + p.chunk_size
