@@ -110,7 +110,7 @@ def save_checkpoint(root: str, step: int, shared: dict | None, rank_state: dict,
     if rank == 0:
         _write_text_atomic(os.path.join(root, LATEST), step_name(step) + "\n")
         if keep > 0:  # by write time: after a rollback, higher-numbered steps are the old ones
-            written = sorted(list_checkpoints(root), key=lambda p: os.path.getmtime(os.path.join(p, TRAINER_FILE)))
+            written = _by_write_time(root)
             for old in [p for p in written if p != final][:max(len(written) - keep, 0)]:
                 shutil.rmtree(old, ignore_errors=True)
     _barrier()
@@ -152,6 +152,12 @@ def list_checkpoints(root: str) -> list[str]:
     names = sorted(n for n in os.listdir(root) if n.startswith("step_")
                    and os.path.exists(os.path.join(root, n, TRAINER_FILE)))
     return [os.path.join(root, n) for n in names]
+
+
+def _by_write_time(root: str) -> list[str]:
+    """Complete checkpoint directories under ``root``, oldest written first (after a rollback
+    a higher-numbered step can be the older one)."""
+    return sorted(list_checkpoints(root), key=lambda p: os.path.getmtime(os.path.join(p, TRAINER_FILE)))
 
 
 def _damage(file: str) -> str | None:
@@ -202,7 +208,7 @@ def latest_checkpoint(root: str) -> str | None:
     A checkpoint with a damaged file (:func:`damaged_file`) is skipped with a warning for the
     one written before it; :class:`CheckpointError` naming the file if none is whole."""
     pointed = _pointed(root)
-    by_time = sorted(list_checkpoints(root), key=lambda p: os.path.getmtime(os.path.join(p, TRAINER_FILE)))
+    by_time = _by_write_time(root)
     candidates = [p for p in [pointed, *reversed(by_time)] if p is not None]
     damaged = []
     for path in dict.fromkeys(candidates):

@@ -354,7 +354,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     if bad:
         raise ConfigError(f"overrides must look like key=value, got {bad}")
     layers = [] if path is None else _read_chain(os.fspath(path))
-    cfg, source = OmegaConf.structured(Config), "overrides"
+    cfg = OmegaConf.structured(Config)
     try:
         for source, layer in layers:
             cfg = OmegaConf.merge(cfg, layer)

@@ -220,7 +220,7 @@ def check_compatible(cfg, num_classes: int, shared: dict, path: str) -> None:
     theirs.pop("options", None)
     if mine != theirs:
         raise CheckpointError(f"checkpoint {path} was written for {theirs}, this run is {mine}; "
-                                   "to fine-tune on other classes set checkpoint.init_backbone instead")
+                              "to fine-tune on other classes set checkpoint.init_backbone instead")
     changes = objective_changes(cfg, shared["config"]) if "config" in shared else []
     if changes and not cfg.checkpoint.allow_config_change:
         raise CheckpointError(f"checkpoint {path} was trained with another model or objective ("
