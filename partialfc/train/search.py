@@ -75,10 +75,10 @@ def gather_rewards(layout: CandidateLayout, reward: float, device: torch.device)
     first rank's value)."""
     if not pdist.is_initialized():
         return [float(reward)]
-    mine = torch.tensor([layout.candidate, reward], dtype=torch.float64, device=device)
+    mine = torch.tensor([reward], dtype=torch.float64, device=device)
     rows = [torch.empty_like(mine) for _ in range(pdist.get_world_size())]
     dist.all_gather(rows, mine)
-    return [float(rows[layout.world_rank(c, 0)][1]) for c in range(layout.population)]
+    return [float(rows[layout.world_rank(c, 0)]) for c in range(layout.population)]
 
 
 def _strip(obj, leaves: list[torch.Tensor]):
