@@ -144,6 +144,12 @@ def detect_launch_env(env=None) -> LaunchEnv:
     return LaunchEnv(0, 1, 0, 1, "127.0.0.1", 29500, "single")
 
 
+# NCCL's watchdog otherwise takes the process down on a timed-out or failed collective
+# (TORCH_NCCL_ASYNC_ERROR_HANDLING's default tears down): a blocking wait raises in the
+# calling thread instead, which becomes the one-line DistributedError, and handling 2 only
+# aborts the communicator, so the exit does not hang on it. Set before the group is made.
+NCCL_FAULT_ENV = {"TORCH_NCCL_BLOCKING_WAIT": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
+
 DEFAULT_TIMEOUT_S = 600.0
 TIMEOUT_ENV = "PARTIALFC_DIST_TIMEOUT"
 
@@ -234,6 +240,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(launch.local_rank)
+            for name, value in NCCL_FAULT_ENV.items():
+                os.environ.setdefault(name, value)
         store = rendezvous(launch, timeout_s)
         dist.init_process_group(backend, store=store, rank=launch.rank, world_size=launch.world_size,
                                 timeout=timedelta(seconds=timeout_s))

@@ -44,6 +44,7 @@ import torch
 
 from partialfc.bench.common import autocast, average_gradients, build_head, configs, method_label, peak_bytes, setup
 from partialfc.errors import InputError
+from partialfc.ops.collectives import barrier
 
 PHASES = ("data", "forward", "backward", "comm", "optimizer")
 COLOURS = ("tab:gray", "tab:blue", "tab:orange", "tab:red", "tab:green")
@@ -135,8 +136,7 @@ def _measure(rank: int, world_size: int, cfg: dict) -> dict:
 
     for _ in range(cfg["warmup"]):
         step()
-    if world_size > 1:
-        torch.distributed.barrier()
+    barrier()
     start = time.perf_counter()
     times = [step() for _ in range(cfg["steps"])]
     loop_s = (time.perf_counter() - start) / cfg["steps"]

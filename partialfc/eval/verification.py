@@ -16,14 +16,13 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from partialfc import dist as pdist
 from partialfc.data.images import IMAGE_SIZE
 from partialfc.data.loader import normalise
 from partialfc.data.verification_bin import load_bin_images
-from partialfc.ops.collectives import gather_rows
+from partialfc.ops.collectives import ReduceOp, all_reduce, gather_rows
 
 THRESHOLDS = np.arange(0, 4, 0.01)
 
@@ -97,10 +96,8 @@ def embed_distributed(model: torch.nn.Module, images: torch.Tensor, group=None, 
     n = len(images)
     bounds = [n * r // world for r in range(world + 1)]
     local = embed_images(model, images[bounds[rank]:bounds[rank + 1]], **kw)
-    if world == 1:
-        return local
-    dim = torch.tensor([local.shape[1] if local.numel() else 0], dtype=torch.int64)
-    dist.all_reduce(dim, op=dist.ReduceOp.MAX, group=group)  # a rank without images does not know the width
+    # a rank without images does not know the width
+    dim = all_reduce(torch.tensor([local.shape[1] if local.numel() else 0]), ReduceOp.MAX, group)
     sizes = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
     return gather_rows(local.reshape(sizes[rank], int(dim)), sizes, group, differentiable=False)
 

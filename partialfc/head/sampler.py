@@ -40,6 +40,15 @@ class CentreSampler:
     def _seeded(self, device: torch.device) -> torch.Generator:
         return seeded_generator(self.seed, Stream.SAMPLER, self.rank, self.draws, device=device)
 
+    def _moved(self, device: torch.device) -> torch.Generator:
+        """The stream on ``device``: the same state on another GPU (``cuda:0`` -> ``cuda:1``),
+        re-seeded at the draw count on another device type."""
+        if device.type != self.generator.device.type:
+            return self._seeded(device)
+        moved = torch.Generator(device=device)
+        moved.set_state(self.generator.get_state())
+        return moved
+
     @property
     def samples_everything(self) -> bool:
         return self.num_sample >= self.num_local
@@ -69,8 +78,8 @@ class CentreSampler:
     def _draw(self, positives: torch.Tensor) -> torch.Tensor:
         """``num_sample`` sorted indices: every index of ``positives`` (values equal to
         ``num_local`` are ignored) plus uniform negatives without replacement."""
-        if self.generator.device.type != positives.device.type:
-            self.generator = self._seeded(positives.device)
+        if self.generator.device != positives.device:
+            self.generator = self._moved(positives.device)
         self.draws += 1
         # Random keys, positives forced to the top, take the k largest. The positives are
         # marked through a flag vector: no data-dependent shape, no host synchronisation.

@@ -16,6 +16,7 @@ import unicodedata
 from pathlib import Path
 from string import Template
 
+from partialfc.dist import NCCL_FAULT_ENV
 from partialfc.errors import LaunchError
 
 PATTERNS = {"task-per-gpu": "task_per_gpu.sbatch", "torchrun": "torchrun_per_node.sbatch"}
@@ -60,7 +61,7 @@ def render(args) -> tuple[str, Path]:
     directives += [f"#SBATCH --{key}={value}" for key, value in
                    (("partition", args.partition), ("account", args.account), ("qos", args.qos)) if value]
     directives += [f"#SBATCH {extra}" for extra in args.sbatch_arg]
-    nccl = ["export NCCL_DEBUG=${NCCL_DEBUG:-WARN}", "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1"]
+    nccl = ["export NCCL_DEBUG=${NCCL_DEBUG:-WARN}", *(f"export {k}={v}" for k, v in NCCL_FAULT_ENV.items())]
     if args.nccl_ifname:
         nccl.append(f"export NCCL_SOCKET_IFNAME={shlex.quote(args.nccl_ifname)}")
     values = dict(

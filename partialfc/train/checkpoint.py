@@ -35,6 +35,7 @@ import torch
 
 from partialfc import dist as pdist
 from partialfc.errors import CheckpointError
+from partialfc.ops.collectives import all_true, barrier
 from partialfc.torch_files import load_plain
 
 log = logging.getLogger(__name__)
@@ -49,11 +50,6 @@ def step_name(step: int) -> str:
 
 def head_file(rank: int) -> str:
     return f"head_rank{rank:05d}.pt"
-
-
-def _barrier() -> None:
-    if pdist.is_initialized():
-        torch.distributed.barrier()
 
 
 def _save(obj, path: str) -> None:
@@ -113,7 +109,7 @@ def save_checkpoint(root: str, step: int, shared: dict | None, rank_state: dict,
             written = _by_write_time(root)
             for old in [p for p in written if p != final][:max(len(written) - keep, 0)]:
                 shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 
@@ -126,23 +122,13 @@ def _collectively(phase, rank: int, root: str, tmp: str, step: int) -> None:
             phase()
     except OSError as err:
         failure = err
-    if _all_ranks_agree(failure is None):
+    if all_true(failure is None):
         return
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     reason = f"{failure}" if failure is not None else "another rank could not write its file (see its message)"
     raise CheckpointError(f"cannot write checkpoint {step_name(step)} in {root}: {reason}; the partial files "
                           "were removed and the previous checkpoint is intact") from None
-
-
-def _all_ranks_agree(ok: bool) -> bool:
-    """Collective: True on every rank iff ``ok`` on every rank (a barrier carrying a verdict)."""
-    if not pdist.is_initialized():
-        return ok
-    device = torch.device("cuda", torch.cuda.current_device()) if pdist.backend_of() == "nccl" else "cpu"
-    flag = torch.tensor([1.0 if ok else 0.0], device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 def list_checkpoints(root: str) -> list[str]:

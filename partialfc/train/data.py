@@ -12,6 +12,7 @@ import torch
 
 from partialfc import dist as pdist
 from partialfc.errors import InputNotFoundError
+from partialfc.ops.collectives import barrier
 
 
 def synthetic_prefix(cfg) -> str:
@@ -46,8 +47,7 @@ def prepare_dataset(cfg) -> tuple[str, list[str]]:
         prefix = synthetic_prefix(cfg)
         if pdist.get_rank() == 0 and not os.path.exists(prefix + ".rec"):
             _generate_synthetic(prefix, cfg.data.synthetic)
-        if pdist.is_initialized():
-            torch.distributed.barrier()
+        barrier()
         if cfg.data.synthetic.verification_pairs > 0:
             bins.insert(0, prefix + ".bin")
     for path in bins:

@@ -19,11 +19,11 @@ import os
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 
 from partialfc import dist as pdist
 from partialfc.dist import CandidateLayout
 from partialfc.losses.search import global_a
+from partialfc.ops.collectives import all_gather, broadcast, broadcast_object
 from partialfc.seeding import Stream, seeded_generator
 from partialfc.train.state import Components, apply_state, live_state
 
@@ -70,14 +70,10 @@ class SearchPolicy:
         self.optimizer.load_state_dict(state["adam"])
 
 
-def gather_rewards(layout: CandidateLayout, reward: float, device: torch.device) -> list[float]:
+def gather_rewards(layout: CandidateLayout, reward: float) -> list[float]:
     """Collective over the world: every candidate's reward, by candidate (each candidate's
     first rank's value)."""
-    if not pdist.is_initialized():
-        return [float(reward)]
-    mine = torch.tensor([reward], dtype=torch.float64, device=device)
-    rows = [torch.empty_like(mine) for _ in range(pdist.get_world_size())]
-    dist.all_gather(rows, mine)
+    rows = all_gather(torch.tensor([reward], dtype=torch.float64))
     return [float(rows[layout.world_rank(c, 0)]) for c in range(layout.population)]
 
 
@@ -111,15 +107,14 @@ def broadcast_state(state: dict | None, src: int, group, device: torch.device) -
     back on the CPU if it was there)."""
     leaves: list[torch.Tensor] = []
     skeleton = _strip(state, leaves) if state is not None else None
-    box = [(skeleton, [(tuple(t.shape), t.dtype, t.device.type) for t in leaves])]
-    dist.broadcast_object_list(box, src=src, group=group)
-    skeleton, meta = box[0]
+    skeleton, meta = broadcast_object((skeleton, [(tuple(t.shape), t.dtype, t.device.type) for t in leaves]),
+                                      src, group)
     if state is None:
         leaves = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, _ in meta]
     else:
         leaves = [t.detach().to(device).contiguous() for t in leaves]
     for t in leaves:
-        dist.broadcast(t, src=src, group=group)
+        broadcast(t, src, group)
     return _fill(skeleton, [t.cpu() if kind == "cpu" else t for t, (_, _, kind) in zip(leaves, meta)])
 
 
@@ -164,7 +159,7 @@ class SearchDriver:
             return None
         device = self.parts.head.weight.device
         reward = self.reward_hook(a) if self.reward_hook is not None else self.reward()
-        rewards = gather_rewards(self.layout, reward, device)
+        rewards = gather_rewards(self.layout, reward)
         xs = [self.policy.draw(epoch, c) for c in range(self.layout.population)]  # every candidate's x
         mu = self.policy.mu.item()
         if self.mode == "search":

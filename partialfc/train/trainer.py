@@ -25,6 +25,7 @@ from partialfc.eval.verification import VerificationSet
 from partialfc.head import PartialFC
 from partialfc.losses import build_loss
 from partialfc.models import build_backbone
+from partialfc.ops.collectives import all_reduce
 from partialfc.train import checkpoint as ckpt
 from partialfc.train.data import build_loader, prepare_dataset
 from partialfc.train.engine import build_engine
@@ -163,9 +164,7 @@ class Trainer:
     def _head_loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The head's loss; NaN (with a backward that reaches the backbone only) when any
         rank's embeddings are non-finite, so that all ranks skip the step together."""
-        bad = torch.tensor([0.0 if torch.isfinite(embeddings).all() else 1.0])
-        if self.group_size > 1:
-            torch.distributed.all_reduce(bad, group=self.group)
+        bad = all_reduce((~torch.isfinite(embeddings).all()).float().reshape(1), group=self.group)
         if bad.item():
             return embeddings.float().sum() * float("nan")
         if self.group_size > 1 and embeddings.requires_grad:
@@ -180,18 +179,16 @@ class Trainer:
         so that every rank acts on them at the same step."""
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.head_optimizer)
-        local = grad_norm([self.head.weight]).cpu()
+        local = grad_norm([self.head.weight])
         # The signal handler only sets the local request; what the step acts on is the agreed flag.
         asked, self.local_checkpoint_request = self.local_checkpoint_request, False
-        flags = torch.tensor([float(asked), float(self.stop.local_flag())], dtype=torch.float64)
         # One slot per search candidate (one slot without a search): the norm sums over this
         # candidate's shards only, the requests over the whole job.
         slots, mine = (self.layout.population, self.layout.candidate) if self.layout is not None else (1, 0)
-        norms = torch.zeros(slots, dtype=torch.float64)
-        norms[mine] = local.double() ** 2
-        packed = torch.cat([norms, flags])
-        if self.world_size > 1:
-            torch.distributed.all_reduce(packed)
+        packed = torch.zeros(slots + 2, dtype=torch.float64)
+        packed[slots:] = torch.tensor([float(asked), float(self.stop.local_flag())], dtype=torch.float64)
+        packed[mine] = local.double().cpu() ** 2
+        all_reduce(packed)  # over the world; the wrapper moves it to the group's device and back
         self.checkpoint_requested, self.stop_requested = bool(packed[slots] > 0), bool(packed[slots + 1] > 0)
         return packed[mine].sqrt().float()
 

@@ -17,21 +17,16 @@ from partialfc.head import partial_fc
 
 CUDA_TIER = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-# The parametrization point for the fused chunked objective: PartialFC's switch and its
-# explicit choices (partial_fc.FUSED_CHOICES less "auto"). Without the switch only the
-# default path runs.
-FUSED_SWITCH = "fused"
-FUSED_VALUES = [c for c in getattr(partial_fc, "FUSED_CHOICES", ()) if c != "auto"]
+# Every explicit path of the head's fused= switch ("auto" picks one of them). Read directly:
+# a head without the switch or its choices fails the tier at collection, it does not skip.
+FUSED_VALUES = [c for c in partial_fc.FUSED_CHOICES if c != "auto"]
 NO_TRITON = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 
 
 def head_variants() -> list:
-    """``pytest.param(kwargs of PartialFC)`` for each path of the head; the fused ones are
-    skipped (with a reason) where PartialFC has no fused switch."""
-    if FUSED_SWITCH not in inspect.signature(PartialFC).parameters or not FUSED_VALUES:
-        return [pytest.param({}, id="default"),
-                pytest.param({}, id="fused", marks=pytest.mark.skip(reason=f"PartialFC has no {FUSED_SWITCH}= switch"))]
-    return [pytest.param({FUSED_SWITCH: value}, id=f"fused_{value}", marks=[NO_TRITON] if value == "triton" else [])
+    """``pytest.param(kwargs of PartialFC)`` for each path of the head."""
+    assert "fused" in inspect.signature(PartialFC).parameters, "PartialFC lost its fused= switch"
+    return [pytest.param({"fused": value}, id=f"fused_{value}", marks=[NO_TRITON] if value == "triton" else [])
             for value in FUSED_VALUES]
 
 

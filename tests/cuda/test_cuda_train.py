@@ -20,20 +20,21 @@ STEPS, INTERRUPT_AT = 50, 25
 
 
 def _train(rank, world, overrides, interrupt_at=None):
-    """Train to the end; with ``interrupt_at``, first train that many steps, checkpoint and
-    drop the trainer, then resume in a new one."""
+    """Train to the end: ``(summary, losses of the steps before the interruption)``. With
+    ``interrupt_at``, first train that many steps (``train_step`` logs nothing: their losses
+    are returned), checkpoint and drop the trainer, then resume in a new one."""
     from partialfc.train.trainer import Trainer
 
+    before = []
     if interrupt_at is not None:
         first = Trainer(load_config(None, overrides))
         assert first.device.type == "cuda" and first.autocast_dtype == torch.bfloat16
-        for _ in range(interrupt_at):
-            first.train_step()
+        before = [first.train_step()["loss"] for _ in range(interrupt_at)]
         first.save()
         first.logger.close()
         del first
     trainer = Trainer(load_config(None, overrides))
-    return trainer.train()
+    return trainer.train(), before
 
 
 def _losses(run_dir) -> dict[int, float]:
@@ -47,12 +48,29 @@ def test_iresnet50_bf16_resume_gives_the_same_loss_curve(tmp_path, cache, monkey
               f"train.max_steps={STEPS}", "data.batch_size=64", "train.deterministic=true")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_distributed(_train, 1, tiny_overrides(straight, cache, *common), backend="nccl", timeout=600)
-    run_distributed(_train, 1, tiny_overrides(resumed, cache, *common), INTERRUPT_AT, backend="nccl", timeout=600)
+    _, before = run_distributed(_train, 1, tiny_overrides(resumed, cache, *common), INTERRUPT_AT, backend="nccl",
+                                timeout=600)[0]
     a, b = _losses(straight), _losses(resumed)
-    assert sorted(a) == list(range(1, STEPS + 1)) and sorted(b) == list(range(1, STEPS + 1))
+    # the resumed run logs the steps after the checkpoint, each once; the ones before it ran
+    # through train_step, which returns its loss and logs nothing
+    assert sorted(a) == list(range(1, STEPS + 1)) and sorted(b) == list(range(INTERRUPT_AT + 1, STEPS + 1))
     assert all(torch.isfinite(torch.tensor(list(a.values()))))
-    assert [b[s] for s in range(1, STEPS + 1)] == [a[s] for s in range(1, STEPS + 1)]
+    assert before == [a[s] for s in range(1, INTERRUPT_AT + 1)]
+    assert [b[s] for s in range(INTERRUPT_AT + 1, STEPS + 1)] == [a[s] for s in range(INTERRUPT_AT + 1, STEPS + 1)]
     assert sum(a[s] for s in range(STEPS - 4, STEPS + 1)) < sum(a[s] for s in range(1, 6))  # it learns
+
+
+@pytest.mark.multiprocess
+def test_an_nccl_world_of_one_running_every_collective_trains_and_evaluates(tmp_path, cache, monkeypatch):
+    """The multi-GPU code paths on one GPU: with the single-process shortcuts off, every
+    collective of the trainer, head, checkpoint and verification goes to NCCL (a host tensor
+    handed to it fails here in seconds)."""
+    from partialfc.ops.collectives import ALWAYS_COMMUNICATE
+
+    monkeypatch.setenv(ALWAYS_COMMUNICATE, "1")  # spawned ranks inherit it
+    summary, _ = run_distributed(_train, 1, tiny_overrides(tmp_path, cache, "train.max_steps=3", "eval.at_end=true"),
+                                 backend="nccl", timeout=300)[0]
+    assert summary["step"] == 3 and 0 < summary["accuracy"] <= 1 and summary["skipped_steps"] == 0
 
 
 def _deepspeed(rank, world, overrides):
