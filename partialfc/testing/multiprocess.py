@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from partialfc.dist import free_port
+from partialfc.testing.ports import reserved_port
 
 
 def _worker(rank, world_size, port, backend, fn, args, queue):
@@ -40,9 +40,13 @@ def _worker(rank, world_size, port, backend, fn, args, queue):
 
 def run_distributed(fn, world_size: int, *args, backend: str = "gloo", timeout: float = 300.0):
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; return results by rank."""
+    with reserved_port() as port:  # held until the ranks are gone: no other process can take it meanwhile
+        return _spawn(fn, world_size, args, backend, timeout, port)
+
+
+def _spawn(fn, world_size: int, args: tuple, backend: str, timeout: float, port: int) -> list:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, backend, fn, args, queue), daemon=True)
              for r in range(world_size)]
     for p in procs:
