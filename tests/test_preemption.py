@@ -14,7 +14,7 @@ import pytest
 from partialfc.train.checkpoint import latest_checkpoint
 from partialfc.train.logging import read_metrics
 from partialfc.train.preemption import EXIT_PREEMPTED, StopRequest
-from tests.train_helpers import tiny_overrides
+from tests.train_helpers import logged_train_steps, tiny_overrides
 
 
 def train_cli(run_dir, cache, steps, env_extra=None, wait=True):
@@ -69,10 +69,11 @@ def test_stop_file_checkpoints_exits_3_and_resume_finishes(tmp_path, cache):
 def test_sigterm_mid_training_checkpoints_and_exits_3(tmp_path, cache):
     run_dir = tmp_path / "run"
     proc = train_cli(run_dir, cache, 100_000, wait=False)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if (run_dir / "metrics.jsonl").exists() and len(train_steps(run_dir)) >= 3:
-            break
+    deadline = time.monotonic() + 300  # start-up on a loaded machine; the signal goes once training is under way
+    while len(logged_train_steps(run_dir)) < 3:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            pytest.fail(f"training did not reach step 3:\n{proc.communicate()[0]}")
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
