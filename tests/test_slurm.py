@@ -10,6 +10,7 @@ import time
 import pytest
 
 from partialfc.testing.slurm import SlurmCluster, slurm_available
+from tests.train_helpers import logged_train_steps
 
 pytestmark = [pytest.mark.required, pytest.mark.multiprocess]
 
@@ -69,13 +70,6 @@ def tiny_training(tmp_path, steps: int) -> list[str]:
             "log.every_steps=1", "log.wandb.mode=disabled", "log.plot=false", "checkpoint.every_steps=0"]
 
 
-def metrics_steps(run_dir) -> list[int]:
-    import json
-
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["step"] for line in lines if '"train"' in line]
-
-
 @pytest.mark.parametrize("pattern", ["task-per-gpu", "torchrun"])
 def test_submit_demo_training_with_two_ranks(cluster, tmp_path, pattern):
     run_dir = tmp_path / "run"
@@ -92,7 +86,7 @@ def test_submit_demo_training_with_two_ranks(cluster, tmp_path, pattern):
     assert shared["world_size"] == 2 and shared["step"] == 4  # ranks and world size came from Slurm
     assert sorted(p.name for p in (run_dir / "checkpoints" / latest).glob("head_rank*.pt")) == [
         "head_rank00000.pt", "head_rank00001.pt"]
-    assert metrics_steps(run_dir)[-1] == 4
+    assert logged_train_steps(run_dir) == [1, 2, 3, 4]
 
 
 def test_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path):
@@ -104,7 +98,7 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path):
     job_id = int(done.stdout.split()[2].rstrip(":"))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:  # wait until training is under way
-        if (run_dir / "metrics.jsonl").exists() and len(metrics_steps(run_dir)) >= 5:
+        if len(logged_train_steps(run_dir)) >= 5:
             break
         time.sleep(0.5)
     else:
@@ -119,7 +113,7 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path):
     stopped = [int(s) for s in re.findall(r"stopped on request at step (\d+)", log)]
     resumed = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", log)]
     assert stopped and resumed == stopped[:1] and 0 < stopped[0] < steps, log
-    assert metrics_steps(run_dir)[-1] == steps
+    assert logged_train_steps(run_dir) == list(range(1, steps + 1))  # each step once, across the requeue
 
 
 def test_scancel_term_with_workers_checkpoints_requeues_and_resumes(cluster, tmp_path):
@@ -134,14 +128,15 @@ def test_scancel_term_with_workers_checkpoints_requeues_and_resumes(cluster, tmp
     job_id = int(done.stdout.split()[2].rstrip(":"))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        if (run_dir / "metrics.jsonl").exists() and len(metrics_steps(run_dir)) >= 5:
+        if len(logged_train_steps(run_dir)) >= 5:
             break
         time.sleep(0.5)
     else:
         pytest.fail("training did not start: " + "".join(p.read_text() for p in run_dir.glob("slurm-*.out")))
     sent = time.monotonic()
     subprocess.run(["scancel", "--signal=TERM", str(job_id)], check=True, env=cluster.env)
-    cluster.wait(job_id, timeout=120, states=("PENDING", "COMPLETED", "FAILED", "CANCELLED"))
+    cluster.wait(job_id, timeout=120, states=("PENDING", "COMPLETED", "FAILED", "CANCELLED"),
+                 until=lambda job: int(job.get("Restarts", 0)) >= 1)  # requeued, however briefly PENDING
     requeued_after = time.monotonic() - sent
     info = cluster.wait(job_id, timeout=600, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
     log = next(run_dir.glob("slurm-*.out")).read_text()
@@ -151,6 +146,6 @@ def test_scancel_term_with_workers_checkpoints_requeues_and_resumes(cluster, tmp
     stopped = [int(s) for s in re.findall(r"stopped on request at step (\d+)", log)]
     resumed = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", log)]
     assert stopped and resumed == stopped[:1] and 0 < stopped[0] < steps, log
-    assert metrics_steps(run_dir)[-1] == steps
+    assert logged_train_steps(run_dir) == list(range(1, steps + 1))  # each step once, across the requeue
     print(f"scancel --signal=TERM with 2 workers per rank: checkpoint at step {stopped[0]}, job pending "
           f"for its requeue {requeued_after:.1f} s after the signal, resumed at step {resumed[0]}, finished")

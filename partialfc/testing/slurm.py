@@ -4,6 +4,9 @@
 logs and pid files there too), starts the daemons and waits until the node is idle; clients
 find it through ``SLURM_CONF``. ``stop()`` kills the daemons. Needs the Debian packages
 ``slurmctld slurmd slurm-client munge`` and root (the daemons run as root here).
+
+The daemons' two ports are free when chosen; on a busy machine another process can bind one
+before the daemon does, which then exits: ``start()`` tries another pair (``attempts`` in all).
 """
 
 from __future__ import annotations
@@ -59,6 +62,21 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubsc
 """
 
 
+def _free_port_pair() -> int:
+    """A port ``p`` such that ``p`` and ``p + 1`` (slurmctld's and slurmd's) are free now."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            with socket.socket() as first, socket.socket() as second:
+                first.bind(("", port))  # the daemons listen on every address
+                second.bind(("", port + 1))
+            return port
+        except OSError:  # p + 1 is taken (or past 65535): another
+            continue
+
+
 class SlurmCluster:
     def __init__(self, workdir: Path, cpus: int | None = None):
         self.workdir = Path(workdir)
@@ -72,27 +90,29 @@ class SlurmCluster:
         """Environment for client commands (sbatch, squeue, scontrol) of this cluster."""
         return {**os.environ, "SLURM_CONF": str(self.conf)}
 
-    def start(self, timeout: float = 60.0) -> "SlurmCluster":
+    def start(self, timeout: float = 60.0, attempts: int = 3) -> "SlurmCluster":
         for sub in ("state", "spool"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
-        with socket.socket() as s:  # a free pair of ports for this cluster
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        port = port if port < 60000 else 40000
-        self.conf.write_text(_conf(self.workdir, self.host, self.cpus, port))
         self._start_munge()
-        for daemon in ("slurmctld", "slurmd"):
-            log = open(self.workdir / f"{daemon}.out", "w")
-            self.procs.append(subprocess.Popen([f"/usr/sbin/{daemon}", "-D", "-f", str(self.conf)],
-                                               stdout=log, stderr=subprocess.STDOUT, env=self.env))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=self.env)
-            if out.returncode == 0 and out.stdout.strip() in ("idle", "mixed", "allocated"):
-                return self
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"Slurm did not come up in {timeout:.0f} s; logs in {self.workdir}")
+        for _ in range(attempts):
+            self.conf.write_text(_conf(self.workdir, self.host, self.cpus, _free_port_pair()))
+            for daemon in ("slurmctld", "slurmd"):
+                log = open(self.workdir / f"{daemon}.out", "w")
+                self.procs.append(subprocess.Popen([f"/usr/sbin/{daemon}", "-D", "-f", str(self.conf)],
+                                                   stdout=log, stderr=subprocess.STDOUT, env=self.env))
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=self.env)
+                if out.returncode == 0 and out.stdout.strip() in ("idle", "mixed", "allocated"):
+                    return self
+                if any(proc.poll() is not None for proc in self.procs):
+                    break  # a daemon exited (its port taken meanwhile?): another pair
+                time.sleep(0.5)
+            else:
+                self.stop()
+                raise RuntimeError(f"Slurm did not come up in {timeout:.0f} s; logs in {self.workdir}")
+            self.stop()
+        raise RuntimeError(f"a Slurm daemon exited at start-up {attempts} times; logs in {self.workdir}")
 
     @staticmethod
     def _start_munge() -> None:
@@ -121,11 +141,14 @@ class SlurmCluster:
         return fields
 
     def wait(self, job_id: int, timeout: float = 300.0, states=("COMPLETED", "FAILED", "CANCELLED",
-                                                                  "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")) -> dict:
+                                                                  "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"),
+             until=None) -> dict:
+        """The job's fields once its JobState is one of ``states`` or ``until(fields)`` holds (for
+        what a poll can miss, such as a state as brief as a requeued job's PENDING)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             info = self.job_state(job_id)
-            if info.get("JobState") in states:
+            if info.get("JobState") in states or (until is not None and until(info)):
                 return info
             time.sleep(0.5)
         raise TimeoutError(f"job {job_id} still {self.job_state(job_id).get('JobState')} after {timeout:.0f} s")
