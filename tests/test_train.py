@@ -13,6 +13,7 @@ from partialfc.testing.multiprocess import run_distributed
 from partialfc.train.checkpoint import CheckpointError, latest_checkpoint, load_shared
 from partialfc.train.config import load_config
 from partialfc.train.logging import read_metrics
+from partialfc.train.preemption import Preempted, StopRequest
 from tests.train_helpers import tiny_overrides
 
 
@@ -60,15 +61,28 @@ def test_training_learns_and_logs(tmp_path, cache, world):
         assert b"train/loss" in data and f"eval/{eval_set}/accuracy".encode() in data and b"train/lr_head" in data
 
 
+class _StopDuring(StopRequest):
+    """A stop request that arrives during step ``step`` of ``trainer``, as the stop file or
+    SIGTERM would (the trainer reads the flag in the step, before counting it)."""
+
+    def __init__(self, trainer, step: int):
+        super().__init__(None)
+        self.trainer, self.at_step = trainer, step
+
+    def local_flag(self) -> bool:
+        return self.trainer.step + 1 >= self.at_step
+
+
 def _interrupted_then_resumed(rank, world, overrides, interrupt_at):
-    """Train ``interrupt_at`` steps, checkpoint, drop the trainer; a new one resumes to the end."""
+    """The real loop until a stop request during step ``interrupt_at``: it logs the steps,
+    checkpoints after that one and raises :class:`Preempted`; a new trainer resumes to the end."""
     from partialfc.train.trainer import Trainer
 
     first = Trainer(load_config(None, overrides))
-    for _ in range(interrupt_at):
-        first.train_step()
-    first.save()
-    first.logger.close()
+    first.stop = _StopDuring(first, interrupt_at)
+    with pytest.raises(Preempted) as stopped:
+        first.train()
+    assert stopped.value.step == interrupt_at
     del first
     return _train(rank, world, overrides)
 
@@ -82,9 +96,10 @@ def test_resume_is_bitwise_exact(tmp_path, cache):
     assert torch.equal(straight["weight"], resumed["weight"])
     for key, value in straight["backbone"].items():
         assert torch.equal(value, resumed["backbone"][key]), key
-    # the metrics file has each step once, and the resumed job continued the same wandb run
+    # the metrics file has each step once (1-3 from the interrupted job, 4-6 from the resumed
+    # one), and the resumed job continued the same wandb run
     steps = [r["step"] for r in read_metrics(str(tmp_path / "b" / "metrics.jsonl")) if r["kind"] == "train"]
-    assert steps == [4, 5, 6] or steps == list(range(1, 7))
+    assert steps == [1, 2, 3, 4, 5, 6]
     # two offline run folders (wandb adds "-1" when both start in the same second), one run id
     runs = glob.glob(str(tmp_path / "b" / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(runs) == 2 and len({os.path.basename(r) for r in runs}) == 1, runs
