@@ -146,6 +146,7 @@ def test_forever_runs_epoch_after_epoch(unique):
     assert got == expected and (loader.epoch, loader.batches_consumed) == (2, 1)
 
 
+@pytest.mark.required
 def test_header_dataset_is_read_without_header_records(tmp_path):
     labels = [0] * 5 + [1] * 7 + [2] * 4
     write_header_dataset(tmp_path / "h", labels)

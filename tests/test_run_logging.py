@@ -15,10 +15,12 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-wandb = pytest.importorskip("wandb")
-from wandb.proto import wandb_internal_pb2  # noqa: E402
+from partialfc.train.logging import RunLogger, read_metrics
 
-from partialfc.train.logging import RunLogger, read_metrics  # noqa: E402
+try:
+    from wandb.proto import wandb_internal_pb2
+except ImportError:  # without the wandb extra, only the test that reads a run back cannot run
+    wandb_internal_pb2 = None
 
 DIRS = ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR")
 BLOCK, HEADER = 32768, 7  # LevelDB log blocks; record header: crc32 (4), length (2), type (1)
@@ -50,14 +52,16 @@ def read_wandb_records(path: str) -> list:
     return records
 
 
-def finished_records(path: str, timeout: float = 60.0) -> list:
+def finished_records(path: str, timeout: float = 300.0) -> list:
     """The records once the run's exit record is on disk: wandb's service process writes the
-    log behind ``finish()``."""
+    log behind ``finish()``, as late as a loaded machine makes it."""
     deadline = time.monotonic() + timeout
     while True:
         records = read_wandb_records(path)
-        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
             return records
+        if time.monotonic() > deadline:
+            pytest.fail(f"no exit record in {path} {timeout:.0f} s after finish(): {len(records)} records")
         time.sleep(0.1)
 
 
@@ -78,7 +82,10 @@ def _logger(run_dir, mode=None, project=None, **config):
     return RunLogger(str(run_dir), "abcdef123456", cfg, {"run_dir": str(run_dir), "seed": 0, **config})
 
 
+@pytest.mark.required  # CI installs the wandb extra: a skip there is a failure
 def test_two_sets_keep_their_own_keys(tmp_path, monkeypatch):
+    if wandb_internal_pb2 is None:
+        pytest.skip("wandb is not installed: pip install 'partialfc[wandb]'")
     for var in (*DIRS, "WANDB_ENTITY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
