@@ -20,7 +20,7 @@ REQUIRED_FIELDS = {"method", "classes", "sample_rate", "world_size", "global_bat
 def test_bench_train_writes_json_table_and_png(tmp_path):
     cmd = [sys.executable, "-m", "partialfc.cli", "bench", "train", "--classes", "500", "--identities", "16",
            "--images-per-identity", "4", "--methods", "full_softmax,partialfc", "--sample-rate", "0.5",
-           "--batch", "16", "--dim", "32", "--steps", "2", "--warmup", "1", "--nproc", "2", "--out", str(tmp_path),
+           "--batch", "16", "--dim", "32", "--steps", "20", "--warmup", "1", "--nproc", "2", "--out", str(tmp_path),
            "--name", "tiny"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -35,7 +35,8 @@ def test_bench_train_writes_json_table_and_png(tmp_path):
         phases = [r[f"{p}_s"] for p in PHASES]
         assert all(t > 0 for t in phases), r
         # The phases are back-to-back intervals of each step; only the loop's bookkeeping
-        # between steps (microseconds against a step of tens of ms) is outside them.
+        # between steps (microseconds against a step of tens of ms) is outside them. Over 20
+        # steps, the one time slice a loaded machine may take in that gap stays under 2%.
         assert sum(phases) == pytest.approx(r["step_s"], rel=0.02)
         assert sum(r[f"{p}_frac"] for p in PHASES) == pytest.approx(1.0, rel=0.02)
     table = (tmp_path / "tiny.md").read_text()
