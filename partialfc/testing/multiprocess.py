@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from partialfc.dist import NCCL_FAULT_ENV
 from partialfc.testing.ports import reserved_port
 
 
@@ -26,6 +27,10 @@ def _worker(rank, world_size, port, backend, fn, args, queue):
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
+        if backend == "nccl":  # as init_distributed: each rank on its own GPU, errors raised, not aborted
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+            for name, value in NCCL_FAULT_ENV.items():
+                os.environ.setdefault(name, value)
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 init_method=f"tcp://127.0.0.1:{port}")
         # Plain pickle copies tensor data into the message; the queue's own pickler would

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 LATEST = "latest"
 TRAINER_FILE = "trainer.pt"
+ORDER_FILE = "written"  # the checkpoint's place in the order of writes: 1 + the highest beside it
 
 
 def step_name(step: int) -> str:
@@ -97,6 +98,8 @@ def save_checkpoint(root: str, step: int, shared: dict | None, rank_state: dict,
 
     def commit():
         _save(shared, os.path.join(tmp, TRAINER_FILE))
+        order = max(map(_write_order, list_checkpoints(root)), default=0) + 1
+        _write_text_atomic(os.path.join(tmp, ORDER_FILE), f"{order}\n")
         if os.path.exists(final):  # saved again at the same step (e.g. on request)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -140,10 +143,22 @@ def list_checkpoints(root: str) -> list[str]:
     return [os.path.join(root, n) for n in names]
 
 
+def _write_order(path: str) -> int:
+    """The checkpoint's :data:`ORDER_FILE` number (0 for one written before it existed)."""
+    try:
+        with open(os.path.join(path, ORDER_FILE)) as f:
+            return int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
 def _by_write_time(root: str) -> list[str]:
     """Complete checkpoint directories under ``root``, oldest written first (after a rollback
-    a higher-numbered step can be the older one)."""
-    return sorted(list_checkpoints(root), key=lambda p: os.path.getmtime(os.path.join(p, TRAINER_FILE)))
+    a higher-numbered step can be the older one): by their :data:`ORDER_FILE` numbers, not by
+    mtimes, which a coarse file clock makes equal for saves in the same second; checkpoints
+    without the number (written by an earlier version) by mtime, before the others."""
+    return sorted(list_checkpoints(root),
+                  key=lambda p: (_write_order(p), os.path.getmtime(os.path.join(p, TRAINER_FILE))))
 
 
 def _damage(file: str) -> str | None:

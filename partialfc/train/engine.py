@@ -91,7 +91,7 @@ class DeepSpeedEngine:
         os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
         if not pdist.is_initialized():  # one process, no launcher: a group of one, not MPI discovery
             torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0,
-                                                 world_size=1, init_method=f"tcp://127.0.0.1:{pdist.free_port()}")
+                                                 world_size=1, store=torch.distributed.HashStore())  # no port
             os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists on reading it
         import deepspeed
 
