@@ -5,7 +5,11 @@ IResNet = 3x3 stem conv1/bn1/prelu, layer1..layer4 of pre-activation blocks (bn1
 prelu, conv2 with the stride, bn3, a 1x1 conv + BN ``downsample`` on the first block of a
 stage), then bn2, dropout, fc, features (BatchNorm1d). MobileFaceNet = ``layers`` (ConvBlock /
 DepthWise / Residual, each a ``layers`` Sequential), ``conv_sep``, ``features`` (GDC: 7x7
-depthwise conv + BN, flatten, linear, BatchNorm1d).
+depthwise conv + BN, flatten, linear, BatchNorm1d). ViT = ``patch_embed.proj`` (9x9 conv, stride
+9: 144 tokens), ``pos_embed``, ``mask_token`` (training only), ``blocks`` (LayerNorm ``norm1``
+and ``norm2``, ``attn.qkv`` without bias and ``attn.proj``, ``mlp.fc1``/``fc2`` with ReLU6),
+``norm``, ``feature`` (linear 144 D -> D, BatchNorm1d, linear D -> embedding, BatchNorm1d, eps
+2e-5); here in eval form, attention written out as softmax(q k^T / sqrt(head_dim)) v.
 """
 
 import torch
@@ -110,6 +114,48 @@ class RefMobileFaceNet(nn.Module):
         return self.features(self.conv_sep(x))
 
 
+class RefViTBlock(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.Module()
+        self.attn.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.attn.proj = nn.Linear(dim, dim)
+        self.mlp = nn.Module()
+        self.mlp.fc1, self.mlp.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        # qkv's output channels: q | k | v, each split into heads of d // heads channels
+        q, k, v = (t.view(b, n, self.heads, d // self.heads).transpose(1, 2)
+                   for t in self.attn.qkv(self.norm1(x)).chunk(3, dim=-1))
+        weights = torch.softmax(q @ k.transpose(-1, -2) * (d // self.heads) ** -0.5, dim=-1)
+        x = x + self.attn.proj((weights @ v).transpose(1, 2).reshape(b, n, d))
+        return x + self.mlp.fc2(torch.clamp(self.mlp.fc1(self.norm2(x)), 0.0, 6.0))
+
+
+class RefViT(nn.Module):
+    def __init__(self, dim, depth, embedding_size, heads=8):
+        super().__init__()
+        self.pos_embed = nn.Parameter(torch.zeros(1, 144, dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, dim, 9, 9)
+        self.blocks = nn.ModuleList(RefViTBlock(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.feature = nn.Sequential(nn.Linear(144 * dim, dim, bias=False), nn.BatchNorm1d(dim, eps=2e-5),
+                                     nn.Linear(dim, embedding_size, bias=False),
+                                     nn.BatchNorm1d(embedding_size, eps=2e-5))
+
+    def forward(self, x):  # eval: no token masking, no stochastic depth
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.feature(self.norm(x).flatten(1))
+
+
+VIT = {"vit_t": (256, 12), "vit_s": (512, 12), "vit_b": (512, 24), "vit_l": (768, 24)}  # width, depth
 IRESNET = {"r18": (2, 2, 2, 2), "r34": (3, 4, 6, 3), "r50": (3, 4, 14, 3), "r100": (3, 13, 30, 3),
            "r200": (6, 26, 60, 6)}
 
@@ -117,6 +163,8 @@ IRESNET = {"r18": (2, 2, 2, 2), "r34": (3, 4, 6, 3), "r50": (3, 4, 14, 3), "r100
 def reference(name, embedding_size=512):
     if name in IRESNET:
         return RefIResNet(IRESNET[name], embedding_size)
+    if name in VIT:
+        return RefViT(*VIT[name], embedding_size)
     return RefMobileFaceNet(embedding_size, *(((2, 8, 12, 4), 4) if name == "mbf_large" else ()))
 
 
@@ -132,3 +180,16 @@ def randomised(model, seed=0):
             else:
                 t.copy_(torch.randn(t.shape, generator=g) * (0.05 if t.dim() > 1 else 0.2))
     return model.eval()
+
+
+def imported(folder, name, embedding_size):
+    """The reference ``name`` with random weights, saved as arcface_torch saves it
+    (``folder/insightface.pt``) and imported by ``partialfc export import-insightface`` into
+    ``folder/bb.pt``; returns the reference."""
+    from partialfc.cli import main
+
+    ref = randomised(reference(name, embedding_size))
+    torch.save(ref.state_dict(), folder / "insightface.pt")
+    assert main(["export", "import-insightface", str(folder / "insightface.pt"), str(folder / "bb.pt"),
+                 "--backbone", name]) == 0
+    return ref

@@ -71,9 +71,10 @@ def add_commands(subparsers) -> None:
                                     help="convert an arcface_torch state dict (model.pt) into a partialfc backbone")
     insight.add_argument("model", help="torch.save(backbone.state_dict()) of arcface_torch")
     insight.add_argument("out", help="output backbone file (.pt/.pth or .safetensors)")
-    insight.add_argument("--backbone", required=True, choices=[*INSIGHTFACE_NAMES, *INSIGHTFACE_NAMES.values()],
+    renamed = [ours for theirs, ours in INSIGHTFACE_NAMES.items() if ours != theirs]  # the ViTs keep theirs
+    insight.add_argument("--backbone", required=True, choices=[*INSIGHTFACE_NAMES, *renamed],
                          metavar="NAME", help=f"architecture: {', '.join(INSIGHTFACE_NAMES)} or our names "
-                                              f"({', '.join(INSIGHTFACE_NAMES.values())})")
+                                              f"({', '.join(renamed)})")
     insight.add_argument("--embedding-size", type=int, default=None,
                          help="embedding width (default: read from the weights)")
     insight.set_defaults(func=_import_insightface)

@@ -1,8 +1,8 @@
 """Backbones for 112x112 face crops, built by name: ``build_backbone("iresnet50", 512)``.
 
 Every backbone maps ``images (N, 3, 112, 112)`` float to ``embeddings (N, embedding_size)``.
-``iresnet_tiny`` (few channels, pools the crops to 56x56 inside) and ``mobilefacenet_tiny`` are
-small variants for CPU demos and tests.
+``iresnet_tiny`` (few channels, pools the crops to 56x56 inside), ``mobilefacenet_tiny`` and
+``vit_tiny`` (2 blocks of width 64) are small variants for CPU demos and tests.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from torch import nn
 
 from partialfc.models.iresnet import IRESNET_LAYERS, IResNet
 from partialfc.models.mobilefacenet import MobileFaceNet
+from partialfc.models.vit import VIT_VARIANTS, VisionTransformer
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 
@@ -41,6 +42,16 @@ register_backbone("mobilefacenet_tiny", lambda embedding_size=128, **kw: MobileF
     embedding_size, scale=1, blocks=(1, 1, 1, 1), **kw))
 
 
+def _vit(variant):
+    return lambda embedding_size=512, **kw: VisionTransformer(embedding_size, **{**variant, **kw})
+
+
+for _name, _variant in VIT_VARIANTS.items():
+    register_backbone(_name, _vit(_variant))
+register_backbone("vit_tiny", lambda embedding_size=128, **kw: VisionTransformer(embedding_size, **{
+    "embed_dim": 64, "depth": 2, "num_heads": 4, "drop_path_rate": 0.1, "mask_ratio": 0.1, **kw}))
+
+
 def list_backbones() -> list[str]:
     return sorted(BACKBONES)
 
@@ -57,4 +68,5 @@ def build_backbone(name: str, embedding_size: int = 512, **kwargs) -> nn.Module:
         raise ValueError(f"invalid options {sorted(kwargs)} for backbone {name!r}: {err}") from err
 
 
-__all__ = ["BACKBONES", "IResNet", "MobileFaceNet", "build_backbone", "list_backbones", "register_backbone"]
+__all__ = ["BACKBONES", "IResNet", "MobileFaceNet", "VisionTransformer", "build_backbone", "list_backbones",
+           "register_backbone"]

@@ -5,7 +5,8 @@ arcface_torch saves ``torch.save(backbone.state_dict())`` with its own names (``
 ``head`` / ``gdc``), but for the same architecture both register the same tensors in the same
 order (475 of them for iresnet50). :func:`convert_state_dict` pairs them in that order and
 checks that each pair agrees in kind (``weight``, ``running_var``, ...) and shape, so a model
-built here computes what insightface's computes, bit for bit in eval mode.
+built here computes what insightface's computes, bit for bit in eval mode. The ViTs
+(:mod:`partialfc.models.vit`) carry arcface_torch's own names and are taken by name.
 """
 
 from __future__ import annotations
@@ -14,16 +15,20 @@ import torch
 
 from partialfc.errors import CheckpointError
 from partialfc.models import build_backbone
+from partialfc.models.vit import VIT_VARIANTS
 from partialfc.torch_files import load_plain
 
 # arcface_torch's get_model names -> ours
 INSIGHTFACE_NAMES = {"r18": "iresnet18", "r34": "iresnet34", "r50": "iresnet50", "r100": "iresnet100",
-                     "r200": "iresnet200", "mbf": "mobilefacenet", "mbf_large": "mobilefacenet_large"}
+                     "r200": "iresnet200", "mbf": "mobilefacenet", "mbf_large": "mobilefacenet_large",
+                     **{name: name for name in VIT_VARIANTS}}
 
 
 def embedding_size_of(state: dict[str, torch.Tensor]) -> int:
     """The embedding width of an arcface_torch state dict: the size of its last BatchNorm
-    (both families end in a BatchNorm1d over the embedding)."""
+    (every family ends in a BatchNorm1d over the embedding)."""
+    if "feature.3.running_var" in state:  # a ViT's last BatchNorm, wherever the dict lists it
+        return state["feature.3.running_var"].shape[0]
     sizes = [t.shape[0] for k, t in state.items() if k.endswith("running_var")]
     if not sizes:
         raise CheckpointError("not a backbone state dict: it holds no BatchNorm statistics")
@@ -42,6 +47,8 @@ def convert_state_dict(state: dict[str, torch.Tensor], backbone: str,
     if len(source) != len(ours):
         raise CheckpointError(f"the state dict holds {len(source)} tensors, {name} has {len(ours)}: "
                               f"not an arcface_torch {name}")
+    if source.keys() == ours.keys():  # the same names (the ViTs): paired by name, whatever the order
+        source = {k: source[k] for k in ours}
     converted = {}
     for (their_key, tensor), (our_key, like) in zip(source.items(), ours.items()):
         if their_key.rsplit(".", 1)[-1] != our_key.rsplit(".", 1)[-1] or tensor.shape != like.shape:
