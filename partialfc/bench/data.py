@@ -4,13 +4,25 @@ Measures the DALI loader (CPU decode; GPU ``mixed`` decode too when CUDA is pres
 several thread counts and the PyTorch loader at several worker counts, each over ``--batches``
 timed batches after ``--warmup`` batches, on a synthetic set (written once into ``--out``) or
 on ``--data``. The time covers decode, flip, normalisation and the copy to the device.
+
+``--startup-records N`` also measures the start-up of ``--startup-ranks`` gloo ranks opening
+an ``N``-record index of header-only records (written into ``--startup-dir``, removed after):
+the first start (no label cache) and the second (cache present), "before" (every rank reads
+every record header, ``open_dataset(distributed=False)``) and "after" (rank 0 reads them and
+broadcasts, what the trainer does), into ``NAME_startup.{json,md,png}``; each row counts the
+scans (every rank's calls of the header scan) and says whether the cache exists after.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
+
+MODES = {"before": "every rank reads every header", "after": "rank 0 reads, broadcasts"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +36,105 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dali-threads", default="1,2", help="comma-separated DALI thread counts")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/data"), help="output directory")
     parser.add_argument("--name", default="bench_data", help="base name of the output files")
+    parser.add_argument("--startup-records", type=int, default=0,
+                        help="also time the multi-rank start-up on an index of this many records (0: no)")
+    parser.add_argument("--startup-ranks", type=int, default=8, help="start-up: gloo ranks on this machine")
+    parser.add_argument("--startup-modes", default="before,after",
+                        help="start-up: 'before' (every rank scans) and/or 'after' (rank 0 scans, broadcasts)")
+    parser.add_argument("--startup-dir", type=Path, default=None,
+                        help="start-up: folder for the index (default: a temporary one); removed after")
+    parser.add_argument("--startup-only", action="store_true", help="measure the start-up only, no loaders")
+
+
+def write_header_only_dataset(prefix: str, n: int) -> None:
+    """``n`` plain-flavour records of a 24-byte IRHeader and no image (32 bytes framed), labels
+    ``key % 100000`` (also exact in ``id2``): an index of any size in seconds."""
+    import numpy as np
+
+    from partialfc.data.recordio import IR_SIZE, MAGIC, write_index
+
+    rec = np.zeros(n, dtype=[("magic", "<u4"), ("lrec", "<u4"), ("flag", "<u4"), ("label", "<f4"),
+                             ("id", "<u8"), ("id2", "<u8")])
+    keys = np.arange(n, dtype=np.uint64)
+    rec["magic"], rec["lrec"], rec["label"], rec["id"], rec["id2"] = MAGIC, IR_SIZE, keys % 100_000, keys, keys % 100_000
+    rec.tofile(prefix + ".rec")
+    write_index(prefix + ".idx", keys, keys * rec.itemsize)
+
+
+def _startup_rank(rank: int, world_size: int, prefix: str, modes: list[str]) -> list[tuple[float, int, bool]]:
+    """One rank's starts, a first (no cache: rank 0 removes it) and a second per mode:
+    ``(seconds of its open_dataset after a barrier, header scans it ran, cache there after)``."""
+    from partialfc.data import dataset_index
+    from partialfc.ops.collectives import barrier
+
+    scans, scan = [], dataset_index._scan_labels
+    dataset_index._scan_labels = lambda *a: scans.append(1) or scan(*a)
+    cache, out = prefix + ".idx.labels.npz", []
+    for mode in modes:
+        if rank == 0 and os.path.exists(cache):
+            os.remove(cache)
+        for _ in ("first", "second"):
+            barrier()
+            start, before = time.perf_counter(), len(scans)
+            dataset_index.open_dataset(prefix, progress=False, distributed=mode == "after")
+            out.append((time.perf_counter() - start, len(scans) - before))
+            barrier()
+            out[-1] += (os.path.exists(cache),)
+    return out
+
+
+def _startup_records(args, hardware: str) -> list[dict]:
+    from partialfc.testing import run_distributed
+
+    folder = Path(tempfile.mkdtemp(prefix="startup-", dir=args.startup_dir))
+    try:
+        prefix = str(folder / "tiny")
+        write_header_only_dataset(prefix, args.startup_records)
+        modes = [m for m in args.startup_modes.split(",") if m]
+        if not modes or set(modes) - set(MODES):
+            raise SystemExit(f"--startup-modes {args.startup_modes!r}: give 'before' and/or 'after'")
+        by_rank = run_distributed(_startup_rank, args.startup_ranks, prefix, modes, timeout=24 * 3600.0)
+        records = []
+        for i, (mode, start) in enumerate((m, s) for m in modes for s in ("first", "second")):
+            runs = [rank_runs[i] for rank_runs in by_rank]
+            records.append({"mode": mode, "how": MODES[mode], "start": start, "records": args.startup_records,
+                            "ranks": args.startup_ranks, "seconds": max(r[0] for r in runs),
+                            "scans": sum(r[1] for r in runs), "cache_after": runs[0][2], "hardware": hardware})
+            print(f"start-up {mode:6s} {start:6s}: {records[-1]['seconds']:.2f} s, {records[-1]['scans']} scans")
+        return records
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _startup_figure(records: list[dict], title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(range(len(records)), [r["seconds"] for r in records],
+           color=["tab:red" if r["mode"] == "before" else "tab:green" for r in records])
+    ax.set_xticks(range(len(records)), [f"{r['mode']}\n{r['start']} start\n{r['scans']} scans" for r in records],
+                  fontsize=8)
+    ax.set_ylabel("seconds (slowest rank)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    return fig
+
+
+def _run_startup(args, hardware: str) -> None:
+    from partialfc.bench.report import markdown_table, write_outputs
+
+    records = _startup_records(args, hardware)
+    columns = [("mode", "mode"), ("how", "labels"), ("start", "start"), ("records", "records"),
+               ("ranks", "ranks"), ("seconds", "s (slowest rank)"), ("scans", "header scans"),
+               ("cache_after", "cache after")]
+    title = f"Start-up of {args.startup_ranks} gloo ranks, {args.startup_records} records, {hardware}"
+    table = f"{title}\n\n" + markdown_table(records, columns)
+    paths = write_outputs(args.out, f"{args.name}_startup", records, table, _startup_figure(records, title))
+    print(table)
+    print("wrote " + ", ".join(str(p) for p in paths))
 
 
 def _time_loader(loader, warmup: int, batches: int, device) -> tuple[int, float]:
@@ -81,6 +192,10 @@ def run(args) -> int:
     from partialfc.data.synthetic import write_synthetic_dataset
     from partialfc.data.torch_loader import TorchLoader
 
+    if args.startup_records > 0:
+        _run_startup(args, hardware_label("cpu"))
+    if args.startup_only:
+        return 0
     path = args.data
     if path is None:
         path = str(args.out / f"synthetic_{args.identities}x{args.images_per_identity}")

@@ -7,7 +7,7 @@ import importlib
 
 BENCHMARKS = {
     "head": ("partialfc.bench.head", "head step time and peak memory: Partial FC vs full softmax"),
-    "data": ("partialfc.bench.data", "input pipeline images/s: DALI and the PyTorch loader"),
+    "data": ("partialfc.bench.data", "input pipeline images/s: DALI and the PyTorch loader; multi-rank start-up"),
     "train": ("partialfc.bench.train", "end-to-end training samples/s with the step split into phases"),
     "losses": ("partialfc.bench.losses", "held-out accuracy of each loss configuration, mean +- std over seeds"),
 }

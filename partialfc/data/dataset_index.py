@@ -13,24 +13,35 @@ non-negative integer or lies outside ``[0, num_classes)``, a plain-flavour label
 labels in use (``SPARSE_SLACK``), an offset past the end, a truncated record - each is an error
 naming the file and the record key, or, with ``on_error="skip"``, a record left out and
 counted in the log.
+
+Under a process group (``open_dataset(..., distributed=True)``, what the trainer does) the
+first start reads the headers once, on rank 0: it writes the cache and broadcasts the arrays to
+the other ranks, so a read-only dataset folder costs no extra scan either. A later start finds
+the cache valid on every rank and loads it there, with no scan and no broadcast. An error of
+any rank (a missing file, a bad record) is raised on every rank with the same message.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
+import threading
+import time
 import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from partialfc.data.images import decode_face
 from partialfc.data.parallel import ordered_map
-from partialfc import dist
+from partialfc import dist, errors
 from partialfc.data.recordio import (IR_SIZE, RecordIOError, RecordReader, exact_label, finish_interrupted_write,
                                      read_index, unpack_payload, unpack_range, write_index)
-from partialfc.errors import InputNotFoundError
+from partialfc.errors import InputNotFoundError, PartialFCError
+from partialfc.ops.collectives import broadcast, broadcast_object, communicates, gather_sizes
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +253,7 @@ def _load_cache(rec_path: str, idx_path: str) -> RecordDataset | None:
 def _save_cache(dataset: RecordDataset) -> None:
     """Write the label cache next to the index, atomically; skipped (logged) where it cannot be written."""
     path = _cache_path(dataset.idx_path)
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"  # unique on a filesystem shared by nodes
     try:
         with open(tmp, "wb") as f:
             np.savez(f, stamp=_stamp(dataset.rec_path, dataset.idx_path), flavour=np.array(dataset.flavour),
@@ -255,8 +266,103 @@ def _save_cache(dataset: RecordDataset) -> None:
             os.remove(tmp)
 
 
+def _scan_and_cache(rec_path: str, idx_path: str, on_error: str, progress: bool | None) -> RecordDataset:
+    """Read every record header (:func:`_scan_labels`) and cache the result unless records were skipped."""
+    dataset = _scan_labels(rec_path, idx_path, on_error, progress)
+    if not dataset.skipped:
+        _save_cache(dataset)
+    return dataset
+
+
+def _open_local(path: str | os.PathLike, on_error: str, progress: bool | None) -> RecordDataset:
+    """This process alone: the cache when valid, else a scan (that writes it)."""
+    rec_path, idx_path = resolve_paths(path)
+    dataset = _load_cache(rec_path, idx_path)
+    return dataset if dataset is not None else _scan_and_cache(rec_path, idx_path, on_error, progress)
+
+
+def _raise_if_failed(error: BaseException | None, src: int) -> None:
+    """Collective: when rank ``src`` passes an error, every rank raises one with its message (``src``
+    the error itself, the others the same :class:`PartialFCError` class, else a RecordIOError)."""
+    sent = broadcast_object(None if error is None else (type(error).__name__, str(error)), src)
+    if sent is None:
+        return
+    if dist.get_rank() == src:
+        raise error
+    kind, message = sent
+    cls = getattr(errors, kind, None)
+    raise (cls if isinstance(cls, type) and issubclass(cls, PartialFCError) else RecordIOError)(message)
+
+
+_LOADED, _MISSING, _FAILED = 0, 1, 2  # what a rank found at a distributed open
+HEARTBEAT_S = 5.0  # while rank 0 reads the labels, the other ranks meet it in a collective this often
+
+
+def _run_on_rank0(fn):
+    """Collective: ``(fn(), None)`` or ``(None, the exception it raised)`` on rank 0, ``(None, None)``
+    elsewhere. ``fn`` runs in a thread while all ranks meet in a flag broadcast every
+    :data:`HEARTBEAT_S` s: a scan longer than the process group's timeout times no rank out,
+    a rank 0 that dies or hangs still does."""
+    result: dict = {}
+    thread = None
+    if dist.get_rank() == 0:
+        def work():
+            try:
+                result["value"] = fn()
+            except Exception as e:  # noqa: BLE001 - raised on every rank by the caller
+                result["error"] = e
+        thread = threading.Thread(target=work, name="read-labels", daemon=True)
+        thread.start()
+    done = torch.zeros(1)
+    while not done.item():
+        if thread is not None:
+            thread.join(HEARTBEAT_S)
+            done.fill_(0.0 if thread.is_alive() else 1.0)
+        broadcast(done, 0)
+    return result.get("value"), result.get("error")
+
+
+def _open_distributed(path: str | os.PathLike, on_error: str, progress: bool | None) -> RecordDataset:
+    """Collective :func:`open_dataset` of every rank of the world: when some rank has no valid
+    cache, rank 0 alone loads or scans the labels (writing the cache) and broadcasts them."""
+    error, dataset, sizes = None, None, [-1, -1]
+    try:
+        rec_path, idx_path = resolve_paths(path)
+        sizes = [os.path.getsize(rec_path), os.path.getsize(idx_path)]
+        dataset = _load_cache(rec_path, idx_path)
+    except Exception as e:  # noqa: BLE001 - raised on every rank below
+        error = e
+    found = _FAILED if error is not None else _LOADED if dataset is not None else _MISSING
+    states = gather_sizes(torch.tensor([found, *sizes]))
+    failed = [r for r, (state, *_) in enumerate(states) if state == _FAILED]
+    if failed:
+        _raise_if_failed(error, failed[0])
+    other = [r for r, (_, *seen) in enumerate(states) if seen != states[0][1:]]
+    if other:
+        raise RecordIOError(f"{rec_path}: ranks {other} see a .rec/.idx pair of other sizes than rank 0 "
+                            f"({states[0][1]} / {states[0][2]} bytes): every rank must read the same dataset")
+    if all(state == _LOADED for state, *_ in states):
+        return dataset
+    rank, start, cached = dist.get_rank(), time.perf_counter(), dataset
+    dataset, error = _run_on_rank0(lambda: cached if cached is not None else
+                                   _scan_and_cache(rec_path, idx_path, on_error, progress))
+    _raise_if_failed(error, 0)
+    meta = (dataset.flavour, dataset.num_classes, dataset.num_images, dataset.skipped) if rank == 0 else None
+    flavour, classes, n, skipped = broadcast_object(meta, 0)
+    arrays = ((dataset.keys, dataset.offsets, dataset.labels) if rank == 0
+              else tuple(np.empty(n, dtype=np.int64) for _ in range(3)))
+    for array in arrays:  # in place: torch.from_numpy shares the memory
+        broadcast(torch.from_numpy(array), 0)
+    if rank == 0:
+        log.info("%s: labels of %d images sent to %d ranks (%.1f s)", rec_path, n, dist.get_world_size() - 1,
+                 time.perf_counter() - start)
+        return dataset
+    return RecordDataset(rec_path, idx_path, flavour, *arrays, classes, skipped)
+
+
 def open_dataset(path: str | os.PathLike, on_error: str = "raise", verify_images: bool = False,
-                 progress: bool | None = None, num_classes: int | None = None) -> RecordDataset:
+                 progress: bool | None = None, num_classes: int | None = None,
+                 distributed: bool = False) -> RecordDataset:
     """Open a dataset (``.rec``, ``.idx`` or prefix), detect its flavour, read and check labels.
 
     ``on_error``: ``"raise"`` (default) or ``"skip"`` bad records. ``verify_images`` also
@@ -264,15 +370,18 @@ def open_dataset(path: str | os.PathLike, on_error: str = "raise", verify_images
     stated class count (labels must lie below it; needed for plain-flavour sets whose labels
     are sparse). The labels read are cached in ``<idx>.labels.npz`` (valid while the ``.rec``
     and ``.idx`` keep their inode, size and mtime), so later opens skip the per-record reads.
+
+    ``distributed``: a collective of every rank of the process group (when there is one): a
+    rank without a valid cache gets the labels from rank 0, which alone reads the headers
+    (module docstring). Without it each process opens the dataset on its own.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    rec_path, idx_path = resolve_paths(path)
-    dataset = _load_cache(rec_path, idx_path)
-    if dataset is None:
-        dataset = _scan_labels(rec_path, idx_path, on_error, progress)
-        if not dataset.skipped:
-            _save_cache(dataset)
+    if distributed and communicates():
+        dataset = _open_distributed(path, on_error, progress)
+    else:
+        dataset = _open_local(path, on_error, progress)
+    rec_path = dataset.rec_path
     dataset = _check_classes(dataset, num_classes, on_error)
     if verify_images:
         bad = find_corrupt_images(dataset)

@@ -58,14 +58,15 @@ def prepare_dataset(cfg) -> tuple[str, list[str]]:
 
 def build_loader(cfg, prefix: str, device: torch.device, rank: int | None = None, world_size: int | None = None):
     """The configured loader (``torch`` or ``dali``) over shard ``rank`` of ``world_size``
-    (default: this rank of the world)."""
+    (default: this rank of the world). A collective: every rank of the world calls it (labels not
+    cached yet are read by rank 0 alone and sent to the others)."""
     from partialfc.data.dataset_index import open_dataset
 
     common = dict(batch_size=cfg.data.batch_size, device=device, rank=rank, world_size=world_size,
                   shuffle=cfg.data.shuffle, flip=cfg.data.flip,
                   seed=cfg.data.seed, on_bad_image=str(cfg.data.on_bad_image),
                   bad_image_budget=cfg.data.bad_image_budget)
-    dataset = open_dataset(prefix, num_classes=cfg.data.num_classes)
+    dataset = open_dataset(prefix, num_classes=cfg.data.num_classes, distributed=True)
     if cfg.data.loader == "dali":
         from partialfc.data.dali_loader import DaliLoader
 
