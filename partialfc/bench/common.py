@@ -8,7 +8,6 @@ A configuration is a dict with at least ``method``, ``classes``, ``rate``, ``wor
 
 from __future__ import annotations
 
-import contextlib
 import os
 import resource
 
@@ -120,36 +119,11 @@ def _sharded_loss(method: str):
     return CosFace(SCALE, MARGIN), True
 
 
-@contextlib.contextmanager
-def centres_drawn_on(device: torch.device):
-    """On CUDA, the heads built inside draw their centres on the GPU. ``PartialFC`` draws them
-    on the CPU in seeded blocks (the same matrix whatever the world size) and copies the shard
-    over: at 10^7 classes x 512 that is minutes of CPU time and a 20 GB pageable copy per
-    configuration. A benchmark needs Normal(0, std) centres, not those exact ones; on the CPU
-    nothing changes."""
-    if device.type != "cuda":
-        yield
-        return
-    from partialfc.head import partial_fc
-
-    drawn_on_cpu = partial_fc.init_centres
-
-    def on_device(class_start, num_local, dim, std, seed, dtype=torch.float32):
-        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + class_start)
-        return torch.empty((num_local, dim), dtype=dtype, device=device).normal_(0.0, std, generator=gen)
-
-    partial_fc.init_centres = on_device
-    try:
-        yield
-    finally:
-        partial_fc.init_centres = drawn_on_cpu
-
-
 def build_head(cfg: dict, device: torch.device):
     """``(head, head optimizer, replicated head parameters)`` of ``cfg["method"]``: the
     :class:`FullSoftmax` reference with ``torch.optim.SGD`` (its weight replicated, to be
     averaged over ranks), or the sharded head with ``SparseRowSGD`` (nothing replicated).
-    Either draws its centres on ``device`` (:func:`centres_drawn_on`)."""
+    Either draws its centres on ``device``."""
     from partialfc import PartialFC, SparseRowSGD
 
     if cfg["method"] == "full_softmax":
@@ -157,9 +131,8 @@ def build_head(cfg: dict, device: torch.device):
         return head, torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4), [head.weight]
     loss, takes_rate = _sharded_loss(cfg["method"])
     fused, storage = PARTIALFC_VARIANTS.get(cfg["method"], ("auto", torch.float32))
-    with centres_drawn_on(device):
-        head = PartialFC(cfg["dim"], cfg["classes"], loss=loss, device=device,
-                         sample_rate=cfg["rate"] if takes_rate else None, fused=fused, dtype=storage)
+    head = PartialFC(cfg["dim"], cfg["classes"], loss=loss, device=device,
+                     sample_rate=cfg["rate"] if takes_rate else None, fused=fused, dtype=storage)
     return head, SparseRowSGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4), []
 
 

@@ -23,18 +23,19 @@ FUSED_CHOICES = ("auto", "torch", "triton", "plain")
 
 
 def init_centres(class_start: int, num_local: int, dim: int, std: float, seed: int,
-                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Normal(0, std) rows for global classes ``[class_start, class_start+num_local)``.
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Normal(0, std) rows for global classes ``[class_start, class_start+num_local)``, drawn
+    on ``device`` (a 10^7-class shard drawn on the CPU and copied over takes minutes).
 
     Rows are drawn in fixed global blocks seeded by ``(seed, block)``, so the global matrix
-    is the same whatever the number of ranks, and no rank materialises more than its shard
-    plus one block."""
-    out = torch.empty((num_local, dim), dtype=dtype)
+    is the same whatever the number of ranks (for one device type: the CPU and CUDA
+    generators differ), and no rank materialises more than its shard plus one block."""
+    out = torch.empty((num_local, dim), dtype=dtype, device=device)
     end = class_start + num_local
     for block in range(class_start // INIT_BLOCK, (end - 1) // INIT_BLOCK + 1 if num_local else 0):
         lo, hi = block * INIT_BLOCK, (block + 1) * INIT_BLOCK
-        gen = seeded_generator(seed, Stream.HEAD_INIT, block)
-        rows = torch.empty((INIT_BLOCK, dim), dtype=dtype).normal_(0.0, std, generator=gen)
+        gen = seeded_generator(seed, Stream.HEAD_INIT, block, device=out.device)
+        rows = torch.empty((INIT_BLOCK, dim), dtype=dtype, device=out.device).normal_(0.0, std, generator=gen)
         a, b = max(lo, class_start), min(hi, end)
         out[a - class_start: b - class_start] = rows[a - lo: b - lo]
     return out
@@ -120,7 +121,7 @@ class PartialFC(nn.Module):
         sample_rate = resolve_sample_rate(sample_rate, getattr(self.loss, "sample_rate", None))
         device = torch.device(device) if device is not None else torch.device("cpu")
         self.weight = nn.Parameter(init_centres(self.class_start, self.num_local, self.embedding_size,
-                                                init_std, seed, dtype).to(device))
+                                                init_std, seed, dtype, device))
         self.sampler = CentreSampler(self.num_local, sample_rate, seed, self.rank, device)
         self.fused = resolve_fused(fused, self.loss)
         self.fused_chunk = int(fused_chunk)

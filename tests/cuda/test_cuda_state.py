@@ -111,3 +111,15 @@ def test_sparse_row_optimizers_on_cuda_equal_cpu(name):
     for key, value in opt_cpu.state[weight].items():
         torch.testing.assert_close(copy.deepcopy(opt_gpu.state[on_gpu][key]).cpu(), value, rtol=1e-12, atol=1e-14)
         assert not value[untouched].any(), key  # rows never sampled hold no state
+
+
+def test_centres_are_drawn_on_the_gpu_and_shard_alike():
+    """A shard drawn on the GPU (no host copy) is the same slice of the global matrix whatever
+    the split, as on the CPU."""
+    from partialfc.head.partial_fc import init_centres
+
+    full = init_centres(0, 100_000, 4, 0.01, seed=3, device="cuda")
+    part = init_centres(60_000, 10_000, 4, 0.01, seed=3, device="cuda")  # straddles an init block
+    assert full.device.type == part.device.type == "cuda"
+    assert torch.equal(part, full[60_000:70_000])
+    assert PartialFC(4, 1000, device="cuda").weight.device.type == "cuda"
