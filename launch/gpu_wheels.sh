@@ -30,8 +30,9 @@ download() {  # DIR NAME==VERSION...: binary wheels for the target, no dependenc
         "${PLATFORMS[@]/#/--platform=}" -d "$dir" "$@"
 }
 
-rm -rf "$OUT"
+# only what an earlier run of this script put there: OUT may be any folder the caller names
 mkdir -p "$OUT/fallback"
+rm -f "$OUT"/*.whl "$OUT"/fallback/*.whl
 # partialfc from a copy of its sources (links to configs/ and slurm/ followed), so the build
 # writes nothing into the clone
 SRC=$(mktemp -d)

@@ -287,9 +287,9 @@ def _raise_if_failed(error: BaseException | None, src: int) -> None:
     sent = broadcast_object(None if error is None else (type(error).__name__, str(error)), src)
     if sent is None:
         return
-    if dist.get_rank() == src:
+    if dist.get_rank() == src and isinstance(error, PartialFCError):
         raise error
-    kind, message = sent
+    kind, message = sent  # an OSError, MemoryError, ...: one line on every rank, the source too
     cls = getattr(errors, kind, None)
     raise (cls if isinstance(cls, type) and issubclass(cls, PartialFCError) else RecordIOError)(message)
 

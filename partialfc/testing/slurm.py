@@ -73,7 +73,7 @@ def _free_port_pair() -> int:
                 first.bind(("", port))  # the daemons listen on every address
                 second.bind(("", port + 1))
             return port
-        except OSError:  # p + 1 is taken (or past 65535): another
+        except (OSError, OverflowError):  # p + 1 is taken (or past 65535): another
             continue
 
 
@@ -97,9 +97,9 @@ class SlurmCluster:
         for _ in range(attempts):
             self.conf.write_text(_conf(self.workdir, self.host, self.cpus, _free_port_pair()))
             for daemon in ("slurmctld", "slurmd"):
-                log = open(self.workdir / f"{daemon}.out", "w")
-                self.procs.append(subprocess.Popen([f"/usr/sbin/{daemon}", "-D", "-f", str(self.conf)],
-                                                   stdout=log, stderr=subprocess.STDOUT, env=self.env))
+                with open(self.workdir / f"{daemon}.out", "w") as log:  # the daemon keeps its own copy
+                    self.procs.append(subprocess.Popen([f"/usr/sbin/{daemon}", "-D", "-f", str(self.conf)],
+                                                       stdout=log, stderr=subprocess.STDOUT, env=self.env))
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=self.env)
