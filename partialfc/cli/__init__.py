@@ -31,6 +31,7 @@ COMMANDS = {
     "train": ("partialfc.cli.train", "train from a YAML config: partialfc train CONFIG [key=value ...]"),
     "submit": ("partialfc.cli.submit", "render an sbatch script for a training run and submit it"),
     "embed": ("partialfc.cli.embed", "embeddings of image files or folders to a .npy"),
+    "plan": ("partialfc.cli.plan", "will it fit? per-GPU memory of a run before submitting it"),
 }
 
 

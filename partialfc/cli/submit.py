@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--python", default=sys.executable, help="interpreter on the compute nodes")
     parser.add_argument("--template-dir", type=Path, default=SLURM, help="directory of the sbatch templates")
     parser.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    parser.add_argument("--gpu-memory-gb", type=float, default=80.0,
+                        help="GPU memory for the pre-check (partialfc plan) that the head fits")
+    parser.add_argument("--no-plan", action="store_true", help="skip the memory pre-check")
 
 
 def chosen_run_dir(args) -> Path:
@@ -52,7 +55,13 @@ def run(args) -> int:
     args.config = resolve_config(args.config)
     args.run_dir = chosen_run_dir(args)
     script, run_dir = render(args)
-    load_config(args.config, [*args.overrides, f"run_dir={run_dir}"], cwd=os.getcwd())  # fails here, not in the job
+    cfg = load_config(args.config, [*args.overrides, f"run_dir={run_dir}"], cwd=os.getcwd())  # fails here, not in the job
+    if not args.no_plan:
+        from partialfc.plan import precheck
+
+        note = precheck(cfg, args.gpus_per_node, args.nodes, args.gpu_memory_gb)
+        if note:
+            print(note, file=sys.stderr)
     if args.dry_run:
         print(script, end="")
         return 0
