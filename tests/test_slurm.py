@@ -149,3 +149,21 @@ def test_scancel_term_with_workers_checkpoints_requeues_and_resumes(cluster, tmp
     assert logged_train_steps(run_dir) == list(range(1, steps + 1))  # each step once, across the requeue
     print(f"scancel --signal=TERM with 2 workers per rank: checkpoint at step {stopped[0]}, job pending "
           f"for its requeue {requeued_after:.1f} s after the signal, resumed at step {resumed[0]}, finished")
+
+
+def test_concurrent_test_clusters_number_their_jobs_apart(tmp_path, monkeypatch):
+    """Two test sessions on one machine: their clusters' job ids (hence the templates'
+    MASTER_PORT = 15000 + id % 20000) come from different blocks; a dead owner's block is
+    taken over, and stop() gives it back."""
+    import subprocess as sp
+
+    from partialfc.testing import slurm
+
+    monkeypatch.setattr(slurm, "CLAIMS", tmp_path / "claims")
+    assert [slurm._claim_job_block(), slurm._claim_job_block()] == [0, 1]
+    dead = sp.Popen(["true"])
+    dead.wait()
+    (tmp_path / "claims" / "0").write_text(str(dead.pid))  # whoever held block 0 is gone
+    assert slurm._claim_job_block() == 2 and not (tmp_path / "claims" / "0").exists()
+    assert slurm._claim_job_block() == 0
+    assert "FirstJobId=3001\n" in slurm._conf(tmp_path, "h", 2, 6817, 1 + 3 * slurm.JOB_IDS_PER_CLUSTER)

@@ -7,6 +7,11 @@ find it through ``SLURM_CONF``. ``stop()`` kills the daemons. Needs the Debian p
 
 The daemons' two ports are free when chosen; on a busy machine another process can bind one
 before the daemon does, which then exits: ``start()`` tries another pair (``attempts`` in all).
+
+The batch templates derive ``MASTER_PORT`` from the job id (``15000 + id % 20000``), and every
+new cluster numbers its jobs from 1: two test sessions on one machine (two CI jobs, or a
+developer's run beside CI) would give their job 3 the same port. Each live cluster of the
+machine claims its own block of :data:`JOB_IDS_PER_CLUSTER` job ids (``FirstJobId``).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,8 +38,46 @@ def slurm_available() -> str | None:
     return None
 
 
-def _conf(workdir: Path, host: str, cpus: int, port: int) -> str:
+JOB_IDS_PER_CLUSTER = 1000  # 20 blocks span the templates' 20000 ports
+CLAIMS = Path(tempfile.gettempdir()) / "partialfc-slurm-job-ids"  # one file per claimed block: its owner's pid
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _claim_job_block() -> int:
+    """A block of job ids no live process of this machine holds: its file is created
+    exclusively (a dead owner's is taken over); released by :meth:`SlurmCluster.stop`."""
+    CLAIMS.mkdir(exist_ok=True)
+    for _ in range(3):
+        for block in range(20000 // JOB_IDS_PER_CLUSTER):
+            path = CLAIMS / str(block)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    owner = int(path.read_text() or 0)
+                except (OSError, ValueError):
+                    continue  # being written by its new owner
+                if owner and not _alive(owner):
+                    path.unlink(missing_ok=True)  # then the next pass may take it
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return block
+    raise RuntimeError(f"every block of Slurm job ids under {CLAIMS} is held by a live test session")
+
+
+def _conf(workdir: Path, host: str, cpus: int, port: int, first_job_id: int = 1) -> str:
     return f"""ClusterName=partialfc-test
+FirstJobId={first_job_id}
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={port}
 SlurmdPort={port + 1}
@@ -84,6 +128,7 @@ class SlurmCluster:
         self.cpus = cpus or os.cpu_count() or 2
         self.conf = self.workdir / "slurm.conf"
         self.procs: list[subprocess.Popen] = []
+        self.job_block: int | None = None
 
     @property
     def env(self) -> dict[str, str]:
@@ -95,7 +140,10 @@ class SlurmCluster:
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
         self._start_munge()
         for _ in range(attempts):
-            self.conf.write_text(_conf(self.workdir, self.host, self.cpus, _free_port_pair()))
+            if self.job_block is None:  # stop() between attempts releases it
+                self.job_block = _claim_job_block()
+            self.conf.write_text(_conf(self.workdir, self.host, self.cpus, _free_port_pair(),
+                                       1 + self.job_block * JOB_IDS_PER_CLUSTER))
             for daemon in ("slurmctld", "slurmd"):
                 with open(self.workdir / f"{daemon}.out", "w") as log:  # the daemon keeps its own copy
                     self.procs.append(subprocess.Popen([f"/usr/sbin/{daemon}", "-D", "-f", str(self.conf)],
@@ -164,3 +212,6 @@ class SlurmCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
         self.procs.clear()
+        if self.job_block is not None:
+            (CLAIMS / str(self.job_block)).unlink(missing_ok=True)
+            self.job_block = None
