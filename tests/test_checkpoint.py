@@ -46,7 +46,8 @@ def test_export_merge_finetune_and_eval(tmp_path, cache, capsys):
     trainer.train()
     latest = ckpt.latest_checkpoint(str(run / "checkpoints"))
     files = {name: torch.load(os.path.join(latest, name), weights_only=True) for name in os.listdir(latest)}
-    assert sorted(files) == ["head_rank00000.pt", "trainer.pt"] and files["trainer.pt"]["format"] == 2
+    assert sorted(files) == ["head_rank00000.pt", "order.pt", "trainer.pt"] and files["trainer.pt"]["format"] == 2
+    assert files["order.pt"] == {"written": 1}  # the first checkpoint of the run
     assert torch.equal(files["head_rank00000.pt"]["head"]["weight"], trainer.head.weight.detach())
     assert main(["export", "backbone", str(run), str(tmp_path / "bb.pt")]) == 0
     assert main(["export", "centres", str(run), str(tmp_path / "centres.pt")]) == 0

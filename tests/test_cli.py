@@ -30,14 +30,19 @@ def user_errors(tmp: Path) -> list[tuple[list[str], str]]:
         (["submit", str(config), "--dry-run"], "no ranks per node"),
         (["embed", str(tmp / "no_image.jpg"), "--out", str(tmp / "e.npy"), "--checkpoint", str(tmp / "no_run")],
          "no_image.jpg not found"),
+        (["plan", "--identities", "-5", "--gpus-per-node", "8"], "identities must be >= 1"),
     ]
+
+
+CASES = 8  # len(user_errors(...)); every case runs below
 
 
 def test_every_entry_but_bench_is_covered(tmp_path):
     assert {argv[0] for argv, _ in user_errors(tmp_path)} == {*GROUPS, *COMMANDS} - {"bench"}
+    assert len(user_errors(tmp_path)) == CASES
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(CASES))
 def test_user_error_is_one_line_and_exit_2(tmp_path, capsys, case):
     argv, message = user_errors(tmp_path)[case]
     assert main(argv) == 2

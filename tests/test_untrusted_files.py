@@ -277,7 +277,7 @@ def _disk_full_after(monkeypatch, files: int) -> None:
     monkeypatch.setattr(torch, "save", save)
 
 
-@pytest.mark.parametrize("files", [0, 1])  # the rank's file, or trainer.pt
+@pytest.mark.parametrize("files", [0, 1, 2])  # the rank's file, trainer.pt, or order.pt
 def test_disk_full_while_checkpointing(tmp_path, monkeypatch, files):
     root = tmp_path / "checkpoints"
     ckpt.save_checkpoint(str(root), 1, {"step": 1}, {"w": torch.zeros(2)})
@@ -291,7 +291,7 @@ def test_disk_full_while_checkpointing(tmp_path, monkeypatch, files):
 def test_disk_full_during_training_is_one_line(tmp_path, cache, monkeypatch, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("seed: 1\n")
-    _disk_full_after(monkeypatch, 2)  # the checkpoint at step 2 (two files), then the one at step 4
+    _disk_full_after(monkeypatch, 3)  # the checkpoint at step 2 (three files), then the one at step 4
     err = run_cli(["train", str(config), *tiny_overrides(tmp_path / "run", cache, "train.max_steps=4",
                                                          "checkpoint.every_steps=2", "eval.at_end=false")], capsys)
     root = tmp_path / "run" / "checkpoints"

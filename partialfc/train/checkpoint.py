@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 LATEST = "latest"
 TRAINER_FILE = "trainer.pt"
-ORDER_FILE = "written"  # the checkpoint's place in the order of writes: 1 + the highest beside it
+ORDER_FILE = "order.pt"  # {"written": n}: the checkpoint's place in the order of writes, 1 + the highest beside it
 
 
 def step_name(step: int) -> str:
@@ -99,7 +99,7 @@ def save_checkpoint(root: str, step: int, shared: dict | None, rank_state: dict,
     def commit():
         _save(shared, os.path.join(tmp, TRAINER_FILE))
         order = max(map(_write_order, list_checkpoints(root)), default=0) + 1
-        _write_text_atomic(os.path.join(tmp, ORDER_FILE), f"{order}\n")
+        _save({"written": order}, os.path.join(tmp, ORDER_FILE))  # a torch file like every file here
         if os.path.exists(final):  # saved again at the same step (e.g. on request)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -145,10 +145,12 @@ def list_checkpoints(root: str) -> list[str]:
 
 def _write_order(path: str) -> int:
     """The checkpoint's :data:`ORDER_FILE` number (0 for one written before it existed)."""
+    file = os.path.join(path, ORDER_FILE)
+    if not os.path.exists(file):
+        return 0
     try:
-        with open(os.path.join(path, ORDER_FILE)) as f:
-            return int(f.read().strip() or 0)
-    except (OSError, ValueError):
+        return int(load_plain(file, "checkpoint order file")["written"])
+    except (CheckpointError, KeyError, TypeError, ValueError):  # damaged: ordered with the oldest
         return 0
 
 
