@@ -1,44 +1,110 @@
 """The backbone's data parallelism: DDP (or a single process) or a DeepSpeed engine.
 
-Both expose the same small interface to the trainer. The sharded head never goes through
-these: its gradients are not all-reduced and it keeps its own optimizer.
+Both satisfy :class:`BackboneEngine`, the interface the trainer drives. The sharded head never
+goes through these: its gradients are not all-reduced and it keeps its own optimizer (stepped
+with the engine's ``scaler``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from typing import ContextManager, Protocol, runtime_checkable
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from partialfc import dist as pdist
-from partialfc.errors import ConfigError
+from partialfc.errors import CheckpointError, ConfigError
 from partialfc.train.optim import build_optimizer, build_schedule, clip_grads_, grad_norm, sync_schedule
 
 
+def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """``(autocast dtype or None, use a loss scaler)`` for ``train.precision`` ``name``.
+    ``auto``: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
+    name = str(name)
+    if name == "auto":
+        if device.type != "cuda":
+            return None, False
+        name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return {"fp32": (None, False), "bf16": (torch.bfloat16, False), "fp16": (torch.float16, True)}[name]
+
+
+@runtime_checkable
+class BackboneEngine(Protocol):
+    """The backbone, its data parallelism, optimizer and lr schedule, as the trainer drives them.
+
+    One optimizer step: for each of ``grad_accum`` micro-batches, under ``micro_step(last)``,
+    ``with autocast(): loss = head(engine(images))`` then ``backward(loss, last)``; then
+    ``grad_norm()``, the trainer's shared decision ``finite``, and ``step(finite, norm)``."""
+
+    module: torch.nn.Module  # the bare backbone (for evaluation, export and checkpoints)
+    scaler: torch.amp.GradScaler  # the loss scaler (disabled unless fp16); the head's optimizer shares it
+    autocast_dtype: torch.dtype | None  # dtype of the evaluator's autocast; None: fp32 or a self-casting engine
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` images -> ``(B, D)`` embeddings."""
+
+    def autocast(self) -> ContextManager:
+        """The context for the forward pass and the loss (mixed precision where the engine wants it)."""
+
+    def micro_step(self, last: bool) -> ContextManager:
+        """The context for one micro-step's forward and backward; ``last``: the step's final one."""
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Accumulate the gradient of ``loss / grad_accum``; reduced over the ranks when ``last``."""
+
+    def grad_norm(self) -> torch.Tensor | None:
+        """After the last backward: the unscaled, unclipped global gradient norm (the same on
+        every rank), or None when it is only known after :meth:`step`."""
+
+    def step(self, apply: bool, norm: torch.Tensor | None) -> torch.Tensor:
+        """End the optimizer step: clip and update when ``apply`` (the same on every rank),
+        else leave the parameters and optimizer state bitwise unchanged; either way clear the
+        gradients and advance the lr schedule by one step. Returns the pre-clip norm."""
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the next step (first parameter group)."""
+
+    def state_dict(self) -> dict:
+        """What ``trainer.pt`` keeps of the backbone."""
+
+    def load_state_dict(self, state: dict, path: str) -> None:
+        """Restore from ``state_dict()`` output and the checkpoint directory ``path``."""
+
+    def save_extra(self, directory: str) -> None:
+        """Write what ``state_dict`` does not hold into the checkpoint ``directory``."""
+
+
 class DDPEngine:
-    """Backbone under DDP (plain module on one process), torch optimizer and schedule.
+    """Backbone under DDP (plain module on one process), torch optimizer and schedule, autocast
+    to the precision's dtype and a GradScaler for fp16.
 
     ``backward`` divides the loss by ``accum``; inner micro-steps run under ``no_sync`` so
     gradients are all-reduced once per optimizer step."""
 
-    def __init__(self, backbone: torch.nn.Module, cfg, total_steps: int, scaler: torch.amp.GradScaler,
+    def __init__(self, backbone: torch.nn.Module, optim, train, *, total_steps: int, device: torch.device,
                  group=None):
-        self.module = backbone
+        self.module, self.device = backbone, torch.device(device)
         self.model = (DistributedDataParallel(backbone, process_group=group) if pdist.get_world_size(group) > 1
                       else backbone)
-        self.accum = cfg.train.grad_accum
-        self.clip = cfg.optim.clip_grad_norm
-        self.scaler = scaler
-        self.optimizer = build_optimizer(backbone.parameters(), cfg.optim)
-        self.schedule = build_schedule(self.optimizer, cfg.optim.schedule, total_steps)
+        self.accum, self.clip = train.grad_accum, optim.clip_grad_norm
+        self.autocast_dtype, use_scaler = resolve_precision(train.precision, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+        self.optimizer = build_optimizer(backbone.parameters(), optim)
+        self.schedule = build_schedule(self.optimizer, optim.schedule, total_steps)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
-    def micro_step(self, last: bool):
-        """Context for one micro-step's forward and backward."""
+    def autocast(self) -> ContextManager:
+        """``torch.autocast`` to ``autocast_dtype`` (bf16/fp16), a null context for fp32."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def micro_step(self, last: bool) -> ContextManager:
         if last or self.model is self.module:
             return contextlib.nullcontext()
         return self.model.no_sync()
@@ -47,13 +113,13 @@ class DDPEngine:
         self.scaler.scale(loss / self.accum).backward()
 
     def grad_norm(self) -> torch.Tensor:
-        """Unscaled, unclipped gradient norm of the backbone (identical on all ranks)."""
+        """Unscales the gradients (fp16) and returns their norm (identical on all ranks)."""
         self.scaler.unscale_(self.optimizer)
         return grad_norm(self.module.parameters())
 
     def step(self, apply: bool, norm: torch.Tensor) -> torch.Tensor:
-        """Clip, step (unless ``apply`` is False; the scaler also skips non-finite steps),
-        clear the gradients and advance the schedule. Returns the pre-clip norm."""
+        """Clip and step unless ``apply`` is False (the scaler also skips non-finite steps),
+        clear the gradients and advance the schedule."""
         if apply:
             clip_grads_(self.module.parameters(), self.clip, norm)
             self.scaler.step(self.optimizer)
@@ -72,7 +138,7 @@ class DDPEngine:
     def load_state_dict(self, state: dict, path: str) -> None:
         self.module.load_state_dict(state["module"])
         if "optimizer" not in state:
-            raise ValueError(f"{path} was written by the deepspeed engine; resume it with train.engine=deepspeed")
+            raise CheckpointError(f"{path} was written by the deepspeed engine; resume it with train.engine=deepspeed")
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         sync_schedule(self.schedule)
@@ -81,13 +147,41 @@ class DDPEngine:
         """Nothing beyond ``state_dict`` (kept in ``trainer.pt``)."""
 
 
+@contextlib.contextmanager
+def _frozen(optimizer: torch.optim.Optimizer, wrapper):
+    """Within: ``optimizer.step()`` does nothing, so a DeepSpeed step that calls it (directly,
+    or through a ZeRO/bf16 wrapper that then copies its unchanged fp32 master weights back
+    to the model) leaves parameters and optimizer state as they were. Restores the entries a
+    defaultdict ``state`` gains on lookup and ``wrapper``'s lazy link to that state."""
+    had = set(optimizer.state)
+    linked = getattr(wrapper, "_hp_optimizer_states_linked", None)
+    optimizer.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del optimizer.step
+        for param in [p for p in optimizer.state if p not in had]:
+            del optimizer.state[param]
+        if linked is not None:
+            wrapper._hp_optimizer_states_linked = linked
+
+
 class DeepSpeedEngine:
     """Backbone in a DeepSpeed engine (ZeRO 0-2, bf16 or fp32) with a client torch optimizer.
 
-    DeepSpeed divides the loss by the accumulation steps, reduces gradients at the boundary,
-    clips the backbone (``gradient_clipping``) and steps its schedule itself."""
+    DeepSpeed casts the model and its inputs itself, divides the loss by the accumulation
+    steps, reduces gradients at the boundary, clips the backbone (``gradient_clipping``) and
+    steps the schedule. A step with ``apply`` False runs DeepSpeed's step with the client
+    optimizer's ``step`` disabled (:func:`_frozen`); it is counted in ``skipped_steps``."""
 
-    def __init__(self, backbone: torch.nn.Module, cfg, total_steps: int, bf16: bool):
+    autocast_dtype = None  # the module itself is cast to bf16 (the evaluator follows its dtype)
+
+    def __init__(self, backbone: torch.nn.Module, optim, train, *, micro_batch: int, total_steps: int,
+                 device: torch.device):
+        dtype, use_scaler = resolve_precision(train.precision, torch.device(device))
+        if use_scaler:
+            raise ConfigError(f"train.engine=deepspeed supports precision bf16 or fp32, not fp16 (train.precision="
+                              f"{train.precision} on this device); set train.precision=bf16 or fp32")
         os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
         if not pdist.is_initialized():  # one process, no launcher: a group of one, not MPI discovery
             torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0,
@@ -95,30 +189,34 @@ class DeepSpeedEngine:
             os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists on reading it
         import deepspeed
 
-        optimizer = build_optimizer(backbone.parameters(), cfg.optim)
-        schedule = build_schedule(optimizer, cfg.optim.schedule, total_steps)
-        world = pdist.get_world_size()
+        optimizer = build_optimizer(backbone.parameters(), optim)
+        schedule = build_schedule(optimizer, optim.schedule, total_steps)
         ds_config = {
-            "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-            "gradient_accumulation_steps": cfg.train.grad_accum,
-            "train_batch_size": cfg.data.batch_size * cfg.train.grad_accum * world,
-            "zero_optimization": {"stage": cfg.train.deepspeed.zero_stage},
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": train.grad_accum,
+            "train_batch_size": micro_batch * train.grad_accum * pdist.get_world_size(),
+            "zero_optimization": {"stage": train.deepspeed.zero_stage},
             "zero_allow_untested_optimizer": True,
-            "gradient_clipping": cfg.optim.clip_grad_norm,
-            "bf16": {"enabled": bf16},
+            "gradient_clipping": optim.clip_grad_norm,
+            "bf16": {"enabled": dtype == torch.bfloat16},
             "steps_per_print": 2**31 - 1,
             "wall_clock_breakdown": False,
-            **dict(cfg.train.deepspeed.extra),
+            **dict(train.deepspeed.extra),
         }
         self.engine, self.optimizer, _, self.schedule = deepspeed.initialize(
             model=backbone, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
         self.module = self.engine.module
-        self.dtype = torch.bfloat16 if bf16 else torch.float32
+        self.dtype = dtype or torch.float32
+        self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=False)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self.engine(images.to(self.dtype))
 
-    def micro_step(self, last: bool):
+    def autocast(self) -> ContextManager:
+        """A null context: DeepSpeed runs the module in its own dtype."""
+        return contextlib.nullcontext()
+
+    def micro_step(self, last: bool) -> ContextManager:
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
@@ -126,14 +224,26 @@ class DeepSpeedEngine:
         if not last:
             self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
 
-    def grad_norm(self):
-        return None  # known after DeepSpeed's step
+    def grad_norm(self) -> torch.Tensor | None:
+        """ZeRO-0: the norm of the reduced gradients (identical on all ranks). ZeRO-1/2: None;
+        the gradients are partitioned, DeepSpeed's step takes their norm and skips itself on
+        a non-finite one (``overflow``; bf16 ``check_grad_overflow``, on by default)."""
+        return grad_norm(self.module.parameters()) if self.engine.zero_optimization_stage() == 0 else None
 
     def step(self, apply: bool, norm) -> torch.Tensor:
-        """DeepSpeed's boundary step (it handles fp16 overflow itself; ``apply`` is advisory)."""
-        self.engine.step()
+        """DeepSpeed's boundary step; with ``apply`` False its client optimizer does not step.
+
+        DeepSpeed does not advance the schedule when it skips a step itself (non-finite
+        gradients under ZeRO-1/2); this does, as DDP does. Returns DeepSpeed's global norm,
+        else ``norm``."""
+        with contextlib.nullcontext() if apply else _frozen(self.engine.basic_optimizer, self.optimizer):
+            self.engine.step()
+        if not self.engine.was_step_applied():
+            self.schedule.step()
+        elif not apply:
+            self.engine.skipped_steps += 1
         value = self.engine.get_global_grad_norm()
-        return torch.tensor(float("nan") if value is None else float(value))
+        return torch.tensor(float(value)) if value is not None else norm
 
     @property
     def lr(self) -> float:
@@ -145,18 +255,24 @@ class DeepSpeedEngine:
     def load_state_dict(self, state: dict, path: str) -> None:
         folder = os.path.join(path, "deepspeed")
         if not os.path.isdir(folder):
-            raise ValueError(f"{path} has no DeepSpeed state; it was written with train.engine=ddp")
+            raise CheckpointError(f"{path} has no DeepSpeed state; it was written with train.engine=ddp")
         self.engine.load_checkpoint(folder, tag="backbone", load_lr_scheduler_states=True)
 
     def save_extra(self, directory: str) -> None:
         self.engine.save_checkpoint(os.path.join(directory, "deepspeed"), tag="backbone", save_latest=False)
 
 
-def build_engine(backbone: torch.nn.Module, cfg, total_steps: int, scaler, autocast_dtype, group=None):
-    """The configured engine; ``group``: the backbone's data-parallel ranks (DDP only; default: the world)."""
-    if cfg.train.engine == "deepspeed":
-        if scaler.is_enabled():
-            raise ConfigError(f"train.engine=deepspeed supports precision bf16 or fp32, not fp16 (train.precision="
-                              f"{cfg.train.precision} on this device); set train.precision=fp32")
-        return DeepSpeedEngine(backbone, cfg, total_steps, bf16=autocast_dtype == torch.bfloat16)
-    return DDPEngine(backbone, cfg, total_steps, scaler, group)
+def build_engine(backbone: torch.nn.Module, optim, train, *, micro_batch: int, total_steps: int,
+                 device: torch.device, group=None) -> BackboneEngine:
+    """The engine ``train.engine`` names for ``backbone`` (already on ``device``).
+
+    ``optim``: the backbone's OptimizerConfig; ``train``: the TrainConfig (precision, grad_accum,
+    engine, deepspeed); ``micro_batch``: images per rank per micro-step; ``total_steps``: the
+    schedule's horizon in optimizer steps; ``group``: the backbone's data-parallel ranks (DDP
+    only; default: the world). fp16 under DeepSpeed is a ConfigError."""
+    if train.engine == "deepspeed":
+        if group is not None:
+            raise ConfigError("train.engine=deepspeed trains over the whole world; a rank group needs train.engine=ddp")
+        return DeepSpeedEngine(backbone, optim, train, micro_batch=micro_batch, total_steps=total_steps,
+                               device=device)
+    return DDPEngine(backbone, optim, train, total_steps=total_steps, device=device, group=group)

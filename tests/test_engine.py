@@ -1,0 +1,195 @@
+"""The backbone engines (partialfc/train/engine.py): the BackboneEngine interface, autocast,
+and the skip protocol: a step with ``apply=False`` leaves the parameters and the optimizer
+state bitwise unchanged on every rank while the lr schedule advances, under DDP and DeepSpeed
+(ZeRO 0-2, fp32 and bf16) on 1 and 2 gloo ranks."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from partialfc.testing.multiprocess import run_distributed
+from partialfc.train.config import load_config
+
+STEPS = ("apply", "skip", "skip_nan", "apply")  # the steps of every run; the reference runs only the applied ones
+
+
+def _configs(engine: str, precision: str = "fp32", stage: int = 0):
+    cfg = load_config(None, ["run_dir=unused", "data.rec=unused", f"train.engine={engine}",
+                             f"train.precision={precision}", f"train.deepspeed.zero_stage={stage}",
+                             "optim.lr=0.1", "optim.weight_decay=0.01", "optim.clip_grad_norm=0",
+                             "optim.schedule.warmup_steps=3"])
+    return cfg.optim, cfg.train
+
+
+def _tiny() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+
+
+def _batch(rank: int, step: int) -> torch.Tensor:
+    return torch.randn(3, 6, generator=torch.Generator().manual_seed(100 * rank + step))
+
+
+def _snapshot(engine) -> tuple[int, list[torch.Tensor]]:
+    """Model parameters, the torch optimizer's parameters (ZeRO: the fp32 master partitions)
+    and every tensor of its state; and how many parameters have state."""
+    optimizer = engine.engine.basic_optimizer if hasattr(engine, "engine") else engine.optimizer
+    tensors = [p.detach().clone() for p in engine.module.parameters()]
+    tensors += [p.detach().clone() for group in optimizer.param_groups for p in group["params"]]
+    tensors += [v.clone() for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    return len(optimizer.state), tensors
+
+
+def _same(a, b) -> bool:
+    return a[0] == b[0] and len(a[1]) == len(b[1]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
+
+
+def _run(rank: int, engine_name: str, precision: str, stage: int, skips: bool) -> dict:
+    """``STEPS`` (``skips``) or only its applied steps with the schedule stepped in place of the
+    skipped ones (the reference); returns lrs, the skip checks and the final parameters."""
+    from partialfc.train.engine import BackboneEngine, build_engine
+
+    optim, train = _configs(engine_name, precision, stage)
+    engine = build_engine(_tiny(), optim, train, micro_batch=3, total_steps=8, device=torch.device("cpu"))
+    assert isinstance(engine, BackboneEngine)
+    out = {"lrs": [], "unchanged": [], "norms": []}
+    for step, kind in enumerate(STEPS):
+        if kind != "apply" and not skips:
+            engine.schedule.step()
+            out["lrs"].append(engine.lr)
+            continue
+        before = _snapshot(engine)
+        hook = None
+        if kind == "skip_nan" and rank == 0:  # one rank's gradient; the reduction spreads it
+            hook = next(engine.module.parameters()).register_hook(lambda g: torch.full_like(g, float("nan")))
+        with engine.micro_step(True), engine.autocast():
+            loss = engine(_batch(rank, step)).float().square().mean()
+        engine.backward(loss, True)
+        norm = engine.grad_norm()
+        out["norms"].append(engine.step(kind == "apply", norm))
+        if hook is not None:
+            hook.remove()
+        out["lrs"].append(engine.lr)
+        if kind != "apply":
+            out["unchanged"].append(_same(before, _snapshot(engine)))
+    out["params"] = [p.detach().float().clone() for p in engine.module.parameters()]
+    if hasattr(engine, "engine"):
+        out["counters"] = (engine.engine.global_steps, engine.engine.skipped_steps)
+    return out
+
+
+def _cases(rank: int, world: int, cases: list) -> list[tuple[dict, dict]]:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    torch.set_num_threads(1)
+    return [(_run(rank, *case, skips=True), _run(rank, *case, skips=False)) for case in cases]
+
+
+def _plain_reference(world: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The applied steps with a torch SGD on the mean loss over the ranks' batches, lr
+    following the schedule through the skipped steps; and the first step's gradient norm."""
+    from partialfc.train.optim import build_optimizer, build_schedule
+
+    optim, _ = _configs("ddp")
+    model = _tiny()
+    optimizer = build_optimizer(model.parameters(), optim)
+    schedule = build_schedule(optimizer, optim.schedule, 8)
+    norms = []
+    for step, kind in enumerate(STEPS):
+        if kind == "apply":
+            optimizer.zero_grad()
+            sum(model(_batch(r, step)).square().mean() for r in range(world)).div(world).backward()
+            norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])))
+            optimizer.step()
+        schedule.step()
+    return [p.detach().clone() for p in model.parameters()], norms[0]
+
+
+def _expected_lrs() -> list[float]:
+    from partialfc.train.optim import WarmupSchedule
+
+    optim, _ = _configs("ddp")
+    factor = WarmupSchedule(optim.schedule, 8)
+    return [optim.lr * factor(k + 1) for k in range(len(STEPS))]
+
+
+def _check(results: list, cases: list, world: int) -> None:
+    plain, first_norm = _plain_reference(world)
+    for case, per_rank in zip(cases, zip(*results)):
+        for rank, (run, reference) in enumerate(per_rank):
+            assert run["unchanged"] == [True, True], (case, rank)
+            assert run["lrs"] == pytest.approx(_expected_lrs()) and reference["lrs"] == run["lrs"], case
+            # the skipped steps leave no trace: the last applied step is the reference's, bit for bit
+            assert all(torch.equal(a, b) for a, b in zip(run["params"], reference["params"])), (case, rank)
+            assert all(torch.equal(a, b) for a, b in zip(run["params"], per_rank[0][0]["params"])), (case, rank)
+            if case[1] == "fp32":  # the norm: DDP's and ZeRO-0's before the step, ZeRO-1/2's from DeepSpeed
+                torch.testing.assert_close(run["norms"][0], first_norm, rtol=1e-5, atol=1e-6)
+                for a, b in zip(run["params"], plain):
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            else:  # bf16 weights: one bf16 rounding step from the fp32 computation
+                assert not all(torch.equal(a, b) for a, b in zip(run["params"], plain))
+                for a, b in zip(run["params"], plain):
+                    torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+            if case[0] == "deepspeed":
+                assert run["counters"] == (4, 2) and reference["counters"] == (2, 0), case
+
+
+def test_ddp_single_process_skip_holds_and_matches_torch():
+    cases = [("ddp", "fp32", 0), ("ddp", "bf16", 0)]
+    _check([_cases(0, 1, cases)], cases, 1)
+
+
+@pytest.mark.required
+@pytest.mark.multiprocess
+def test_ddp_two_ranks_skip_holds_and_matches_torch():
+    cases = [("ddp", "fp32", 0)]
+    _check(run_distributed(_cases, 2, cases), cases, 2)
+
+
+DEEPSPEED_CASES = [("deepspeed", "fp32", 0), ("deepspeed", "fp32", 1), ("deepspeed", "fp32", 2),
+                   ("deepspeed", "bf16", 0), ("deepspeed", "bf16", 1)]
+
+
+@pytest.mark.required
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("world", [1, 2])
+def test_deepspeed_skip_holds_on_every_rank_and_matches_torch(world):
+    pytest.importorskip("deepspeed")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
+    _check(run_distributed(_cases, world, DEEPSPEED_CASES, timeout=400), DEEPSPEED_CASES, world)
+
+
+def _autocast_of(rank: int, world: int) -> dict:
+    from partialfc.train.engine import BackboneEngine, build_engine
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    out = {}
+    for name, precision in (("ddp", "fp32"), ("ddp", "bf16"), ("deepspeed", "bf16")):
+        engine = build_engine(_tiny(), *_configs(name, precision), micro_batch=3, total_steps=8,
+                              device=torch.device("cpu"))
+        with engine.autocast():
+            out[name, precision] = (isinstance(engine, BackboneEngine), torch.is_autocast_enabled("cpu"),
+                                    engine(_batch(0, 0)).dtype, engine.autocast_dtype, engine.scaler.is_enabled())
+    return out
+
+
+@pytest.mark.required
+@pytest.mark.multiprocess
+def test_autocast_is_the_engines_and_both_engines_are_backbone_engines():
+    pytest.importorskip("deepspeed")
+    out = run_distributed(_autocast_of, 1, timeout=300)[0]
+    assert out["ddp", "fp32"] == (True, False, torch.float32, None, False)
+    assert out["ddp", "bf16"] == (True, True, torch.bfloat16, torch.bfloat16, False)
+    assert out["deepspeed", "bf16"] == (True, False, torch.bfloat16, None, False)  # DeepSpeed casts the module
+
+
+def test_deepspeed_refuses_fp16_with_one_line():
+    from partialfc.errors import ConfigError
+    from partialfc.train.engine import build_engine
+
+    optim, train = _configs("ddp", "fp16")
+    train.engine = type(train.engine)("deepspeed")  # what precision=auto resolves to on a GPU without bf16
+    with pytest.raises(ConfigError, match="train.engine=deepspeed supports precision bf16 or fp32, not fp16"):
+        build_engine(_tiny(), optim, train, micro_batch=3, total_steps=8, device=torch.device("cpu"))
