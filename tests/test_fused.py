@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from partialfc import PartialFC
 from partialfc.losses import build_loss
 from partialfc.ops import Targets
+from partialfc.ops.implementation import Implementation
 from partialfc.testing import run_distributed
 from tests import fused_helpers
 from tests.reference import SPECS, head_reference
@@ -127,15 +128,27 @@ class _NotAMarginLoss(nn.Module):
         return -cos[targets.rows, targets.cols]
 
 
+@pytest.mark.parametrize("choice", list(Implementation))
+def test_every_implementation_is_a_head_switch_value(choice):
+    """Each member, its name and its name in capitals configure the head; ``head.fused`` is
+    the resolved member (``auto``: ``torch`` for a margin loss)."""
+    resolved = Implementation.torch if choice is Implementation.auto else choice
+    for value in (choice, choice.value, choice.value.upper()):
+        head = PartialFC(4, 10, fused=value)
+        assert type(head.fused) is Implementation and head.fused is resolved
+
+
 def test_fused_switch_values():
-    assert PartialFC(4, 10, fused=False).fused == "plain"
-    assert PartialFC(4, 10, fused=True).fused == "torch"
-    assert PartialFC(4, 10, fused="Triton").fused == "triton"
-    assert PartialFC(4, 10, loss=_NotAMarginLoss()).fused == "plain"  # auto: the plain path for any other loss
-    with pytest.raises(ValueError, match="fused must be one of"):
-        PartialFC(4, 10, fused="cuda")
+    assert PartialFC(4, 10, fused=False).fused is Implementation.plain
+    assert PartialFC(4, 10, fused=True).fused is Implementation.torch
+    assert PartialFC(4, 10, loss=_NotAMarginLoss()).fused is Implementation.plain  # auto: plain for any other loss
+    for bad in ("cuda", "", None, 1):
+        with pytest.raises(ValueError, match="fused must be one of") as raised:
+            PartialFC(4, 10, fused=bad)
+        message = str(raised.value)
+        assert "\n" not in message and all(c.value in message for c in Implementation), message
     with pytest.raises(ValueError, match="needs a MarginLoss"):
-        PartialFC(4, 10, loss=_NotAMarginLoss(), fused="torch")
+        PartialFC(4, 10, loss=_NotAMarginLoss(), fused=Implementation.torch)
 
 
 @pytest.mark.parametrize("name", ["cosface", "arcface", "dsoftmax"])
@@ -164,9 +177,15 @@ def test_bf16_autocast_error_bounded_by_plain_bf16_error(name):
 
 
 def test_fused_rejects_unknown_implementation():
+    """The op runs the chunk walks only: ``torch`` and ``triton`` (members or names)."""
     x, w, col = _cos_problem(4)
-    with pytest.raises(ValueError, match="implementation"):
-        build_loss("cosface").fused(F.normalize(x, dim=1), w, Targets.from_columns(col), implementation="cuda")
+    loss, emb, targets = build_loss("cosface"), F.normalize(x, dim=1), Targets.from_columns(col)
+    expected = loss.fused(emb, w, targets)
+    for good in ("torch", "Torch"):
+        torch.testing.assert_close(loss.fused(emb, w, targets, implementation=good), expected, rtol=0, atol=0)
+    for bad in ("cuda", Implementation.plain, Implementation.auto):
+        with pytest.raises(ValueError, match="fused implementation must be one of torch, triton, got"):
+            loss.fused(emb, w, targets, implementation=bad)
 
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from partialfc.ops import Targets, dissected_softmax, softmax_cross_entropy
+from partialfc.ops.objectives import RowObjective
 from tests.reference import dissected_rows
 
 
@@ -69,3 +70,30 @@ def test_softmax_cross_entropy_unchanged():
     torch.testing.assert_close(got, torch.log(torch.exp(logits).sum(dim=1)) - logits[onehot], rtol=1e-12, atol=1e-12)
     grad, = torch.autograd.grad(got.sum(), z)
     torch.testing.assert_close(grad, torch.softmax(logits, dim=1) - onehot.double(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("objective", [RowObjective(), RowObjective(dissected=True, intra_logit=3.0, inter_scale=4.0)],
+                         ids=["softmax", "dissected"])
+def test_combine_against_naive_formulas(objective):
+    """``RowObjective.combine`` (the one place both the plain and the fused path take the loss
+    and its gradient factors from) against the naive float64 row objective and its autograd
+    gradient: ``weight * exp(z_j - row_max)`` is ``dL/dz_j`` off the target, ``target_pull`` is
+    ``dL/dz_y``."""
+    logits, target = problem(seed=4, scale=3.0)
+    z = logits.clone().requires_grad_(True)
+    onehot = torch.nn.functional.one_hot(target, 11).bool()
+    if objective.dissected:
+        naive = dissected_rows(z, target, objective.intra_logit, objective.inter_scale)
+        included = logits.masked_fill(onehot, float("-inf"))  # the inter term: the non-targets and 0
+        row_max = included.amax(dim=1).clamp_min(0.0)
+    else:
+        naive = torch.log(torch.exp(z).sum(dim=1)) - z[onehot]
+        included = logits
+        row_max = included.amax(dim=1)
+    grad, = torch.autograd.grad(naive.sum(), z)
+    sum_exp = torch.exp(included - row_max[:, None]).sum(dim=1)
+    terms = objective.combine(row_max, sum_exp, logits[onehot])
+    torch.testing.assert_close(terms.loss, naive.detach(), rtol=1e-12, atol=1e-12)
+    off_target = terms.weight[:, None] * torch.exp(logits - row_max[:, None])
+    torch.testing.assert_close(off_target[~onehot], grad[~onehot], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(terms.target_pull, grad[onehot], rtol=1e-12, atol=1e-12)

@@ -114,9 +114,9 @@ class MemoryMeter:
 
 
 def storage_dtype(method: str) -> torch.dtype:
-    from partialfc.bench.common import PARTIALFC_VARIANTS
+    from partialfc.bench.common import DEFAULT_VARIANT, PARTIALFC_VARIANTS
 
-    return PARTIALFC_VARIANTS.get(method, ("auto", torch.float32))[1]
+    return PARTIALFC_VARIANTS.get(method, DEFAULT_VARIANT)[1]
 
 
 def analytic_bytes_per_class(record: dict) -> float | None:

@@ -15,12 +15,16 @@ import torch
 import torch.nn.functional as F
 
 from partialfc.ops.collectives import all_reduce
+from partialfc.ops.implementation import Implementation
 
 SCALE, MARGIN = 64.0, 0.4
 # the sharded CosFace head at the configured rates: method -> (PartialFC's fused, centre storage dtype)
-PARTIALFC_VARIANTS = {"partialfc": ("auto", torch.float32), "partialfc_unfused": ("plain", torch.float32),
-                      "partialfc_bf16": ("auto", torch.bfloat16), "partialfc_unfused_bf16": ("plain", torch.bfloat16),
-                      "partialfc_triton": ("triton", torch.float32)}
+PARTIALFC_VARIANTS = {"partialfc": (Implementation.auto, torch.float32),
+                      "partialfc_unfused": (Implementation.plain, torch.float32),
+                      "partialfc_bf16": (Implementation.auto, torch.bfloat16),
+                      "partialfc_unfused_bf16": (Implementation.plain, torch.bfloat16),
+                      "partialfc_triton": (Implementation.triton, torch.float32)}
+DEFAULT_VARIANT = (Implementation.auto, torch.float32)  # the sharded D-Softmax heads
 
 
 def _numbers(text: str, cast):
@@ -130,7 +134,7 @@ def build_head(cfg: dict, device: torch.device):
         head = FullSoftmax(cfg["dim"], cfg["classes"], device)
         return head, torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4), [head.weight]
     loss, takes_rate = _sharded_loss(cfg["method"])
-    fused, storage = PARTIALFC_VARIANTS.get(cfg["method"], ("auto", torch.float32))
+    fused, storage = PARTIALFC_VARIANTS.get(cfg["method"], DEFAULT_VARIANT)
     head = PartialFC(cfg["dim"], cfg["classes"], loss=loss, device=device,
                      sample_rate=cfg["rate"] if takes_rate else None, fused=fused, dtype=storage)
     return head, SparseRowSGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4), []

@@ -14,12 +14,12 @@ from partialfc.losses import CosFace
 from partialfc.losses.base import MarginLoss
 from partialfc.ops.fused import DEFAULT_CHUNK
 from partialfc.ops.collectives import gather_rows, gather_sizes
+from partialfc.ops.implementation import Implementation
 from partialfc.ops.targets import Targets
 from partialfc.seeding import Stream, seeded_generator
 
 INIT_BLOCK = 65536  # classes per independently seeded init block
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-FUSED_CHOICES = ("auto", "torch", "triton", "plain")
 
 
 def init_centres(class_start: int, num_local: int, dim: int, std: float, seed: int,
@@ -63,15 +63,16 @@ def _local_values(embeddings: torch.Tensor, labels: torch.Tensor, labels_int: bo
     return torch.stack([v.to(device=device, dtype=torch.int64) for v in values])
 
 
-def resolve_fused(fused: bool | str, loss: nn.Module) -> str:
-    """The head's ``fused`` setting as one of ``"torch"``, ``"triton"``, ``"plain"``."""
-    choice = ("torch" if fused else "plain") if isinstance(fused, bool) else str(fused).lower()
-    if choice not in FUSED_CHOICES:
-        raise ValueError(f"fused must be one of {FUSED_CHOICES} or a bool, got {fused!r}")
-    if choice == "auto":
-        return "torch" if isinstance(loss, MarginLoss) else "plain"
-    if choice != "plain" and not isinstance(loss, MarginLoss):
-        raise ValueError(f"fused={choice!r} needs a MarginLoss (it reads psi and the objective), "
+def resolve_fused(fused: bool | str | Implementation, loss: nn.Module) -> Implementation:
+    """The head's ``fused`` setting (an :class:`Implementation` or its name, in any case;
+    ``True`` / ``False``: ``torch`` / ``plain``) as ``torch``, ``triton`` or ``plain``."""
+    if isinstance(fused, bool):
+        fused = Implementation.torch if fused else Implementation.plain
+    choice = Implementation.parse(fused, "fused", also=" or a bool")
+    if choice is Implementation.auto:
+        return Implementation.torch if isinstance(loss, MarginLoss) else Implementation.plain
+    if choice is not Implementation.plain and not isinstance(loss, MarginLoss):
+        raise ValueError(f"fused='{choice}' needs a MarginLoss (it reads psi and the objective), "
                          f"got {type(loss).__name__}")
     return choice
 
@@ -91,14 +92,14 @@ class PartialFC(nn.Module):
     so ``weight.grad`` is a sparse tensor holding only the sampled rows; step it with
     :class:`partialfc.head.optim.SparseRowSGD` or :class:`~partialfc.head.optim.SparseRowAdamW`.
 
-    ``fused`` picks how the loss runs over the sampled centres (the same result up to
-    rounding; see :mod:`partialfc.ops.fused`): ``"torch"`` walks the centres in chunks of
-    ``fused_chunk`` and never holds the ``(B, k)`` cosines or logits (any device);
-    ``"triton"`` is the same walk as a Triton kernel (CUDA); ``"plain"`` forms ``cos (B, k)``
-    and runs the loss's plain objective (the reference); ``"auto"`` (default) is ``"torch"``
-    for a :class:`~partialfc.losses.base.MarginLoss` and ``"plain"`` for any other loss
-    module. ``True`` / ``False`` mean ``"torch"`` / ``"plain"``. The resolved choice is
-    :attr:`fused`.
+    ``fused`` (an :class:`~partialfc.ops.implementation.Implementation` or its name) picks
+    how the loss runs over the sampled centres (the same result up to rounding; see
+    :mod:`partialfc.ops.fused`): ``torch`` walks the centres in chunks of ``fused_chunk`` and
+    never holds the ``(B, k)`` cosines or logits (any device); ``triton`` is the same walk as
+    a Triton kernel (CUDA); ``plain`` forms ``cos (B, k)`` and runs the loss's plain
+    objective (the reference); ``auto`` (default) is ``torch`` for a
+    :class:`~partialfc.losses.base.MarginLoss` and ``plain`` for any other loss module.
+    ``True`` / ``False`` mean ``torch`` / ``plain``. The resolved member is :attr:`fused`.
 
     ``dtype`` is the storage dtype of the centres: ``torch.bfloat16`` halves the bytes per
     class (the sparse-row optimizers then keep their state in bf16 too and round
@@ -108,7 +109,8 @@ class PartialFC(nn.Module):
     def __init__(self, embedding_size: int, num_classes: int, loss: nn.Module | None = None,
                  sample_rate: float | None = None, process_group=None, seed: int = 0,
                  init_std: float = 0.01, device: torch.device | str | None = None,
-                 dtype: torch.dtype = torch.float32, fused: bool | str = "auto",
+                 dtype: torch.dtype = torch.float32,
+                 fused: bool | str | Implementation = Implementation.auto,
                  fused_chunk: int = DEFAULT_CHUNK):
         super().__init__()
         self.group = process_group
@@ -200,7 +202,7 @@ class PartialFC(nn.Module):
         self.last_sampled = index
         if not torch.is_autocast_enabled(embeddings.device.type):  # e.g. bf16 from a DeepSpeed engine
             embeddings = embeddings.to(centres.dtype)
-        if self.fused != "plain":
+        if self.fused is not Implementation.plain:
             return self.loss.fused(F.normalize(embeddings, dim=1), centres, targets, self.group,
                                    implementation=self.fused, chunk_size=self.fused_chunk).mean()
         cos = F.linear(F.normalize(embeddings, dim=1), F.normalize(centres, dim=1))

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from partialfc.ops.fused import fused_margin_softmax
+from partialfc.ops.implementation import Implementation
 from partialfc.ops.objectives import RowObjective
 from partialfc.ops.targets import Targets
 
@@ -89,12 +90,13 @@ class MarginLoss(nn.Module):
         return self.objective(cos, targets, self.target_logit(cos_target), group)
 
     def fused(self, embeddings: torch.Tensor, centres: torch.Tensor, targets: Targets, group=None, *,
-              implementation: str = "torch", chunk_size: int | None = None) -> torch.Tensor:
+              implementation: Implementation | str = Implementation.torch,
+              chunk_size: int | None = None) -> torch.Tensor:
         """Per-row losses ``(B,)`` from the normalised embeddings ``(B, D)`` and the raw
         (unnormalised) class centres ``(k, D)``, equal to :meth:`forward` on their clamped
         cosines but never holding the ``(B, k)`` logits: see
-        :func:`partialfc.ops.fused.fused_margin_softmax` (``implementation`` ``"torch"`` or
-        ``"triton"``)."""
+        :func:`partialfc.ops.fused.fused_margin_softmax` (``implementation``: ``torch`` or
+        ``triton``)."""
         return fused_margin_softmax(embeddings, centres, targets, group, target_logit=self.target_logit,
                                     objective=self.row_objective(), scale=self.s,
                                     inter_threshold=self.inter_threshold, implementation=implementation,

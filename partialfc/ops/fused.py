@@ -19,9 +19,9 @@ The target cosines ``c_y`` (``n`` dot products) are computed up front; the loss'
 ``dL/dt * dt/dc`` into the target column. ``target_logit`` must act elementwise and have no
 parameters of its own.
 
-Two implementations of the chunk walk share everything else: ``"torch"`` (a PyTorch loop,
-any device) and ``"triton"`` (:mod:`partialfc.ops.triton_fused`, CUDA, or CPU tensors under
-``TRITON_INTERPRET=1``). Matmuls run in the autocast dtype when autocast is on at the call
+Two implementations of the chunk walk share everything else: ``Implementation.torch`` (a
+PyTorch loop, any device) and ``Implementation.triton`` (:mod:`partialfc.ops.triton_fused`,
+CUDA, or CPU tensors under ``TRITON_INTERPRET=1``). Matmuls run in the autocast dtype when autocast is on at the call
 (or in the inputs' dtype), everything after them in fp32 (fp64 stays fp64).
 """
 
@@ -31,21 +31,20 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from partialfc.ops import torch_fused
 from partialfc.ops.chunking import ChunkProblem, centre_inverse_norms
 from partialfc.ops.collectives import all_reduce
-from partialfc.ops.objectives import RowObjective
+from partialfc.ops.implementation import Implementation
+from partialfc.ops.objectives import RowObjective, sum_statistics
 from partialfc.ops.targets import Targets
 
-IMPLEMENTATIONS = ("torch", "triton")
 DEFAULT_CHUNK = 8192  # centres per chunk: B x 8192 fp32 logits (16 MB at B = 512)
 
 
-def _backend(implementation: str):
-    """The module with ``row_stats`` and ``gradients`` for ``implementation``."""
-    if implementation == "triton":
+def _backend(implementation: Implementation):
+    """The module with ``row_stats`` and ``gradients`` for ``implementation`` (a chunk walk)."""
+    if implementation is Implementation.triton:
         from partialfc.ops import triton_fused  # optional dependency, imported on use
 
         return triton_fused
@@ -55,23 +54,12 @@ def _backend(implementation: str):
 class _FusedRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, emb, centres, inv_norm, target_logit, target_slope, targets: Targets,
-                objective: RowObjective, problem: ChunkProblem, group, implementation: str):
+                objective: RowObjective, problem: ChunkProblem, group, implementation: Implementation):
         m, s = _backend(implementation).row_stats(emb, centres, inv_norm, targets, target_logit, problem)
         row_max = all_reduce(m.clone(), dist.ReduceOp.MAX, group)
-        stats = torch.zeros((2, emb.shape[0]), dtype=m.dtype, device=m.device)
-        stats[0] = s * torch.exp(m - row_max)
-        stats[1, targets.rows] = target_logit
-        sum_exp, target = all_reduce(stats, dist.ReduceOp.SUM, group)
-        rows = targets.rows
-        if objective.dissected:  # softplus(t_intra - z_y) + log(1 + r * sum_{j != y} exp(z_j))
-            denom = torch.exp(-row_max) + objective.inter_scale * sum_exp
-            intra_gap = objective.intra_logit - target
-            loss = F.softplus(intra_gap) + row_max + torch.log(denom)
-            weight, target_pull = objective.inter_scale / denom, -torch.sigmoid(intra_gap[rows])
-        else:  # LSE_j(z_j) - z_y
-            loss = torch.log(sum_exp) + row_max - target
-            weight = sum_exp.reciprocal()
-            target_pull = torch.exp(target[rows] - row_max[rows]) * weight[rows] - 1.0
+        sum_exp, target = sum_statistics(s * torch.exp(m - row_max), targets.rows, target_logit, group)
+        loss, weight, target_pull = objective.combine(row_max, sum_exp, target)
+        target_pull = target_pull[targets.rows]
         ctx.save_for_backward(emb, centres, inv_norm, row_max, weight, target_pull, target_logit, target_slope)
         ctx.targets, ctx.problem, ctx.implementation = targets, problem, implementation
         return loss
@@ -91,7 +79,8 @@ class _FusedRows(torch.autograd.Function):
 def fused_margin_softmax(embeddings: torch.Tensor, centres: torch.Tensor, targets: Targets, group=None, *,
                          target_logit: Callable[[torch.Tensor], torch.Tensor],
                          objective: RowObjective = RowObjective(), scale: float = 1.0,
-                         inter_threshold: float | None = None, implementation: str = "torch",
+                         inter_threshold: float | None = None,
+                         implementation: Implementation | str = Implementation.torch,
                          chunk_size: int | None = None) -> torch.Tensor:
     """Per-row losses ``(B,)`` of ``objective`` over ``z_j = scale * c_j`` (``c = clamp(E @
     normalize(W).T, -1, 1)``, non-target ``c_j > inter_threshold`` set to 0) with
@@ -99,10 +88,11 @@ def fused_margin_softmax(embeddings: torch.Tensor, centres: torch.Tensor, target
 
     ``embeddings (B, D)``: already normalised (their normalisation stays in autograd);
     ``centres (k, D)``: raw, this rank's columns (``k`` may be 0); ``chunk_size``: centres
-    per chunk (``None``: :data:`DEFAULT_CHUNK`). Identical on every rank of
-    ``group``; gradients flow to both inputs."""
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"fused implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    per chunk (``None``: :data:`DEFAULT_CHUNK`); ``implementation``: ``torch`` or ``triton``
+    (a member of :class:`~partialfc.ops.implementation.Implementation` or its name). Identical
+    on every rank of ``group``; gradients flow to both inputs."""
+    implementation = Implementation.parse(implementation, "fused implementation",
+                                          (Implementation.torch, Implementation.triton))
     chunk = DEFAULT_CHUNK if chunk_size is None else int(chunk_size)
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1 centre, got {chunk_size}")

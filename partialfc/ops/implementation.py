@@ -16,3 +16,15 @@ class Implementation(Choice):
     plain = "plain"
     torch = "torch"
     triton = "triton"
+
+    @classmethod
+    def parse(cls, value, what: str, allowed: tuple[Implementation, ...] | None = None,
+              also: str = "") -> Implementation:
+        """``value`` (a member or its name, in any case) as a member of ``allowed`` (default:
+        every member); anything else is a one-line ``ValueError`` naming ``what`` and the
+        allowed names, then ``also`` (e.g. ``" or a bool"``)."""
+        allowed = tuple(cls) if allowed is None else allowed
+        member = next((m for m in cls if m.value == str(value).lower()), None)
+        if member not in allowed:
+            raise ValueError(f"{what} must be one of {', '.join(allowed)}{also}, got {value!r}")
+        return member

@@ -6,12 +6,13 @@ against a disjoint set of ``k`` columns (its sampled class centres); ``targets``
 in which column. The logits are ``z = scale * cos`` except at the targets, where the
 caller's ``target_logit`` (the margin-transformed ``s * psi(c_y)``, shape ``(n,)``, aligned
 with ``targets.rows``) is used. Forming ``z``, the reductions and the gradient are fused
-into one autograd function per objective: ``z`` is built once in fp32 (fp64 stays fp64) and
-turned into probabilities in place, and backward writes one gradient block. Reductions
-return a per-row loss vector identical on every rank; backward needs no communication.
+into one autograd function: ``z`` is built once in fp32 (fp64 stays fp64) and turned into
+``exp(z - row_max)`` in place, and backward writes one gradient block. Reductions return a
+per-row loss vector identical on every rank; backward needs no communication.
 
 Both objectives share the same two collectives (MAX of row maxima, then one SUM of (sum of
-exp, target logit)):
+exp, target logit)); :meth:`RowObjective.combine` turns those statistics into the loss and
+the gradient factors, for this plain path and for :mod:`partialfc.ops.fused` alike:
 
 - :func:`softmax_cross_entropy`: ``LSE_j(z_j) - z_y``;
 - :func:`dissected_softmax` (D-Softmax): ``softplus(t - z_y) + log(1 + r * sum_{j != y} exp(z_j))``.
@@ -23,6 +24,7 @@ objectives; the target logit is then read from ``logits``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -45,6 +47,16 @@ def _scaled_logits(cos: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.mul(cos, factor)
 
 
+def sum_statistics(local_sum: torch.Tensor, rows: torch.Tensor, target_logit: torch.Tensor, group):
+    """The objectives' second collective: one SUM of (this rank's sum of exp (B,), the target
+    logits it holds, aligned with ``rows``). Returns ``(sum_exp (B,), target (B,))``, global."""
+    stats = local_sum.new_zeros((2, local_sum.shape[0]))
+    stats[0] = local_sum
+    stats[1, rows] = target_logit.to(stats.dtype)
+    all_reduce(stats, dist.ReduceOp.SUM, group)
+    return stats[0], stats[1]
+
+
 def _row_statistics(z, rows, target_logit, group, exclude_target: bool):
     """Turn ``z`` (B, k) into ``exp(z - row_max)`` in place; two collectives.
 
@@ -57,11 +69,7 @@ def _row_statistics(z, rows, target_logit, group, exclude_target: bool):
         row_max.clamp_min_(0.0)
     all_reduce(row_max, dist.ReduceOp.MAX, group)
     z.sub_(row_max[:, None]).exp_()
-    stats = z.new_zeros((2, z.shape[0]))
-    stats[0] = z.sum(dim=1)
-    stats[1, rows] = target_logit.to(z.dtype)
-    all_reduce(stats, dist.ReduceOp.SUM, group)
-    return row_max, stats[0], stats[1]
+    return (row_max, *sum_statistics(z.sum(dim=1), rows, target_logit, group))
 
 
 def _cos_gradient(weights: torch.Tensor, row_factor: torch.Tensor, scale: float, rows, cols, dtype):
@@ -72,52 +80,67 @@ def _cos_gradient(weights: torch.Tensor, row_factor: torch.Tensor, scale: float,
     return grad.to(dtype)
 
 
-class _SoftmaxCrossEntropy(torch.autograd.Function):
+class RowTerms(NamedTuple):
+    """What an objective makes of a row's global statistics (each ``(B,)``, identical on every
+    rank): the per-row ``loss``; the ``weight`` with ``dL/dz_j = weight * exp(z_j - row_max)``
+    for every non-target ``j``; the ``target_pull`` ``dL/dz_y``."""
+
+    loss: torch.Tensor
+    weight: torch.Tensor
+    target_pull: torch.Tensor
+
+
+@dataclass(frozen=True)
+class RowObjective:
+    """Which objective a loss runs over its row of logits, as data both paths read: softmax
+    cross-entropy, or (``dissected``) D-Softmax with ``intra_logit`` and ``inter_scale``
+    (see :func:`dissected_softmax`). :meth:`combine` holds its formulas (the plain path and
+    :mod:`partialfc.ops.fused` both call it); calling it runs the plain (unfused) objective on
+    ``cos``."""
+
+    dissected: bool = False
+    intra_logit: float = 0.0
+    inter_scale: float = 1.0
+
+    def combine(self, row_max: torch.Tensor, sum_exp: torch.Tensor, target: torch.Tensor) -> RowTerms:
+        """The loss and gradient factors of each row from its global ``row_max`` (the max of
+        the included logits: the target's too for softmax, ``0`` too for D-Softmax),
+        ``sum_exp`` (``sum exp(z_j - row_max)`` over the included logits) and ``target``
+        (``z_y``)."""
+        if self.dissected:  # softplus(t_intra - z_y) + log(1 + r * sum_{j != y} exp(z_j))
+            denom = torch.exp(-row_max) + self.inter_scale * sum_exp  # 1 + r*sum exp(z), times exp(-M)
+            intra_gap = self.intra_logit - target
+            return RowTerms(F.softplus(intra_gap) + row_max + torch.log(denom), self.inter_scale / denom,
+                            -torch.sigmoid(intra_gap))
+        weight = sum_exp.reciprocal()  # LSE_j(z_j) - z_y
+        return RowTerms(torch.log(sum_exp) + row_max - target, weight, torch.exp(target - row_max) * weight - 1.0)
+
+    def __call__(self, cos: torch.Tensor, targets: Targets, group=None, *, scale: float = 1.0,
+                 target_logit: torch.Tensor | None = None) -> torch.Tensor:
+        if target_logit is None:
+            target_logit = scale * cos[targets.rows, targets.cols].to(torch.promote_types(cos.dtype, torch.float32))
+        with torch.autocast(device_type=cos.device.type, enabled=False):
+            return _PlainRows.apply(cos, targets, target_logit, float(scale), group, self)
+
+
+class _PlainRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, cos, targets, target_logit, scale, group):
+    def forward(ctx, cos, targets, target_logit, scale, group, objective: RowObjective):
         rows, cols = targets.rows, targets.cols
         z = _scaled_logits(cos, scale)
-        z[rows, cols] = target_logit.detach().to(z.dtype)
-        row_max, sum_exp, target = _row_statistics(z, rows, target_logit, group, exclude_target=False)
-        probs = z.div_(sum_exp[:, None])
-        ctx.save_for_backward(probs, rows, cols)
+        # D-Softmax's inter term runs over the non-targets only
+        z[rows, cols] = float("-inf") if objective.dissected else target_logit.detach().to(z.dtype)
+        row_max, sum_exp, target = _row_statistics(z, rows, target_logit, group, exclude_target=objective.dissected)
+        terms = objective.combine(row_max, sum_exp, target)
+        ctx.save_for_backward(z, terms.weight, terms.target_pull[rows], rows, cols)
         ctx.scale, ctx.cos_dtype = scale, cos.dtype
-        return torch.log(sum_exp) + row_max - target
+        return terms.loss
 
     @staticmethod
     def backward(ctx, grad_rows):
-        probs, rows, cols = ctx.saved_tensors
-        grad_target = (probs[rows, cols] - 1.0) * grad_rows[rows]
-        grad_cos = _cos_gradient(probs, grad_rows, ctx.scale, rows, cols, ctx.cos_dtype)
-        return grad_cos, None, grad_target, None, None
-
-
-class _DissectedSoftmax(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, cos, targets, target_logit, scale, group, intra_logit, inter_scale):
-        rows, cols = targets.rows, targets.cols
-        z = _scaled_logits(cos, scale)
-        z[rows, cols] = float("-inf")  # the inter term runs over the non-targets only
-        row_max, sum_exp, target = _row_statistics(z, rows, target_logit, group, exclude_target=True)
-        denom = torch.exp(-row_max) + inter_scale * sum_exp  # 1 + r*sum exp(z), times exp(-M)
-        intra_gap = intra_logit - target
-        ctx.save_for_backward(z, inter_scale / denom, torch.sigmoid(intra_gap[rows]), rows, cols)
-        ctx.scale, ctx.cos_dtype = scale, cos.dtype
-        return F.softplus(intra_gap) + row_max + torch.log(denom)
-
-    @staticmethod
-    def backward(ctx, grad_rows):
-        exps, inter_weight, intra_pull, rows, cols = ctx.saved_tensors
-        grad_cos = _cos_gradient(exps, grad_rows * inter_weight, ctx.scale, rows, cols, ctx.cos_dtype)
-        return grad_cos, None, -intra_pull * grad_rows[rows], None, None, None, None
-
-
-def _apply(function: type[torch.autograd.Function], cos, targets, target_logit, scale, group, *args):
-    """Run ``function`` outside autocast; without ``target_logit`` read it from ``cos``."""
-    if target_logit is None:
-        target_logit = scale * cos[targets.rows, targets.cols].to(torch.promote_types(cos.dtype, torch.float32))
-    with torch.autocast(device_type=cos.device.type, enabled=False):
-        return function.apply(cos, targets, target_logit, float(scale), group, *args)
+        exps, weight, target_pull, rows, cols = ctx.saved_tensors
+        grad_cos = _cos_gradient(exps, grad_rows * weight, ctx.scale, rows, cols, ctx.cos_dtype)
+        return grad_cos, None, target_pull * grad_rows[rows], None, None, None
 
 
 def softmax_cross_entropy(cos: torch.Tensor, targets: Targets, group=None, *, scale: float = 1.0,
@@ -127,7 +150,7 @@ def softmax_cross_entropy(cos: torch.Tensor, targets: Targets, group=None, *, sc
     ``z = scale * cos`` with ``target_logit`` (shape ``(n,)``, aligned with ``targets.rows``)
     at the targets. Two collectives: MAX of the row maxima, then one SUM of (sum of
     exp, target logit). ``dL/dz = softmax - onehot`` is computed locally in backward."""
-    return _apply(_SoftmaxCrossEntropy, cos, targets, target_logit, scale, group)
+    return RowObjective()(cos, targets, group, scale=scale, target_logit=target_logit)
 
 
 def dissected_softmax(cos: torch.Tensor, targets: Targets, group=None, *, intra_logit: float,
@@ -141,23 +164,6 @@ def dissected_softmax(cos: torch.Tensor, targets: Targets, group=None, *, intra_
     (global MAX floored at 0, SUM of exp); the target logit is gathered by the same SUM.
     Backward is local: ``dL/dz_j = r e^{z_j} / (1 + r sum)`` for ``j != y`` (independent of
     ``z_y``) and ``dL/dz_y = -sigmoid(intra_logit - z_y)``."""
-    return _apply(_DissectedSoftmax, cos, targets, target_logit, scale, group, float(intra_logit),
-                  float(inter_scale))
+    objective = RowObjective(dissected=True, intra_logit=float(intra_logit), inter_scale=float(inter_scale))
+    return objective(cos, targets, group, scale=scale, target_logit=target_logit)
 
-
-@dataclass(frozen=True)
-class RowObjective:
-    """Which objective a loss runs over its row of logits, as data both paths read: softmax
-    cross-entropy, or (``dissected``) D-Softmax with ``intra_logit`` and ``inter_scale``
-    (see :func:`dissected_softmax`). Calling it runs the plain (unfused) objective on ``cos``."""
-
-    dissected: bool = False
-    intra_logit: float = 0.0
-    inter_scale: float = 1.0
-
-    def __call__(self, cos: torch.Tensor, targets: Targets, group=None, *, scale: float = 1.0,
-                 target_logit: torch.Tensor | None = None) -> torch.Tensor:
-        if self.dissected:
-            return dissected_softmax(cos, targets, group, intra_logit=self.intra_logit,
-                                     inter_scale=self.inter_scale, scale=scale, target_logit=target_logit)
-        return softmax_cross_entropy(cos, targets, group, scale=scale, target_logit=target_logit)

@@ -13,20 +13,24 @@ import pytest
 import torch
 
 from partialfc import PartialFC
-from partialfc.head import partial_fc
+from partialfc.ops.implementation import Implementation
 
 CUDA_TIER = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 # Every explicit path of the head's fused= switch ("auto" picks one of them). Read directly:
-# a head without the switch or its choices fails the tier at collection, it does not skip.
-FUSED_VALUES = [c for c in partial_fc.FUSED_CHOICES if c != "auto"]
+# a package without the enum, or a head without the switch, fails the tier (at collection or
+# in head_variants), it does not skip.
+FUSED_VALUES = [c for c in Implementation if c is not Implementation.auto]
 NO_TRITON = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 
 
 def head_variants() -> list:
     """``pytest.param(kwargs of PartialFC)`` for each path of the head."""
-    assert "fused" in inspect.signature(PartialFC).parameters, "PartialFC lost its fused= switch"
-    return [pytest.param({"fused": value}, id=f"fused_{value}", marks=[NO_TRITON] if value == "triton" else [])
+    fused = inspect.signature(PartialFC).parameters.get("fused")
+    assert fused is not None, "PartialFC lost its fused= switch"
+    assert isinstance(fused.default, Implementation), f"PartialFC(fused=) defaults to {fused.default!r}"
+    return [pytest.param({"fused": value}, id=f"fused_{value}",
+                         marks=[NO_TRITON] if value is Implementation.triton else [])
             for value in FUSED_VALUES]
 
 

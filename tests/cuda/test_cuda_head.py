@@ -1,8 +1,8 @@
 """CUDA tier: the head on a GPU against the float64 CPU oracle of ``tests/reference.py``.
 
 Every registered loss (``SPECS``), both gradient modes, rates 1, 0.1 and 0, each path of
-the head (fused / unfused where PartialFC has the switch); bf16 and fp16 autocast within the
-CPU tests' 2% bound; the host synchronisations of one head step counted; the head under a
+the head (every ``Implementation`` but ``auto`` as ``fused=``); bf16 and fp16 autocast
+within the CPU tests' 2% bound; the host synchronisations of one head step counted; the head under a
 real NCCL process group of world size 1.
 """
 
