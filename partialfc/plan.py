@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -35,6 +36,9 @@ from partialfc.bench.capacity import STATE_ROWS, analytic_bytes_per_class
 from partialfc.errors import InputError
 from partialfc.head.optim import BLOCK_ROWS
 from partialfc.ops.fused import DEFAULT_CHUNK
+
+if TYPE_CHECKING:
+    from partialfc.train.config_schema import Config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 METHODS = {"fp32": "partialfc", "bf16": "partialfc_bf16"}  # the bench's method names, same storage
@@ -194,7 +198,7 @@ def refusal(result: dict) -> str | None:
             f"a lower head.sample_rate or head.storage=bf16 (at most {r['max_identities']} identities fit)")
 
 
-def precheck(cfg, gpus_per_node: int, nodes: int, gpu_memory_gb: float) -> str | None:
+def precheck(cfg: Config, gpus_per_node: int, nodes: int, gpu_memory_gb: float) -> str | None:
     """``partialfc submit``'s check of a loaded config: :class:`LaunchError` (one line) if the
     job cannot fit; else None, or a note saying why nothing was checked. The rate is
     ``head.sample_rate`` (1 when the config leaves it to the loss: the upper bound)."""

@@ -77,6 +77,66 @@ def test_choices_name_the_key_and_the_valid_values():
     assert {"bf16": 1}[cfg.train.precision] == 1 and "precision: bf16" in to_yaml(cfg)
 
 
+# every closed set of options a config has: key, its enum class (by name), the valid values in order
+CHOICES = [
+    ("data.loader", "Loader", ["torch", "dali"]),
+    ("data.on_bad_image", "OnBadImage", ["error", "skip"]),
+    ("train.precision", "Precision", ["auto", "bf16", "fp16", "fp32"]),
+    ("train.engine", "Engine", ["ddp", "deepspeed"]),
+    ("optim.name", "OptimizerName", ["sgd", "adamw"]),
+    ("optim.schedule.name", "ScheduleName", ["poly", "cosine", "step", "constant"]),
+    ("head.optimizer.name", "OptimizerName", ["sgd", "adamw"]),
+    ("head.optimizer.schedule.name", "ScheduleName", ["poly", "cosine", "step", "constant"]),
+    ("head.fused", "Implementation", ["auto", "plain", "torch", "triton"]),
+    ("head.storage", "Storage", ["fp32", "bf16"]),
+    ("log.wandb.mode", "WandbMode", ["offline", "online", "disabled"]),
+    ("search.mode", "SearchMode", ["search", "random"]),
+]
+
+
+@pytest.mark.parametrize("key, enum, values", CHOICES)
+def test_each_choice_is_a_choice_enum_class_with_its_values(key, enum, values):
+    import enum as enum_module
+
+    from partialfc.choices import Choice
+    from partialfc.ops.implementation import Implementation
+    from partialfc.train import config_schema
+
+    klass = Implementation if enum == "Implementation" else getattr(config_schema, enum)
+    assert isinstance(klass, enum_module.EnumMeta) and issubclass(klass, Choice) and klass.__name__ == enum
+    assert [m.value for m in klass] == [m.name for m in klass] == values
+    cfg = load_config("configs/demo.yaml", [f"{key}={values[-1]}"])
+    chosen = OmegaConf.select(cfg, key)  # the field is typed by the class: the string becomes its member
+    assert chosen is klass[values[-1]] and chosen == values[-1] and str(chosen) == values[-1]
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/demo.yaml", [f"{key}=nonsense"])
+    message = str(err.value)
+    assert "\n" not in message and f"'{key}'" in message and "'nonsense'" in message
+    assert f"[{', '.join(values)}]" in message
+
+
+def test_the_choices_above_are_every_enum_field_of_the_config():
+    import dataclasses
+    import typing
+
+    from partialfc.choices import Choice
+
+    def enum_keys(klass, prefix=""):
+        for f in dataclasses.fields(klass):
+            hint = typing.get_type_hints(klass)[f.name]
+            hint = next((a for a in typing.get_args(hint) if a is not type(None)), hint)  # Optional[X] -> X
+            if dataclasses.is_dataclass(hint):
+                yield from enum_keys(hint, f"{prefix}{f.name}.")
+            elif isinstance(hint, type) and issubclass(hint, Choice):
+                yield f"{prefix}{f.name}"
+
+    assert sorted(enum_keys(Config)) == sorted(key for key, _, _ in CHOICES)
+
+
+def test_wandb_mode_defaults_to_unset():
+    assert load_config("configs/demo.yaml").log.wandb.mode is None  # the environment decides
+
+
 def _leaves(tree, prefix=""):
     """{dotted key: value} of a nested mapping; lists and scalars are leaves, empty mappings none."""
     if not isinstance(tree, dict):

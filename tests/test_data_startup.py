@@ -167,3 +167,41 @@ def test_a_scan_longer_than_the_collective_timeout_times_no_rank_out(tmp_path):
     with reserved_port() as port:
         for labels in run_distributed(_slow_scan_short_timeout, 2, port, prefix, timeout=120):
             assert np.array_equal(labels, labels_written(100))
+
+
+SYNTHETIC = ["data.synthetic.num_identities=6", "data.synthetic.images_per_identity=4",
+             "data.synthetic.verification_identities=2", "data.synthetic.verification_pairs=4",
+             "data.batch_size=3", "data.num_workers=0"]
+
+
+def _builders(rank, world_size, cache_dir):
+    """What the trainer builds from ``cfg.data`` and ``cfg.eval.bins`` on this rank."""
+    import torch
+
+    from partialfc.train.config import load_config
+    from partialfc.train.data import build_loader, prepare_dataset
+
+    cfg = load_config(None, [f"run_dir={cache_dir}/run", f"data.cache_dir={cache_dir}", *SYNTHETIC])
+    prefix, bins = prepare_dataset(cfg.data, cfg.eval.bins)
+    loader = build_loader(cfg.data, prefix, torch.device("cpu"), rank, world_size)
+    labels = [batch_labels.tolist() for images, batch_labels in loader]
+    return prefix, bins, (loader.rank, loader.world_size, loader.num_classes, loader.num_images), labels
+
+
+def test_the_data_builders_take_the_data_section(tmp_path):
+    """Rank 0 writes the synthetic set once while rank 1 waits; each loader reads its half."""
+    from partialfc.train.config import load_config
+    from partialfc.train.data import prepare_dataset, synthetic_prefix
+
+    results = run_distributed(_builders, 2, str(tmp_path), timeout=120)
+    data = load_config(None, [f"run_dir={tmp_path}/run", f"data.cache_dir={tmp_path}", *SYNTHETIC]).data
+    prefix = synthetic_prefix(data)
+    assert prefix.startswith(str(tmp_path)) and os.path.exists(prefix + ".rec")
+    assert os.listdir(tmp_path) == [os.path.basename(os.path.dirname(prefix))]  # one set, no temporary left
+    for rank, (got_prefix, bins, shape, labels) in enumerate(results):
+        assert (got_prefix, bins, shape) == (prefix, [prefix + ".bin"], (rank, 2, 6, 24))
+        assert len(labels) == 4 and all(len(b) == 3 and all(0 <= y < 6 for y in b) for b in labels)  # 12 of 24 each
+    with pytest.raises(InputNotFoundError, match=r"verification set .*gone\.bin not found \(eval\.bins\)"):
+        prepare_dataset(data, [str(tmp_path / "gone.bin")])
+    data.synthetic.verification_pairs = 0  # another set (another digest); no .bin of its own
+    assert synthetic_prefix(data) != prefix and prepare_dataset(data, [])[1] == []

@@ -15,13 +15,13 @@ import torch
 
 from partialfc.errors import CheckpointError
 from partialfc.models import build_backbone
-from partialfc.models.vit import VIT_VARIANTS
 from partialfc.torch_files import load_plain
 
-# arcface_torch's get_model names -> ours
+# arcface_torch's get_model names -> ours (the ViTs keep theirs: :mod:`partialfc.models.vit`)
 INSIGHTFACE_NAMES = {"r18": "iresnet18", "r34": "iresnet34", "r50": "iresnet50", "r100": "iresnet100",
                      "r200": "iresnet200", "mbf": "mobilefacenet", "mbf_large": "mobilefacenet_large",
-                     **{name: name for name in VIT_VARIANTS}}
+                     **{name: name for name in ("vit_t", "vit_t_dp005_mask0", "vit_s", "vit_s_dp005_mask_0", "vit_b",
+                                                "vit_b_dp005_mask_005", "vit_l", "vit_l_dp005_mask_005")}}
 
 
 def embedding_size_of(state: dict[str, torch.Tensor]) -> int:

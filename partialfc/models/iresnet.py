@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from partialfc.models.registry import register_backbone
+
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
@@ -98,5 +100,33 @@ class IResNet(nn.Module):
         return self.head(x)
 
 
-IRESNET_LAYERS = {"iresnet18": (2, 2, 2, 2), "iresnet34": (3, 4, 6, 3), "iresnet50": (3, 4, 14, 3),
-                  "iresnet100": (3, 13, 30, 3), "iresnet200": (6, 26, 60, 6)}
+@register_backbone("iresnet18")
+def iresnet18(embedding_size: int = 512, **kw) -> IResNet:
+    return IResNet((2, 2, 2, 2), embedding_size=embedding_size, **kw)
+
+
+@register_backbone("iresnet34")
+def iresnet34(embedding_size: int = 512, **kw) -> IResNet:
+    return IResNet((3, 4, 6, 3), embedding_size=embedding_size, **kw)
+
+
+@register_backbone("iresnet50")
+def iresnet50(embedding_size: int = 512, **kw) -> IResNet:
+    return IResNet((3, 4, 14, 3), embedding_size=embedding_size, **kw)
+
+
+@register_backbone("iresnet100")
+def iresnet100(embedding_size: int = 512, **kw) -> IResNet:
+    return IResNet((3, 13, 30, 3), embedding_size=embedding_size, **kw)
+
+
+@register_backbone("iresnet200")
+def iresnet200(embedding_size: int = 512, **kw) -> IResNet:
+    return IResNet((6, 26, 60, 6), embedding_size=embedding_size, **kw)
+
+
+@register_backbone("iresnet_tiny")
+def iresnet_tiny(embedding_size: int = 128, **kw) -> IResNet:
+    """Few channels, a stride-2 stem, the crops pooled to 56x56 inside: a CPU demo."""
+    return IResNet(**{"layers": (1, 1, 1, 1), "widths": (16, 32, 64, 128), "stem_stride": 2, "input_size": 56,
+                      "embedding_size": embedding_size, **kw})

@@ -7,6 +7,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from partialfc.models.registry import register_backbone
+
 
 class ConvBlock(nn.Sequential):
     """Conv -> BN (-> PReLU unless ``linear``)."""
@@ -65,3 +67,18 @@ class MobileFaceNet(nn.Module):
             else:
                 x = layer(x)
         return self.gdc(self.conv_sep(x))
+
+
+@register_backbone("mobilefacenet", "mbf")
+def mobilefacenet(embedding_size: int = 512, **kw) -> MobileFaceNet:
+    return MobileFaceNet(embedding_size, scale=2, **kw)
+
+
+@register_backbone("mobilefacenet_large")
+def mobilefacenet_large(embedding_size: int = 512, **kw) -> MobileFaceNet:
+    return MobileFaceNet(embedding_size, scale=4, blocks=(2, 8, 12, 4), **kw)
+
+
+@register_backbone("mobilefacenet_tiny")
+def mobilefacenet_tiny(embedding_size: int = 128, **kw) -> MobileFaceNet:
+    return MobileFaceNet(embedding_size, scale=1, blocks=(1, 1, 1, 1), **kw)

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from partialfc.models.registry import register_backbone
+
 
 class DropPath(nn.Module):
     """Stochastic depth: in training, zero a residual branch for a random ``p`` of the
@@ -197,18 +199,59 @@ class VisionTransformer(nn.Module):
         return self.feature(self.forward_features(x))
 
 
-def _variant(embed_dim: int, depth: int, drop_path_rate: float, mask_ratio: float) -> dict:
-    return {"embed_dim": embed_dim, "depth": depth, "num_heads": 8, "drop_path_rate": drop_path_rate,
-            "mask_ratio": mask_ratio}
+def _arcface_vit(embedding_size: int, embed_dim: int, depth: int, drop_path_rate: float, mask_ratio: float,
+                 **kw) -> VisionTransformer:
+    """One of arcface_torch's ViTs (8 heads); ``kw`` override its options."""
+    return VisionTransformer(embedding_size, **{"embed_dim": embed_dim, "depth": depth, "num_heads": 8,
+                                                "drop_path_rate": drop_path_rate, "mask_ratio": mask_ratio, **kw})
 
 
 # arcface_torch's get_model names (the ``_dp005_*`` ones are its WebFace42M variants; vit_l
 # is its vit_l_dp005_mask_005 with the rates of vit_t/s/b). Note that arcface_torch masks 0.1
 # of the tokens whenever a ratio above 0 is set (its forward passes no ratio to its masking);
 # here each variant masks its own ratio.
-VIT_VARIANTS = {
-    "vit_t": _variant(256, 12, 0.1, 0.1), "vit_t_dp005_mask0": _variant(256, 12, 0.05, 0.0),
-    "vit_s": _variant(512, 12, 0.1, 0.1), "vit_s_dp005_mask_0": _variant(512, 12, 0.05, 0.0),
-    "vit_b": _variant(512, 24, 0.1, 0.1), "vit_b_dp005_mask_005": _variant(512, 24, 0.05, 0.05),
-    "vit_l": _variant(768, 24, 0.1, 0.1), "vit_l_dp005_mask_005": _variant(768, 24, 0.05, 0.05),
-}
+@register_backbone("vit_t")
+def vit_t(embedding_size: int = 512, **kw) -> VisionTransformer:
+    return _arcface_vit(embedding_size, 256, 12, 0.1, 0.1, **kw)
+
+
+@register_backbone("vit_t_dp005_mask0")
+def vit_t_dp005_mask0(embedding_size: int = 512, **kw) -> VisionTransformer:
+    return _arcface_vit(embedding_size, 256, 12, 0.05, 0.0, **kw)
+
+
+@register_backbone("vit_s")
+def vit_s(embedding_size: int = 512, **kw) -> VisionTransformer:
+    return _arcface_vit(embedding_size, 512, 12, 0.1, 0.1, **kw)
+
+
+@register_backbone("vit_s_dp005_mask_0")
+def vit_s_dp005_mask_0(embedding_size: int = 512, **kw) -> VisionTransformer:
+    return _arcface_vit(embedding_size, 512, 12, 0.05, 0.0, **kw)
+
+
+@register_backbone("vit_b")
+def vit_b(embedding_size: int = 512, **kw) -> VisionTransformer:
+    return _arcface_vit(embedding_size, 512, 24, 0.1, 0.1, **kw)
+
+
+@register_backbone("vit_b_dp005_mask_005")
+def vit_b_dp005_mask_005(embedding_size: int = 512, **kw) -> VisionTransformer:
+    return _arcface_vit(embedding_size, 512, 24, 0.05, 0.05, **kw)
+
+
+@register_backbone("vit_l")
+def vit_l(embedding_size: int = 512, **kw) -> VisionTransformer:
+    return _arcface_vit(embedding_size, 768, 24, 0.1, 0.1, **kw)
+
+
+@register_backbone("vit_l_dp005_mask_005")
+def vit_l_dp005_mask_005(embedding_size: int = 512, **kw) -> VisionTransformer:
+    return _arcface_vit(embedding_size, 768, 24, 0.05, 0.05, **kw)
+
+
+@register_backbone("vit_tiny")
+def vit_tiny(embedding_size: int = 128, **kw) -> VisionTransformer:
+    """2 blocks of width 64: a CPU demo."""
+    return VisionTransformer(embedding_size, **{"embed_dim": 64, "depth": 2, "num_heads": 4, "drop_path_rate": 0.1,
+                                                "mask_ratio": 0.1, **kw})

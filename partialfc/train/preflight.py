@@ -19,33 +19,34 @@ from partialfc.errors import ConfigError
 from partialfc.extras import require
 from partialfc.models import build_backbone
 from partialfc.train.checkpoint import resolve_checkpoint
+from partialfc.train.config_schema import Config, Engine, Loader, ModelConfig
 from partialfc.train.logging import wandb_mode
 from partialfc.train.state import resume_path
 
 
-def check_dependencies(cfg) -> None:
+def check_dependencies(cfg: Config) -> None:
     """Import what ``cfg`` will use from the extras; a :class:`ConfigError` naming the key and
     the extra to install for the first one missing."""
-    if cfg.data.loader == "dali":
+    if cfg.data.loader == Loader.dali:
         require("nvidia.dali", "data.loader=dali")
-    if cfg.train.engine == "deepspeed":
+    if cfg.train.engine == Engine.deepspeed:
         require("deepspeed", "train.engine=deepspeed")
     mode = wandb_mode(cfg.log.wandb)
     if mode != "disabled":
         require("wandb", f"wandb logging (mode {mode}; log.wandb.mode=disabled turns it off)")
 
 
-def check_backbone(cfg) -> None:
+def check_backbone(model: ModelConfig) -> None:
     """``model.options`` accepted by ``model.backbone`` (built on the meta device)."""
     try:
         with torch.device("meta"):
-            build_backbone(cfg.model.backbone, cfg.model.embedding_size,
-                           gradient_checkpointing=cfg.model.gradient_checkpointing, **dict(cfg.model.options))
+            build_backbone(model.backbone, model.embedding_size, gradient_checkpointing=model.gradient_checkpointing,
+                           **dict(model.options))
     except ValueError as err:
-        raise ConfigError(f"model.options={dict(cfg.model.options)}: {err}") from None
+        raise ConfigError(f"model.options={dict(model.options)}: {err}") from None
 
 
-def check_files(cfg) -> None:
+def check_files(cfg: Config) -> None:
     """``checkpoint.init_backbone`` exists and is readable (a directory: holds a complete
     checkpoint); an explicit ``checkpoint.resume`` exists and holds one; ``resume=none`` does
     not start over existing checkpoints."""
@@ -65,8 +66,8 @@ def check_files(cfg) -> None:
         resume_path(cfg)
 
 
-def preflight(cfg) -> None:
+def preflight(cfg: Config) -> None:
     """Every check above; raises the first failure as a one-line :class:`PartialFCError`."""
     check_files(cfg)
-    check_backbone(cfg)
+    check_backbone(cfg.model)
     check_dependencies(cfg)
