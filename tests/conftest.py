@@ -37,5 +37,5 @@ def cache(tmp_path_factory):
     from partialfc.train.data import prepare_dataset
 
     folder = str(tmp_path_factory.mktemp("data"))
-    prepare_dataset(load_config(None, tiny_overrides(folder, folder)))
+    prepare_dataset(load_config(None, tiny_overrides(folder, folder)).data, [])
     return folder

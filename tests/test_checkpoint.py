@@ -28,14 +28,15 @@ def test_a_crash_mid_write_leaves_no_valid_checkpoint(tmp_path):
     assert ckpt.load_shared(ckpt.latest_checkpoint(root)) == {"step": 4}
 
 
-def test_gather_rows_across_uneven_shards(tmp_path):
+def test_gather_rows_across_uneven_shards():
     full = torch.arange(7 * 3, dtype=torch.float32).view(7, 3)
     shards = [(0, 3), (3, 2), (5, 2)]
-    for rank, (lo, n) in enumerate(shards):
-        torch.save({"head": {"weight": full[lo:lo + n]}, "optimizer_rows": {"momentum_buffer": -full[lo:lo + n]}},
-                   tmp_path / ckpt.head_file(rank))
-    rows = ckpt.gather_head_rows(str(tmp_path), shards, 2, 4)
-    assert torch.equal(rows["weight"], full[2:6]) and torch.equal(rows["optimizer"]["momentum_buffer"], -full[2:6])
+    saved = [{"head": {"weight": full[lo:lo + n]}, "head_optimizer": {"momentum_buffer": -full[lo:lo + n]}}
+             for lo, n in shards]
+    saved[0]["head_optimizer"] = {}  # that shard's rows had no optimizer state yet: zeros
+    rows = ckpt.gather_rows(saved.__getitem__, shards, 2, 4)
+    assert torch.equal(rows["head"]["weight"], full[2:6])
+    assert torch.equal(rows["head_optimizer"]["momentum_buffer"], torch.cat([torch.zeros(1, 3), -full[3:6]]))
 
 
 def test_export_merge_finetune_and_eval(tmp_path, cache, capsys):
@@ -46,14 +47,14 @@ def test_export_merge_finetune_and_eval(tmp_path, cache, capsys):
     trainer.train()
     latest = ckpt.latest_checkpoint(str(run / "checkpoints"))
     files = {name: torch.load(os.path.join(latest, name), weights_only=True) for name in os.listdir(latest)}
-    assert sorted(files) == ["head_rank00000.pt", "order.pt", "trainer.pt"] and files["trainer.pt"]["format"] == 2
+    assert sorted(files) == ["head_rank00000.pt", "order.pt", "trainer.pt"] and files["trainer.pt"]["format"] == 3
     assert files["order.pt"] == {"written": 1}  # the first checkpoint of the run
-    assert torch.equal(files["head_rank00000.pt"]["head"]["weight"], trainer.head.weight.detach())
+    assert torch.equal(files["head_rank00000.pt"]["rows"]["head"]["weight"], trainer.head.weight.detach())
     assert main(["export", "backbone", str(run), str(tmp_path / "bb.pt")]) == 0
     assert main(["export", "centres", str(run), str(tmp_path / "centres.pt")]) == 0
     centres = torch.load(tmp_path / "centres.pt")
     assert torch.equal(centres, trainer.head.weight.detach())  # one process owns every class
-    bins = trainer.eval_sets[0].path
+    bins = trainer.evaluator.sets[0].path
     assert main(["eval", "verify", "--checkpoint", str(tmp_path / "bb.pt"), "--bin", bins, "--json"]) == 0
     assert '"accuracy"' in capsys.readouterr().out
     assert main(["eval", "verify", "--checkpoint", str(tmp_path / "nothing"), "--bin", bins]) == 2
@@ -92,7 +93,7 @@ def test_checkpoint_on_request_after_the_current_step(tmp_path, cache):
                                                        "eval.at_end=false")))
     original = signal.getsignal(signal.SIGUSR1)
     trainer.train_step()
-    trainer.request_checkpoint()  # what the SIGUSR1 handler installed by train() calls
+    trainer.requests.request_checkpoint()  # what the SIGUSR1 handler installed by train() calls
     trainer.train()
     names = [os.path.basename(p) for p in ckpt.list_checkpoints(str(tmp_path / "req" / "checkpoints"))]
     assert names == ["step_00000002", "step_00000003"] and signal.getsignal(signal.SIGUSR1) == original
@@ -120,7 +121,7 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
 
     import numpy as np
 
-    from partialfc.train.state import capture_rng, restore_rng
+    from partialfc.train.train_state import RngState
 
     np.random.standard_normal()  # leaves a cached gaussian in numpy's state,
     random.gauss(0.0, 1.0)  # and in python's
@@ -129,9 +130,10 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
         return (torch.rand(3).tolist(), np.random.standard_normal(3).tolist(),
                 [random.gauss(0.0, 1.0) for _ in range(3)], random.random())
 
-    torch.save(capture_rng(), tmp_path / "rng.pt")
+    rng = RngState(seed=0, rank=0)
+    torch.save(rng.state_dict(), tmp_path / "rng.pt")
     expected = draws()
-    restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
+    rng.load_state_dict(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert draws() == expected
 
 
@@ -143,21 +145,26 @@ def test_a_file_with_more_than_plain_values_is_refused(tmp_path):
         ckpt.load_shared(str(tmp_path))
 
 
-def test_a_checkpoint_of_another_format_is_refused():
-    from partialfc.train.state import FORMAT, check_compatible
+def test_a_checkpoint_of_another_format_is_refused(tmp_path):
+    from partialfc.train.state import check_compatible, read_shared
 
     cfg = load_config(None, ["run_dir=unused", "data.rec=unused"])
-    shared = {"format": FORMAT, "num_classes": 10,
-              "model": {"backbone": cfg.model.backbone, "embedding_size": cfg.model.embedding_size, "options": {}}}
-    check_compatible(cfg, 10, shared, "ckpt")
-    with pytest.raises(ckpt.CheckpointError, match="format 1"):
-        check_compatible(cfg, 10, {**shared, "format": 1}, "ckpt")
+    meta = {"num_classes": 10,
+            "model": {"backbone": cfg.model.backbone, "embedding_size": cfg.model.embedding_size, "options": {}}}
+    check_compatible(cfg, 10, meta, "ckpt")
+    with pytest.raises(ckpt.CheckpointError, match="embedding_size"):
+        check_compatible(cfg, 10, {**meta, "model": {**meta["model"], "embedding_size": 7}}, "ckpt")
+    torch.save({"format": 1, "meta": meta}, tmp_path / ckpt.TRAINER_FILE)
+    with pytest.raises(ckpt.CheckpointError, match="format 1, this version resumes formats 2 and 3"):
+        read_shared(str(tmp_path))
 
 
 def test_rows_for_a_rank_that_owns_no_class(tmp_path):
-    from partialfc.train.checkpoint import gather_head_rows, save_checkpoint
+    from partialfc.train.state import gather_rows
 
     root = str(tmp_path / "checkpoints")
-    path = save_checkpoint(root, 1, {"step": 1}, {"head": {"weight": torch.ones(1, 4)}, "optimizer_rows": {}})
-    rows = gather_head_rows(path, [(0, 1)], start=1, count=0)
-    assert rows["weight"].shape == (0, 4) and rows["optimizer"] == {}
+    shared = {"format": 3, "meta": {"row_shards": [(0, 1)]}}
+    path = ckpt.save_checkpoint(root, 1, shared, {"local": {}, "rows": {"head": {"weight": torch.ones(1, 4)},
+                                                                        "head_optimizer": {}}})
+    rows = gather_rows(path, shared, start=1, count=0)
+    assert rows["head"]["weight"].shape == (0, 4) and "head_optimizer" not in rows

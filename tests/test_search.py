@@ -33,7 +33,6 @@ def rigged_reward(a: float) -> float:
 
 
 def _run(rank, world, run_dir, cache, extra, rig):
-    from partialfc.train.state import live_state
     from partialfc.train.trainer import Trainer
 
     trainer = Trainer(load_config(None, search_overrides(run_dir, cache, *extra)))
@@ -43,10 +42,12 @@ def _run(rank, world, run_dir, cache, extra, rig):
     else:
         trainer.search.reward_hook = lambda a: local.append(trainer.search.reward()) or local[-1]
     trainer.train()
-    state = live_state(trainer.parts)
+    state = trainer.state.live()
     return {"history": trainer.search.history, "schedule": trainer.search.schedule,
             "mu": trainer.search.policy.mu.item(), "local": local,
-            "state": {k: state[k] for k in ("backbone", "head", "optimizer_rows", "scaler", "head_schedule")}}
+            "state": {**{k: state["shared"][k] for k in ("engine", "scaler", "head_schedule")},
+                      "head": {**state["rows"]["head"], "local": state["local"]["head"]},
+                      "head_optimizer": state["rows"]["head_optimizer"]}}
 
 
 def _tensors(obj) -> list[torch.Tensor]:

@@ -150,8 +150,9 @@ def test_every_backbone_reader_refuses_a_hostile_file(tmp_path, capsys):
 def _hostile_checkpoint(tmp_path: Path, marker: Path, which: str) -> Path:
     """A run directory whose latest checkpoint has the payload in ``which``."""
     root = tmp_path / "run" / "checkpoints"
-    shared = {"format": 2, "num_classes": 2, "head_shards": [(0, 2)], "step": 1}
-    ckpt.save_checkpoint(str(root), 1, shared, {"head": {"weight": torch.zeros(2, 4)}, "optimizer_rows": {}})
+    shared = {"format": 3, "meta": {"num_classes": 2, "world_size": 1, "row_shards": [(0, 2)]},
+              "state": {"progress": {"step": 1}}}
+    ckpt.save_checkpoint(str(root), 1, shared, {"local": {}, "rows": {"head": {"weight": torch.zeros(2, 4)}}})
     hostile_torch_file(root / ckpt.step_name(1) / which, marker, shared)
     return tmp_path / "run"
 

@@ -119,9 +119,48 @@ def _check_block_rows(block_rows: int) -> int:
     return int(block_rows)
 
 
-class SparseRowSGD(torch.optim.Optimizer):
+class RowOptimizer(torch.optim.Optimizer):
+    """Base of the row optimizers of one parameter (the head's shard ``(num_rows, D)``): its
+    state splits into per-row tensors (:attr:`row_keys`, row ``i`` belonging to row ``i`` of the
+    parameter, so they shard and reshard with it) and the rest (param groups, counters).
+    :meth:`state_dict` holds the rest only; :meth:`row_state` the per-row tensors."""
+
+    row_keys: tuple[str, ...] = ()
+
+    def _param(self) -> torch.Tensor:
+        params = [p for group in self.param_groups for p in group["params"]]
+        if len(params) != 1:
+            raise ValueError(f"{type(self).__name__} keeps row state for one parameter, it has {len(params)}")
+        return params[0]
+
+    def row_state(self) -> dict[str, torch.Tensor]:
+        """``{name: (num_rows, ...)}``: the parameter's per-row state ({} before its first step)."""
+        state = self.state.get(self._param(), {})
+        return {k: state[k] for k in self.row_keys if k in state}
+
+    def load_row_state(self, rows: dict[str, torch.Tensor]) -> None:
+        """Set the per-row state to copies of :meth:`row_state`'s tensors, on the parameter's device."""
+        param = self._param()
+        self.state[param].update({k: v.to(param.device, copy=True) for k, v in rows.items()})
+
+    def state_dict(self) -> dict:
+        """``torch.optim.Optimizer.state_dict`` without the per-row tensors."""
+        full = super().state_dict()
+        return {**full, "state": {i: {k: v for k, v in s.items() if k not in self.row_keys}
+                                  for i, s in full["state"].items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a :meth:`state_dict`; the per-row state stays as it is."""
+        rows = self.row_state()
+        super().load_state_dict(state_dict)
+        self.load_row_state(rows)
+
+
+class SparseRowSGD(RowOptimizer):
     """SGD with momentum, Nesterov and L2 weight decay (``torch.optim.SGD`` semantics,
     dampening 0) applied to the sampled rows only, ``block_rows`` rows at a time."""
+
+    row_keys = ("momentum_buffer",)
 
     def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
                  nesterov: bool = False, seed: int = 0, block_rows: int = BLOCK_ROWS):
@@ -157,12 +196,14 @@ class SparseRowSGD(torch.optim.Optimizer):
         return loss
 
 
-class SparseRowAdamW(torch.optim.Optimizer):
+class SparseRowAdamW(RowOptimizer):
     """AdamW (decoupled weight decay, ``torch.optim.AdamW`` semantics) on the sampled rows,
     ``block_rows`` rows at a time.
 
     Each row keeps its own step count, so the bias correction of a row reflects how often
     that row was sampled; at ``sample_rate == 1`` this is the usual global step."""
+
+    row_keys = ("step", "exp_avg", "exp_avg_sq")
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, seed: int = 0, block_rows: int = BLOCK_ROWS):

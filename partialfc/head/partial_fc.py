@@ -77,6 +77,9 @@ def resolve_fused(fused: bool | str | Implementation, loss: nn.Module) -> Implem
     return choice
 
 
+NONFINITE = ("raise", "report")  # PartialFC(nonfinite=...)
+
+
 class PartialFC(nn.Module):
     """Model-parallel margin-softmax classifier with per-step sampling of class centres.
 
@@ -101,6 +104,10 @@ class PartialFC(nn.Module):
     :class:`~partialfc.losses.base.MarginLoss` and ``plain`` for any other loss module.
     ``True`` / ``False`` mean ``torch`` / ``plain``. The resolved member is :attr:`fused`.
 
+    ``nonfinite``: what NaN or inf in any rank's embeddings does: ``"raise"`` an
+    :class:`~partialfc.errors.InputError` on every rank, or ``"report"`` it as a NaN loss on
+    every rank (whose backward reaches the backbone only), for a trainer that skips the step.
+
     ``dtype`` is the storage dtype of the centres: ``torch.bfloat16`` halves the bytes per
     class (the sparse-row optimizers then keep their state in bf16 too and round
     stochastically); the loss still accumulates in fp32.
@@ -111,8 +118,11 @@ class PartialFC(nn.Module):
                  init_std: float = 0.01, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32,
                  fused: bool | str | Implementation = Implementation.auto,
-                 fused_chunk: int = DEFAULT_CHUNK):
+                 fused_chunk: int = DEFAULT_CHUNK, nonfinite: str = "raise"):
         super().__init__()
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE)}, got {nonfinite!r}")
+        self.nonfinite = nonfinite
         self.group = process_group
         self.rank = pdist.get_rank(process_group)
         self.world_size = pdist.get_world_size(process_group)
@@ -183,12 +193,15 @@ class PartialFC(nn.Module):
         if lo < 0 or hi >= self.num_classes:
             bad = lo if lo < 0 else hi
             raise InputError(f"label {bad} outside [0, {self.num_classes}) (num_classes={self.num_classes})")
-        if not finite:
+        if not finite and self.nonfinite == "raise":
             raise InputError("embeddings contain NaN or inf")
-        return embeddings, labels
+        return embeddings, labels, finite
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        embeddings, labels = self._check_and_gather(embeddings, labels)
+        local_embeddings = embeddings
+        embeddings, labels, finite = self._check_and_gather(embeddings, labels)
+        if not finite:  # nonfinite="report", on every rank alike: NaN, a backward to the backbone only
+            return local_embeddings.float().sum() * float("nan")
         local = labels - self.class_start
         in_shard = (local >= 0) & (local < self.num_local)
         if self.sampler.samples_everything:

@@ -13,14 +13,15 @@ import torch
 
 from partialfc.eval.export import SUFFIXES, build_exported, read_exported, write_exported
 from partialfc.train import checkpoint as ckpt
+from partialfc.train.state import gather_rows, read_shared
 
 
 def read_backbone(path: str) -> dict:
     """The backbone record of an exported file or of a checkpoint (directory or run dir)."""
     if os.path.isfile(path):
         return read_exported(path)
-    shared = ckpt.load_shared(ckpt.resolve_checkpoint(path))
-    return {**shared["model"], "state_dict": shared["backbone"]["module"]}
+    shared = read_shared(ckpt.resolve_checkpoint(path))
+    return {**shared["meta"]["model"], "state_dict": shared["state"]["engine"]["module"]}
 
 
 def export_backbone(checkpoint: str, out: str, suffixes: tuple[str, ...] = SUFFIXES) -> dict:
@@ -40,8 +41,8 @@ def merge_centres(checkpoint: str, out: str | None = None) -> torch.Tensor:
     """All class centres ``(num_classes, D)`` of ``checkpoint``, assembled from the rank shards
     in global class order; written to ``out`` when given."""
     path = ckpt.resolve_checkpoint(checkpoint)
-    shared = ckpt.load_shared(path)
-    weight = ckpt.gather_head_rows(path, shared["head_shards"], 0, shared["num_classes"])["weight"]
+    shared = read_shared(path)
+    weight = gather_rows(path, shared, 0, shared["meta"]["num_classes"])["head"]["weight"]
     if out is not None:
         torch.save(weight, out)
     return weight

@@ -245,35 +245,26 @@ def load_rank_file(path: str, rank: int) -> dict:
     return load_plain(os.path.join(path, head_file(rank)))
 
 
-def gather_head_rows(path: str, shards: list[tuple[int, int]], start: int, count: int) -> dict:
-    """Rows ``[start, start + count)`` of the global head, assembled from the saved shards.
+def gather_rows(read_rows, shards: list[tuple[int, int]], start: int, count: int) -> dict:
+    """Rows ``[start, start + count)`` of row-sharded state, assembled from the saved shards.
 
-    ``shards[r] = (class_start, num_local)`` of old rank ``r``, whose file holds
-    ``{"head": {"weight": (num_local, D), ...}, "optimizer_rows": {name: (num_local, ...)}}``.
-    Returns ``{"weight": (count, D), "optimizer": {name: (count, ...)}}`` with every per-row
-    optimizer tensor; rows of a shard that had no such state yet are zeros."""
-    if count == 0:  # more ranks than classes: this rank owns none
-        dim = load_rank_file(path, 0)["head"]["weight"].shape[1:]
-        return {"weight": torch.zeros((0, *dim)), "optimizer": {}}
+    ``shards[r] = (class_start, num_local)`` of old rank ``r``; ``read_rows(r)`` gives that
+    rank's rows ``{component: {name: (num_local, ...)}}``. Returns the same nesting with
+    ``(count, ...)`` tensors; rows of a shard that had no such tensor yet (e.g. optimizer state
+    before its first step) are zeros, and a tensor no shard has is left out."""
     pieces: list[tuple[int, int, dict]] = []
     for old_rank, (lo, n) in enumerate(shards):
         a, b = max(lo, start), min(lo + n, start + count)
-        if a < b:
-            pieces.append((a - start, b - a, _slice_rows(load_rank_file(path, old_rank), a - lo, b - a)))
+        if a < b or (count == 0 and not pieces):  # a rank owning no class still learns the row shapes
+            pieces.append((a - start, max(b - a, 0), read_rows(old_rank), a - lo))
     if not pieces:
-        raise CheckpointError(f"{path}: no saved shard covers classes [{start}, {start + count})")
-    out = {"weight": None, "optimizer": {}}
-    for at, n, rows in pieces:
-        for name, value in [("weight", rows["weight"]), *rows["optimizer"].items()]:
-            dest = out if name == "weight" else out["optimizer"]
-            if dest.get(name) is None:
-                dest[name] = torch.zeros((count, *value.shape[1:]), dtype=value.dtype)
-            dest[name][at:at + n] = value
+        raise CheckpointError(f"no saved shard covers classes [{start}, {start + count})")
+    out: dict = {}
+    for at, n, rows, offset in pieces:
+        for component, tensors in rows.items():
+            for name, value in tensors.items():
+                dest = out.setdefault(component, {})
+                if name not in dest:
+                    dest[name] = torch.zeros((count, *value.shape[1:]), dtype=value.dtype)
+                dest[name][at:at + n] = value[offset:offset + n]
     return out
-
-
-def _slice_rows(state: dict, offset: int, count: int) -> dict:
-    rows = {"weight": state["head"]["weight"][offset:offset + count], "optimizer": {}}
-    for name, value in state["optimizer_rows"].items():
-        rows["optimizer"][name] = value[offset:offset + count]
-    return rows

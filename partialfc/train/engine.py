@@ -70,11 +70,14 @@ class BackboneEngine(Protocol):
     def state_dict(self) -> dict:
         """What ``trainer.pt`` keeps of the backbone."""
 
-    def load_state_dict(self, state: dict, path: str) -> None:
-        """Restore from ``state_dict()`` output and the checkpoint directory ``path``."""
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from ``state_dict()`` output."""
 
-    def save_extra(self, directory: str) -> None:
+    def save_files(self, directory: str) -> None:
         """Write what ``state_dict`` does not hold into the checkpoint ``directory``."""
+
+    def load_files(self, directory: str) -> None:
+        """Read it back from checkpoint ``directory`` (after :meth:`load_state_dict`)."""
 
 
 class DDPEngine:
@@ -135,16 +138,19 @@ class DDPEngine:
         return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict()}
 
-    def load_state_dict(self, state: dict, path: str) -> None:
-        self.module.load_state_dict(state["module"])
+    def load_state_dict(self, state: dict) -> None:
         if "optimizer" not in state:
-            raise CheckpointError(f"{path} was written by the deepspeed engine; resume it with train.engine=deepspeed")
+            raise CheckpointError("it was written by the deepspeed engine; resume it with train.engine=deepspeed")
+        self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         sync_schedule(self.schedule)
 
-    def save_extra(self, directory: str) -> None:
+    def save_files(self, directory: str) -> None:
         """Nothing beyond ``state_dict`` (kept in ``trainer.pt``)."""
+
+    def load_files(self, directory: str) -> None:
+        """Nothing beyond ``state_dict``."""
 
 
 @contextlib.contextmanager
@@ -250,16 +256,20 @@ class DeepSpeedEngine:
         return self.engine.get_lr()[0]
 
     def state_dict(self) -> dict:
+        """The module's weights (for exports); the rest is in DeepSpeed's own files."""
         return {"module": self.module.state_dict()}
 
-    def load_state_dict(self, state: dict, path: str) -> None:
-        folder = os.path.join(path, "deepspeed")
-        if not os.path.isdir(folder):
-            raise CheckpointError(f"{path} has no DeepSpeed state; it was written with train.engine=ddp")
-        self.engine.load_checkpoint(folder, tag="backbone", load_lr_scheduler_states=True)
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing: :meth:`load_files` restores the module, its optimizer and schedule."""
 
-    def save_extra(self, directory: str) -> None:
+    def save_files(self, directory: str) -> None:
         self.engine.save_checkpoint(os.path.join(directory, "deepspeed"), tag="backbone", save_latest=False)
+
+    def load_files(self, directory: str) -> None:
+        folder = os.path.join(directory, "deepspeed")
+        if not os.path.isdir(folder):
+            raise CheckpointError("it has no DeepSpeed state; it was written with train.engine=ddp")
+        self.engine.load_checkpoint(folder, tag="backbone", load_lr_scheduler_states=True)
 
 
 def build_engine(backbone: torch.nn.Module, optim, train, *, micro_batch: int, total_steps: int,

@@ -13,6 +13,7 @@ on. The run id is kept in checkpoints so that a resumed job continues the same w
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import uuid
@@ -121,6 +122,51 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+class TrainMetrics:
+    """The ``train`` records and their console line: :meth:`update` takes each step's
+    metrics and, every ``every`` steps and at ``total_steps``, logs the window since the last
+    record (mean finite loss, samples/s, data-wait fraction) with the step's norms, lrs and
+    the ETA. ``samples_per_step``: the global batch of one optimizer step."""
+
+    def __init__(self, logger: RunLogger, every: int, samples_per_step: int, total_steps: int, start_step: int):
+        self.logger, self.every, self.samples, self.total = logger, max(every, 1), samples_per_step, total_steps
+        self.start_step, self.start = start_step, time.perf_counter()
+        self._reset(self.start)
+
+    def _reset(self, now: float) -> None:
+        self.losses: list[float] = []
+        self.wait, self.since = 0.0, now
+
+    def should_log(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.total
+
+    def update(self, step: int, metrics: dict, **context) -> None:
+        """``metrics``: :meth:`partialfc.train.trainer.Trainer.train_step`'s; ``context``: epoch,
+        lr_backbone, lr_head, skipped_steps (logged as they are)."""
+        if metrics["finite"]:
+            self.losses.append(metrics["loss"])
+        self.wait += metrics["data_wait"]
+        if not self.should_log(step):
+            return
+        now = time.perf_counter()
+        elapsed = max(now - self.since, 1e-9)
+        per_step = (now - self.start) / max(step - self.start_step, 1)
+        record = {**context, "loss": sum(self.losses) / len(self.losses) if self.losses else math.nan,
+                  "samples_per_s": self.samples * (len(self.losses) or 1) / elapsed,
+                  "eta_s": per_step * (self.total - step), "grad_norm_backbone": metrics["grad_norm_backbone"],
+                  "grad_norm_head": metrics["grad_norm_head"], "data_wait_fraction": self.wait / elapsed}
+        self.logger.log("train", step, record)
+        self.logger.print(self.line(step, record))
+        self._reset(now)
+
+    def line(self, step: int, r: dict) -> str:
+        eta = int(r["eta_s"])
+        return (f"step {step}/{self.total} epoch {r['epoch']:.2f} loss {r['loss']:.4f} "
+                f"lr {r['lr_backbone']:.4g}/{r['lr_head']:.4g} {r['samples_per_s']:.0f} samples/s "
+                f"eta {eta // 60}m{eta % 60:02d}s grad {r['grad_norm_backbone']:.3g}/{r['grad_norm_head']:.3g} "
+                f"data {100 * r['data_wait_fraction']:.0f}% skipped {r['skipped_steps']}")
 
 
 def plot_curves(metrics_path: str, out_path: str) -> None:

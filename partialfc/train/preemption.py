@@ -1,4 +1,6 @@
-"""Stop requests: preemption warnings and time limits end in a checkpoint and exit code 3.
+"""Requests from outside the job: stop (preemption warnings and time limits end in a
+checkpoint and exit code 3) and checkpoint now (SIGUSR1). Every signal the trainer handles
+is installed here.
 
 Sources of a request, any rank:
 
@@ -7,9 +9,11 @@ Sources of a request, any rank:
   run already acknowledged it (``<stop file>.done`` as new as the file: a leftover, ignored);
 - SIGTERM (the scheduler's kill at the time limit, ``scancel``, a preemption with grace time).
 
-The trainer folds :meth:`StopRequest.local_flag` into a collective every step performs
-anyway, so all ranks see the request at the same step boundary, checkpoint together and
-exit with :data:`EXIT_PREEMPTED`; the batch script then requeues the job.
+A checkpoint request (any rank): SIGUSR1, or :meth:`StopRequest.request_checkpoint`.
+
+:func:`agree` folds this rank's requests into the one collective every step performs
+anyway, so all ranks see them at the same step boundary: they checkpoint together and, on a
+stop, exit with :data:`EXIT_PREEMPTED`; the batch script then requeues the job.
 """
 
 from __future__ import annotations
@@ -17,6 +21,11 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from typing import NamedTuple
+
+import torch
+
+from partialfc.ops.collectives import all_reduce
 
 EXIT_PREEMPTED = 3
 STOP_FILE_ENV = "PARTIALFC_STOP_FILE"
@@ -31,25 +40,32 @@ class Preempted(Exception):
 
 
 class StopRequest:
-    """Watches the stop file and SIGTERM; ``install()``/``uninstall()`` around training."""
+    """Watches the stop file, SIGTERM (stop) and SIGUSR1 (checkpoint); ``install()`` /
+    ``uninstall()`` around training (the handlers only set flags)."""
 
     def __init__(self, stop_file: str | None = None):
         self.stop_file = stop_file if stop_file is not None else os.environ.get(STOP_FILE_ENV)
         self.signalled = False
-        self._previous = None
+        self.checkpoint_asked = False
+        self._previous: dict[int, object] = {}
 
     def _on_signal(self, *_) -> None:
         self.signalled = True
 
+    def request_checkpoint(self, *_) -> None:
+        """Ask for a checkpoint after the current step (what SIGUSR1 does; safe in a handler)."""
+        self.checkpoint_asked = True
+
     def install(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+            for number, handler in ((signal.SIGTERM, self._on_signal), (signal.SIGUSR1, self.request_checkpoint)):
+                self._previous[number] = signal.signal(number, handler)
         return self
 
     def uninstall(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+        self._previous = {}
 
     def local_flag(self) -> bool:
         """This rank's view: a signal arrived or the stop file asks for a stop."""
@@ -75,3 +91,23 @@ class StopRequest:
         if self.stop_file:
             with open(self.stop_file + ".done", "w") as f:
                 f.write(f"{step}\n")
+
+
+class Agreed(NamedTuple):
+    """What every rank of the job acts on after a step."""
+
+    head_norm: torch.Tensor  # () float32: this candidate's head gradient norm over its shards
+    checkpoint: bool  # some rank asked for a checkpoint
+    stop: bool  # some rank asked to stop
+
+
+def agree(request: StopRequest, head_norm: torch.Tensor, slot: int = 0, slots: int = 1) -> Agreed:
+    """Collective over the world, the step's one all-reduce: the head gradient norm of each
+    search candidate (``slots`` of them; this rank's in ``slot``; the squares of its shards'
+    norms add up) and this rank's requests (the checkpoint request is taken: cleared here)."""
+    asked, request.checkpoint_asked = request.checkpoint_asked, False
+    packed = torch.zeros(slots + 2, dtype=torch.float64)
+    packed[slots:] = torch.tensor([float(asked), float(request.local_flag())], dtype=torch.float64)
+    packed[slot] = head_norm.double().cpu() ** 2
+    all_reduce(packed)  # the wrapper moves it to the group's device and back
+    return Agreed(packed[slot].sqrt().float(), bool(packed[slots] > 0), bool(packed[slots + 1] > 0))

@@ -25,7 +25,7 @@ from partialfc.dist import CandidateLayout
 from partialfc.losses.search import global_a
 from partialfc.ops.collectives import all_gather, broadcast, broadcast_object
 from partialfc.seeding import Stream, seeded_generator
-from partialfc.train.state import Components, apply_state, live_state
+from partialfc.train.train_state import TrainState
 
 SEARCH_FILE = "search.jsonl"
 SCHEDULE_FILE = "a_schedule.json"
@@ -122,14 +122,17 @@ class SearchDriver:
     """Runs the search around a trainer: :meth:`begin_epoch` sets the epoch's ``a`` on the
     loss, :meth:`end_epoch` (collective over the world) rewards, updates and copies.
 
-    ``reward()`` evaluates this candidate's model (collective over its group);
+    ``loss``: the candidate's Search-Softmax; ``state``: its training state (the best
+    candidate's is copied onto the others); ``reward()`` evaluates this candidate's model
+    (collective over its group);
     ``reward_hook(a)``, if set, replaces it (tests rig the reward as a function of ``a``).
     ``history``: one record per search epoch; ``schedule``: the ``a`` the run's model trained
     with in every finished epoch (the best candidate's from ``start_epoch``)."""
 
-    def __init__(self, cfg, layout: CandidateLayout, parts: Components, reward: Callable[[], float]):
+    def __init__(self, cfg, layout: CandidateLayout, loss, state: TrainState, reward: Callable[[], float],
+                 device: torch.device):
         s = cfg.search
-        self.layout, self.parts, self.reward = layout, parts, reward
+        self.layout, self.loss, self.state, self.reward, self.device = layout, loss, state, reward, device
         self.start_epoch, self.mode, self.run_dir = s.start_epoch, str(s.mode), cfg.run_dir
         self.write_files = pdist.get_rank() == 0
         self.plot = bool(cfg.log.plot)
@@ -139,25 +142,21 @@ class SearchDriver:
         self.schedule: list[float] = []
         self.x: float | None = None  # this candidate's draw for the current epoch
 
-    @property
-    def loss(self):
-        return self.parts.head.loss
-
     def begin_epoch(self, epoch: int) -> float:
         """Draw (or, before ``start_epoch``, take ``mu``) and set ``a``; returns ``a``."""
         self.x = self.policy.draw(epoch, self.layout.candidate) if epoch >= self.start_epoch else self.policy.mu.item()
         self.loss.set_a(global_a(self.x, self.loss.s))
         return self.loss.a
 
-    def end_epoch(self, epoch: int) -> dict | None:
-        """Collective: after epoch ``epoch``; returns its search record (None before
-        ``start_epoch``) and sets the next epoch's ``a``."""
+    def end_epoch(self, epoch: int, logger=None, step: int = 0) -> dict | None:
+        """Collective: after epoch ``epoch``; returns its search record (None before ``start_epoch``), logged as a ``search`` record
+        at ``step`` with a console line when a :class:`~partialfc.train.logging.RunLogger` is
+        given, and sets the next epoch's ``a``."""
         a = self.loss.a
         if epoch < self.start_epoch:
             self.schedule.append(a)
             self.begin_epoch(epoch + 1)
             return None
-        device = self.parts.head.weight.device
         reward = self.reward_hook(a) if self.reward_hook is not None else self.reward()
         rewards = gather_rewards(self.layout, reward)
         xs = [self.policy.draw(epoch, c) for c in range(self.layout.population)]  # every candidate's x
@@ -165,7 +164,7 @@ class SearchDriver:
         if self.mode == "search":
             self.policy.update(xs, rewards)
         best = max(range(len(rewards)), key=lambda c: (rewards[c], -c))
-        self._copy_from(best, device)
+        self._copy_from(best)
         record = {"epoch": epoch, "mu": mu, "mu_next": self.policy.mu.item(), "sigma": self.policy.sigma,
                   "x": xs, "a": [global_a(x, self.loss.s) for x in xs], "reward": rewards, "best": best}
         self.history.append(record)
@@ -173,17 +172,21 @@ class SearchDriver:
         self.begin_epoch(epoch + 1)
         if self.write_files:
             self.write_outputs()
+        if logger is not None:
+            logger.log("search", step, record)
+            logger.print(f"search epoch {epoch}: mu {mu:.4f} -> {record['mu_next']:.4f} x {[round(x, 4) for x in xs]} "
+                         f"reward {[round(r, 4) for r in rewards]} best {best}")
         return record
 
-    def _copy_from(self, best: int, device: torch.device) -> None:
+    def _copy_from(self, best: int) -> None:
         """The best candidate's complete state onto every candidate (group rank ``i`` from
         the best candidate's rank ``i``)."""
         if self.layout.population == 1:
             return
-        mine = live_state(self.parts) if self.layout.candidate == best else None
-        state = broadcast_state(mine, self.layout.world_rank(best, self.layout.group_rank), self.layout.cross, device)
+        mine = self.state.live() if self.layout.candidate == best else None
+        state = broadcast_state(mine, self.layout.world_rank(best, self.layout.group_rank), self.layout.cross, self.device)
         if mine is None:
-            apply_state(state, self.parts, f"search candidate {best}")
+            self.state.apply_live(state)
 
     def write_outputs(self) -> None:
         """``search.jsonl`` (every record), ``a_schedule.json`` and, with ``log.plot``, the PNG."""

@@ -1,103 +1,38 @@
-"""What a training checkpoint holds, and how a run comes back from one.
+"""What a training checkpoint holds (format 3), when one is written, and how a run comes
+back from one (format 3, or format 2 of earlier versions).
 
-:mod:`partialfc.train.checkpoint` writes the files atomically; this module decides their
-contents (format 2). Each holds only tensors and plain Python values, so it loads with
-``torch.load(weights_only=True)``.
+:mod:`partialfc.train.checkpoint` writes the files atomically; :class:`Checkpointer` fills
+them from a :class:`~partialfc.train.train_state.TrainState`, whose components it does not
+look into. Each file holds only tensors and plain Python values (``weights_only`` loading).
 
-``trainer.pt`` (rank 0, :func:`build_shared`): format, step, skipped_steps, run_id, config
-(YAML text), num_classes, world_size, model (backbone, embedding_size, options),
-head_shards (``(class_start, num_local)`` of every rank), backbone (the engine's state),
-head_schedule, head_param_groups, scaler, data (rank 0's loader position), search (the
-Search-Softmax state: mu, its Adam state, the history and schedule of ``a``; None without a
-search).
+``trainer.pt`` (rank 0): ``{"format": 3, "meta": {config (YAML text), num_classes,
+world_size, model (backbone, embedding_size, options), row_shards (``(class_start,
+num_local)`` of every rank)}, "state": the shared components' states}``.
 
-``head_rank*.pt`` (every rank, :func:`build_rank_state`): head (``head.state_dict()``: the
-shard's rows, its class range and the sampler), optimizer_rows (the head optimizer's per-row
-tensors), rng (torch, numpy, python and CUDA generators), data (the loader's position).
+``head_rank*.pt`` (every rank): ``{"local": the local components' states, "rows": the row
+components' tensors, ``{component: {name: (num_local, ...)}}``}``.
 
-:func:`restore` on the same world size gives every rank its own file back (a bitwise-exact
-resume). On another world size the head rows and their optimizer rows are gathered from the
-saved shards that overlap the new ones, the sampler and torch's generators restart on their
-``(seed, rank, step)`` streams, and the loader converts rank 0's position.
+On the same world size every rank gets its own file back (a bitwise-exact resume). On
+another one the rows are gathered from the saved shards that overlap the new ones and the
+local components restart at the saved step (:meth:`TrainState.restart_local`).
 
 In a search each candidate checkpoints into its own root (:func:`checkpoint_root`), with its
-group ranks as ranks; candidate 0's is the run's ``checkpoints`` directory. :func:`live_state`
-and :func:`apply_state` carry a candidate's complete state in memory (the search's copy of
-the best candidate).
+group ranks as ranks; candidate 0's is the run's ``checkpoints`` directory.
 """
 
 from __future__ import annotations
 
 import os
-import random
-from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable
 
-import numpy as np
-import torch
 from omegaconf import OmegaConf
 
 from partialfc.errors import CheckpointError, ConfigError
-from partialfc.head.sharding import shard_range
-from partialfc.seeding import Stream, derive_seed
 from partialfc.train import checkpoint as ckpt
-from partialfc.train.config import to_yaml
-from partialfc.train.optim import sync_schedule
+from partialfc.train.train_state import TrainState
 
-FORMAT = 2
-
-
-@dataclass(frozen=True)
-class Components:
-    """The live objects a checkpoint captures and restores."""
-
-    engine: object  # partialfc.train.engine: DDPEngine or DeepSpeedEngine
-    head: torch.nn.Module  # PartialFC
-    head_optimizer: torch.optim.Optimizer
-    head_schedule: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler
-    loader: object  # partialfc.data.loader.EpochLoader
-    search: object | None = None  # partialfc.train.search.SearchDriver, in a search
-
-
-class Progress(NamedTuple):
-    step: int
-    skipped_steps: int
-    run_id: str
-
-
-def seed_rank_stream(seed: int, rank: int, step: int) -> None:
-    """Seed the global generators of torch (dropout, ...), numpy and Python with this rank's
-    stream at ``step``."""
-    value = derive_seed(seed, Stream.RANK, rank, step)
-    torch.manual_seed(value)
-    np.random.seed(value % 2**32)
-    random.seed(value)
-
-
-def capture_rng() -> dict:
-    """The global generators' states as tensors and plain lists/ints."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"kind": str(kind), "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
-                       "cached_gaussian": float(cached)},
-             "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng(state: dict) -> None:
-    """Inverse of :func:`capture_rng`."""
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+FORMAT = 3
+READS = (2, 3)  # the formats this version resumes
 
 
 def checkpoint_root(cfg, candidate: int = 0) -> str:
@@ -123,67 +58,47 @@ def resume_path(cfg, candidate: int = 0) -> str | None:
     return ckpt.resolve_checkpoint(how)
 
 
-def build_shared(cfg, parts: Components, progress: Progress) -> dict:
-    """The contents of ``trainer.pt`` (rank 0)."""
-    num_classes, world_size = parts.head.num_classes, parts.head.world_size
-    return {"format": FORMAT, **progress._asdict(), "config": to_yaml(cfg), "num_classes": num_classes,
-            "world_size": world_size,
-            "model": {"backbone": cfg.model.backbone, "embedding_size": cfg.model.embedding_size,
-                      "options": OmegaConf.to_container(cfg.model.options)},
-            "head_shards": [shard_range(num_classes, world_size, r) for r in range(world_size)],
-            **_common_state(parts), "data": parts.loader.state_dict(),
-            "search": parts.search.state_dict() if parts.search is not None else None}
+# ----------------------------------------------------------------- reading either format
+def _format2_shared(saved: dict) -> dict:
+    """A format-2 ``trainer.pt`` as format 3 (its head optimizer saved no counters)."""
+    meta = {k: saved[k] for k in ("config", "num_classes", "world_size", "model") if k in saved}
+    state = {"progress": {k: saved[k] for k in ("step", "skipped_steps", "run_id")}, "engine": saved["backbone"],
+             "head_optimizer": {"state": {}, "param_groups": saved["head_param_groups"]},
+             "head_schedule": saved["head_schedule"], "scaler": saved["scaler"], "data": saved["data"],
+             "search": saved.get("search")}
+    return {"format": 2, "meta": {**meta, "row_shards": saved["head_shards"]}, "state": state}
 
 
-def _common_state(parts: Components) -> dict:
-    return {"backbone": parts.engine.state_dict(), "head_schedule": parts.head_schedule.state_dict(),
-            "head_param_groups": parts.head_optimizer.state_dict()["param_groups"],
-            "scaler": parts.scaler.state_dict()}
+def _format2_rank(saved: dict) -> dict:
+    head = dict(saved["head"])
+    weight = head.pop("weight")
+    return {"local": {"head": head["_extra_state"], "rng": saved["rng"], "data": saved["data"]},
+            "rows": {"head": {"weight": weight}, "head_optimizer": saved["optimizer_rows"]}}
 
 
-def live_state(parts: Components) -> dict:
-    """This rank's complete training state in memory: ``trainer.pt``'s backbone, schedules,
-    scaler and head param groups with this rank's ``head_rank*.pt`` contents."""
-    return {**_common_state(parts), **build_rank_state(parts)}
+def read_shared(path: str) -> dict:
+    """``trainer.pt`` of checkpoint ``path`` in format 3's layout (a format-2 one converted);
+    :class:`CheckpointError` for another format."""
+    saved = ckpt.load_shared(path)
+    found = saved.get("format")
+    if found not in READS:
+        raise CheckpointError(f"checkpoint {path} has format {found}, this version resumes formats "
+                              f"{' and '.join(map(str, READS))}")
+    return _format2_shared(saved) if found == 2 else saved
 
 
-def apply_state(state: dict, parts: Components, source: str) -> None:
-    """Load a :func:`live_state` (or a checkpoint's shared file merged with one rank's file)
-    of the same world size into ``parts``."""
-    _load_common(state, parts, source)
-    parts.head.load_state_dict(state["head"])
-    restore_rng(state["rng"])
-    parts.loader.load_state_dict(state["data"])
-    _load_optimizer_rows(state["optimizer_rows"], state["head_param_groups"], parts)
+def read_rank(path: str, rank: int, fmt: int) -> dict:
+    saved = ckpt.load_rank_file(path, rank)
+    return _format2_rank(saved) if fmt == 2 else saved
 
 
-def _load_common(state: dict, parts: Components, source: str) -> None:
-    try:
-        parts.engine.load_state_dict(state["backbone"], source)
-    except (RuntimeError, ValueError) as err:
-        raise CheckpointError(f"cannot load the backbone from {source}: {str(err).splitlines()[0]}") from None
-    parts.head_schedule.load_state_dict(state["head_schedule"])
-    if state["scaler"] and parts.scaler.is_enabled():  # a bf16/fp32 run saved no scaler state
-        parts.scaler.load_state_dict(state["scaler"])
+def gather_rows(path: str, shared: dict, start: int, count: int) -> dict:
+    """Rows ``[start, start + count)`` of every row component, from the shards of ``path``."""
+    return ckpt.gather_rows(lambda r: read_rank(path, r, shared["format"])["rows"], shared["meta"]["row_shards"],
+                            start, count)
 
 
-def _load_optimizer_rows(rows: dict, param_groups: list, parts: Components) -> None:
-    if rows:
-        device = parts.head.weight.device
-        parts.head_optimizer.load_state_dict({"state": {0: {k: v.to(device) for k, v in rows.items()}},
-                                              "param_groups": param_groups})
-    sync_schedule(parts.head_schedule)
-
-
-def build_rank_state(parts: Components) -> dict:
-    """The contents of this rank's ``head_rank*.pt``."""
-    head = parts.head
-    rows = {k: v.detach().cpu() for k, v in parts.head_optimizer.state.get(head.weight, {}).items()
-            if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == head.num_local}
-    return {"head": {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in head.state_dict().items()},
-            "optimizer_rows": rows, "rng": capture_rng(), "data": parts.loader.state_dict()}
-
-
+# ----------------------------------------------------------------- compatibility
 # What else defines the model and the objective (backbone, embedding size and class count must
 # match anyway): a resume with other values would continue another experiment under this run's
 # name, so it needs checkpoint.allow_config_change.
@@ -209,44 +124,69 @@ def objective_changes(cfg, saved_yaml: str) -> list[str]:
     return changes
 
 
-def check_compatible(cfg, num_classes: int, shared: dict, path: str) -> None:
-    """Raise :class:`CheckpointError` unless ``shared`` is of this format, model and class count,
-    and (unless ``checkpoint.allow_config_change``) has the same :data:`OBJECTIVE_KEYS`."""
-    if shared.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path} has format {shared.get('format')}, this version resumes "
-                              f"format {FORMAT} only")
+def check_compatible(cfg, num_classes: int, meta: dict, path: str) -> None:
+    """Raise :class:`CheckpointError` unless the checkpoint's ``meta`` is of this model and
+    class count and (unless ``checkpoint.allow_config_change``) has the same :data:`OBJECTIVE_KEYS`."""
     mine = {"backbone": cfg.model.backbone, "embedding_size": cfg.model.embedding_size, "num_classes": num_classes}
-    theirs = {**shared["model"], "num_classes": shared["num_classes"]}
+    theirs = {**meta["model"], "num_classes": meta["num_classes"]}
     theirs.pop("options", None)
     if mine != theirs:
         raise CheckpointError(f"checkpoint {path} was written for {theirs}, this run is {mine}; "
                               "to fine-tune on other classes set checkpoint.init_backbone instead")
-    changes = objective_changes(cfg, shared["config"]) if "config" in shared else []
+    changes = objective_changes(cfg, meta["config"]) if "config" in meta else []
     if changes and not cfg.checkpoint.allow_config_change:
         raise CheckpointError(f"checkpoint {path} was trained with another model or objective ("
                               f"{'; '.join(changes)}); use another run_dir, or set "
                               "checkpoint.allow_config_change=true to continue from it anyway")
 
 
-def restore(path: str, cfg, parts: Components) -> Progress:
-    """Load the checkpoint at ``path`` into ``parts``; reshards the head if the world size changed."""
-    shared = ckpt.load_shared(path)
-    check_compatible(cfg, parts.head.num_classes, shared, path)
-    if parts.search is not None:
-        if shared.get("search") is None:
+# ----------------------------------------------------------------- the checkpointer
+class Checkpointer:
+    """Writes ``state``'s checkpoints under ``root`` (this rank is ``rank`` of ``world_size``
+    ranks, owning classes ``[class_start, class_start + num_local)``) and restores them.
+    ``meta()``: the run's description for ``trainer.pt``; ``files``: an object with
+    ``save_files(dir)`` / ``load_files(dir)`` for state kept as files of its own (the
+    DeepSpeed engine's), or None. Decides its timing: :meth:`due`."""
+
+    def __init__(self, cfg, root: str, state: TrainState, meta: Callable[[], dict], *, rank: int, world_size: int,
+                 shard: tuple[int, int], files=None):
+        self.cfg, self.root, self.state, self.meta, self.files = cfg, root, state, meta, files
+        self.rank, self.world_size, self.shard = rank, world_size, shard
+        self.every, self.keep = int(cfg.checkpoint.every_steps), int(cfg.checkpoint.keep)
+        self.saved_step: int | None = None
+
+    def due(self, step: int, requested: bool = False) -> bool:
+        """After step ``step``: every ``checkpoint.every_steps`` and when asked."""
+        return requested or (self.every > 0 and step % self.every == 0)
+
+    def save(self, step: int) -> str:
+        """Collective over the candidate's ranks: a complete checkpoint of ``step``; its path."""
+        shared = {"format": FORMAT, "meta": self.meta(), "state": self.state.shared_state()} if self.rank == 0 else None
+        rank_state = {"local": self.state.local_state(), "rows": self.state.row_state()}
+        path = ckpt.save_checkpoint(self.root, step, shared, rank_state, keep=self.keep,
+                                    write_extra=self.files.save_files if self.files is not None else None,
+                                    rank=self.rank)
+        self.saved_step = step
+        return path
+
+    def restore(self, path: str, num_classes: int) -> None:
+        """Load checkpoint ``path`` into the state; reshards if the world size changed."""
+        shared = read_shared(path)
+        check_compatible(self.cfg, num_classes, shared["meta"], path)
+        state = shared["state"]
+        if self.state.shared.get("search") is not None and state.get("search") is None:
             raise CheckpointError(f"checkpoint {path} holds no search state; a search resumes only from a search")
-        parts.search.load_state_dict(shared["search"])
-    progress = Progress(shared["step"], shared["skipped_steps"], shared["run_id"])
-    head = parts.head
-    if shared["world_size"] == head.world_size:
-        apply_state({**shared, **ckpt.load_rank_file(path, head.rank)}, parts, path)
-        return progress
-    _load_common(shared, parts, path)
-    gathered = ckpt.gather_head_rows(path, shared["head_shards"], head.class_start, head.num_local)
-    with torch.no_grad():
-        head.weight.copy_(gathered["weight"])
-    head.sampler.reseed(progress.step)
-    seed_rank_stream(cfg.seed, head.rank, progress.step)
-    parts.loader.load_state_dict(shared["data"])
-    _load_optimizer_rows(gathered["optimizer"], shared["head_param_groups"], parts)
-    return progress
+        try:
+            self.state.load_shared(state)
+            if self.files is not None:
+                self.files.load_files(path)
+        except (CheckpointError, RuntimeError, ValueError, KeyError) as err:
+            raise CheckpointError(f"cannot load the training state from {path}: {str(err).splitlines()[0]}") from None
+        if shared["meta"]["world_size"] == self.world_size:
+            mine = read_rank(path, self.rank, shared["format"])
+            self.state.load_local(mine["local"])
+            self.state.load_rows(mine["rows"])
+        else:
+            self.state.load_rows(gather_rows(path, shared, *self.shard))
+            self.state.restart_local(int(state["progress"]["step"]), state)
+        self.saved_step = int(state["progress"]["step"])

@@ -28,7 +28,7 @@ def _train(rank, world, overrides, interrupt_at=None):
     before = []
     if interrupt_at is not None:
         first = Trainer(load_config(None, overrides))
-        assert first.device.type == "cuda" and first.autocast_dtype == torch.bfloat16
+        assert first.device.type == "cuda" and first.engine.autocast_dtype == torch.bfloat16
         before = [first.train_step()["loss"] for _ in range(interrupt_at)]
         first.save()
         first.logger.close()
