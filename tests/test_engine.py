@@ -193,3 +193,31 @@ def test_deepspeed_refuses_fp16_with_one_line():
     train.engine = type(train.engine)("deepspeed")  # what precision=auto resolves to on a GPU without bf16
     with pytest.raises(ConfigError, match="train.engine=deepspeed supports precision bf16 or fp32, not fp16"):
         build_engine(_tiny(), optim, train, micro_batch=3, total_steps=8, device=torch.device("cpu"))
+
+
+def _self_skip(rank: int, world: int, precision: str, stage: int) -> dict:
+    """An applied DeepSpeed step whose gradients hold a NaN: what step() reports and changes."""
+    from partialfc.train.engine import build_engine
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    engine = build_engine(_tiny(), *_configs("deepspeed", precision, stage), micro_batch=3, total_steps=8,
+                          device=torch.device("cpu"))
+    hook = next(engine.module.parameters()).register_hook(lambda g: torch.full_like(g, float("nan")))
+    engine.backward(engine(_batch(rank, 0)).float().square().mean(), True)
+    hook.remove()
+    before, lr = _snapshot(engine), engine.lr
+    norm = engine.step(True, engine.grad_norm())
+    return {"norm": float(norm), "unchanged": _same(before, _snapshot(engine)), "lr_moved": engine.lr != lr,
+            "applied": engine.engine.was_step_applied()}
+
+
+@pytest.mark.required
+@pytest.mark.multiprocess
+def test_a_step_deepspeed_skips_itself_reports_a_nan_norm():
+    """ZeRO-1 bf16: DeepSpeed finds the non-finite partitioned gradients and skips its step; the
+    engine says so with a NaN norm (the trainer then skips the head too) and still advances the
+    schedule."""
+    pytest.importorskip("deepspeed")
+    out = run_distributed(_self_skip, 1, "bf16", 1, timeout=300)[0]
+    assert out["applied"] is False and out["unchanged"] and out["lr_moved"], out
+    assert out["norm"] != out["norm"], out  # NaN

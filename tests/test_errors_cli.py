@@ -156,7 +156,7 @@ def expensive_work_fails(monkeypatch):
 
     monkeypatch.setattr(partialfc.dist, "init_distributed", reached("the process group"))
     monkeypatch.setattr(trainer, "prepare_dataset", reached("the dataset"))
-    monkeypatch.setattr(trainer, "build_backbone", reached("the model"))
+    monkeypatch.setattr(trainer, "build_backbone_for", reached("the model"))
 
 
 @pytest.mark.parametrize("extra,message", PREFLIGHT)

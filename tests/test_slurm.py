@@ -83,7 +83,7 @@ def test_submit_demo_training_with_two_ranks(cluster, tmp_path, pattern):
     assert info["JobState"] == "COMPLETED", log
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     shared = __import__("torch").load(run_dir / "checkpoints" / latest / "trainer.pt", weights_only=True)
-    assert shared["world_size"] == 2 and shared["step"] == 4  # ranks and world size came from Slurm
+    assert shared["meta"]["world_size"] == 2 and shared["state"]["progress"]["step"] == 4  # ranks, world from Slurm
     assert sorted(p.name for p in (run_dir / "checkpoints" / latest).glob("head_rank*.pt")) == [
         "head_rank00000.pt", "head_rank00001.pt"]
     assert logged_train_steps(run_dir) == [1, 2, 3, 4]

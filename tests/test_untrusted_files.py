@@ -256,7 +256,7 @@ def test_resume_and_export_skip_a_truncated_shard(tmp_path, cache, capsys):
     resumed = Trainer(load_config(None, overrides))
     assert resumed.step == 2
     resumed.train()
-    assert ckpt.load_shared(ckpt.latest_checkpoint(str(run / "checkpoints")))["step"] == 4
+    assert ckpt.load_shared(ckpt.latest_checkpoint(str(run / "checkpoints")))["state"]["progress"]["step"] == 4
 
 
 # ----------------------------------------------------------------- disk full

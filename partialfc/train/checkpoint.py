@@ -3,11 +3,11 @@
 Layout of ``<run_dir>/checkpoints``::
 
     step_00001000/
-        trainer.pt              rank 0: backbone, its optimizer, schedules, scaler, step, epoch,
-                                config, run id, world size, the head shards' class ranges
-        head_rank00000.pt ...   one per rank: its head state (rows of global classes
-                                [class_start, class_start + num_local), sampler), their
-                                optimizer state rows, RNG states, data position
+        trainer.pt              rank 0: what every rank shares (the run's description and the
+                                shared components' states)
+        head_rank00000.pt ...   one per rank: its own state and its rows of the row-sharded
+                                state (global classes [class_start, class_start + num_local))
+        order.pt                the checkpoint's place in the order of writes
         deepspeed/              the DeepSpeed engine's own checkpoint (engine = deepspeed only)
     latest                      text file naming the newest complete step directory
 
@@ -19,8 +19,8 @@ system. The files' contents are defined in :mod:`partialfc.train.state`; they ar
 with ``torch.load(weights_only=True)``. Finding the latest checkpoint skips one with a
 truncated or missing file (a warning names it) for the one written before it.
 
-Resharding: :func:`gather_head_rows` builds a new class range from the old shard files that
-overlap it (rows of weights and of every per-row optimizer state).
+Resharding: :func:`gather_rows` builds a new class range from the old shards that overlap it
+(every row-sharded tensor: centres, per-row optimizer state).
 """
 
 from __future__ import annotations

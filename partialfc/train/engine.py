@@ -240,15 +240,19 @@ class DeepSpeedEngine:
         """DeepSpeed's boundary step; with ``apply`` False its client optimizer does not step.
 
         DeepSpeed does not advance the schedule when it skips a step itself (non-finite
-        gradients under ZeRO-1/2); this does, as DDP does. Returns DeepSpeed's global norm,
-        else ``norm``."""
+        gradients under ZeRO-1/2); this does, as DDP does. Returns DeepSpeed's global norm
+        (else ``norm``); NaN when DeepSpeed skipped an applied step itself, so that the trainer
+        skips the head's step too (the same on every rank)."""
         with contextlib.nullcontext() if apply else _frozen(self.engine.basic_optimizer, self.optimizer):
             self.engine.step()
+        skipped_itself = apply and not self.engine.was_step_applied()
         if not self.engine.was_step_applied():
             self.schedule.step()
         elif not apply:
             self.engine.skipped_steps += 1
         value = self.engine.get_global_grad_norm()
+        if skipped_itself:
+            return torch.tensor(float("nan"))
         return torch.tensor(float(value)) if value is not None else norm
 
     @property

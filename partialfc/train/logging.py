@@ -18,6 +18,7 @@ import os
 import time
 import uuid
 
+import numpy as np
 from omegaconf import OmegaConf
 
 from partialfc import dist as pdist
@@ -130,9 +131,13 @@ class TrainMetrics:
     record (mean finite loss, samples/s, data-wait fraction) with the step's norms, lrs and
     the ETA. ``samples_per_step``: the global batch of one optimizer step."""
 
-    def __init__(self, logger: RunLogger, every: int, samples_per_step: int, total_steps: int, start_step: int):
+    def __init__(self, logger: RunLogger, every: int, samples_per_step: int, total_steps: int, start_step: int = 0):
         self.logger, self.every, self.samples, self.total = logger, max(every, 1), samples_per_step, total_steps
-        self.start_step, self.start = start_step, time.perf_counter()
+        self.begin(start_step)
+
+    def begin(self, step: int) -> None:
+        """Start the clocks (throughput, ETA) at ``step``: when the loop starts."""
+        self.start_step, self.start = step, time.perf_counter()
         self._reset(self.start)
 
     def _reset(self, now: float) -> None:
@@ -153,7 +158,7 @@ class TrainMetrics:
         now = time.perf_counter()
         elapsed = max(now - self.since, 1e-9)
         per_step = (now - self.start) / max(step - self.start_step, 1)
-        record = {**context, "loss": sum(self.losses) / len(self.losses) if self.losses else math.nan,
+        record = {**context, "loss": float(np.mean(self.losses)) if self.losses else math.nan,
                   "samples_per_s": self.samples * (len(self.losses) or 1) / elapsed,
                   "eta_s": per_step * (self.total - step), "grad_norm_backbone": metrics["grad_norm_backbone"],
                   "grad_norm_head": metrics["grad_norm_head"], "data_wait_fraction": self.wait / elapsed}

@@ -64,7 +64,8 @@ class StopRequest:
 
     def uninstall(self) -> None:
         for number, previous in self._previous.items():
-            signal.signal(number, previous)
+            if previous is not None:  # None: a handler not installed from Python, nothing to restore
+                signal.signal(number, previous)
         self._previous = {}
 
     def local_flag(self) -> bool:

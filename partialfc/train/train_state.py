@@ -176,6 +176,8 @@ class TrainState:
 
     def load_shared(self, state: dict) -> None:
         for name, part in self.shared.items():  # in order: the head optimizer before its schedule
+            if name in self.local:  # rank 0's copy of a local state: read by restart_local only
+                continue
             if state.get(name):  # empty or None: nothing was saved (a disabled scaler, no search)
                 part.load_state_dict(state[name])
 
@@ -198,7 +200,7 @@ class TrainState:
 
     def live(self) -> dict:
         """This rank's complete state in memory, less :attr:`live_excluded` (a search's copy of
-        the best candidate onto the others)."""
+        the best candidate onto the others). Not a snapshot: its tensors are the live ones."""
         shared = {name: part.state_dict() for name, part in self.shared.items() if name not in self.live_excluded}
         return {"shared": shared, "local": {name: part.state_dict() for name, part in self.local.items()},
                 "rows": {name: part.row_state() for name, part in self.rows.items()}}

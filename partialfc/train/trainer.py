@@ -92,8 +92,7 @@ class Trainer:
         self.logger = RunLogger(cfg.run_dir, self.progress.run_id, cfg.log.wandb, OmegaConf.to_container(cfg),
                                 resume_step=self.step if resume is not None else None)
         self.metrics = TrainMetrics(self.logger, cfg.log.every_steps,
-                                    cfg.data.batch_size * cfg.train.grad_accum * self.world_size,
-                                    self.total_steps, self.step)
+                                    cfg.data.batch_size * cfg.train.grad_accum * self.world_size, self.total_steps)
         self.evaluator = Evaluator(bins, cfg.eval, self.engine.module, self.logger, group=self.group,
                                    device=self.device, autocast_dtype=self.engine.autocast_dtype)
         for line in describe_run(self):
@@ -202,18 +201,19 @@ class Trainer:
 
     def _loop(self) -> dict:
         last: dict = {}
+        self.metrics.begin(self.step)
         while self.step < self.total_steps:
             last = self.train_step()
             if self.search is not None and self.step % self.steps_per_epoch == 0:
                 self.search.end_epoch(self.step // self.steps_per_epoch - 1, self.logger, self.step)
-            self.metrics.update(self.step, last, epoch=round(self.epoch, 4), lr_backbone=self.engine.lr,
-                                lr_head=self.head_optimizer.param_groups[0]["lr"], skipped_steps=self.skipped_steps)
             if self.progress.consecutive_nonfinite >= self.cfg.train.max_consecutive_nonfinite:
                 path = self.save()
                 raise TrainingDiverged(
                     f"{self.progress.consecutive_nonfinite} consecutive steps with a non-finite loss or gradient "
                     f"(step {self.step}, last loss {last['loss']}); checkpoint written to {path}. "
                     "Lower the learning rate, raise warm-up, or use bf16 instead of fp16.")
+            self.metrics.update(self.step, last, epoch=round(self.epoch, 4), lr_backbone=self.engine.lr,
+                                lr_head=self.head_optimizer.param_groups[0]["lr"], skipped_steps=self.skipped_steps)
             if self.evaluator.due(self.step, self.total_steps):
                 self.evaluator.evaluate(self.step)
             if last["stop_requested"]:
