@@ -12,9 +12,11 @@ from partialfc.head import PartialFC
 from partialfc.head.sharding import shard_range
 from partialfc.losses import build_loss
 from partialfc.models import build_backbone
-from partialfc.train.config import to_yaml
-from partialfc.train.engine import resolve_precision
+from partialfc.dist import CandidateLayout
+from partialfc.train.config import Config, to_yaml
+from partialfc.train.engine import BackboneEngine, resolve_precision
 from partialfc.train.search import SearchDriver
+from partialfc.train.train_state import TrainState
 
 
 def load_backbone_weights(backbone: torch.nn.Module, path: str) -> None:
@@ -29,7 +31,7 @@ def load_backbone_weights(backbone: torch.nn.Module, path: str) -> None:
         raise CheckpointError(f"{path} does not fit this backbone: {str(err).splitlines()[0]}") from None
 
 
-def build_backbone_for(cfg, device: torch.device) -> torch.nn.Module:
+def build_backbone_for(cfg: Config, device: torch.device) -> torch.nn.Module:
     """``cfg.model``'s backbone on ``device``, the same initialisation on every rank (seeded by
     ``cfg.seed``), or ``checkpoint.init_backbone``'s weights."""
     torch.manual_seed(cfg.seed)
@@ -41,7 +43,7 @@ def build_backbone_for(cfg, device: torch.device) -> torch.nn.Module:
     return backbone
 
 
-def build_head(cfg, num_classes: int, device: torch.device, group) -> PartialFC:
+def build_head(cfg: Config, num_classes: int, device: torch.device, group) -> PartialFC:
     """The sharded head of ``cfg.head`` with ``cfg.loss``; non-finite embeddings give a NaN
     loss (the trainer skips the step on every rank) instead of an error."""
     return PartialFC(cfg.model.embedding_size, num_classes, loss=build_loss(cfg.loss.name, **dict(cfg.loss.params)),
@@ -50,7 +52,7 @@ def build_head(cfg, num_classes: int, device: torch.device, group) -> PartialFC:
                      dtype=torch.bfloat16 if str(cfg.head.storage) == "bf16" else torch.float32)
 
 
-def build_search(cfg, layout, state, engine, prefix: str, device: torch.device) -> SearchDriver:
+def build_search(cfg: Config, layout: CandidateLayout, state: TrainState, engine: BackboneEngine, prefix: str, device: torch.device) -> SearchDriver:
     """The Search-Softmax driver; its reward is the accuracy on ``search.reward`` (default:
     the synthetic set's held-out pairs), evaluated by the candidate's ranks."""
     reward_set = VerificationSet(cfg.search.reward or prefix + ".bin")
@@ -63,7 +65,7 @@ def build_search(cfg, layout, state, engine, prefix: str, device: torch.device) 
     return SearchDriver(cfg, layout, head.loss, state, reward, device)
 
 
-def run_meta(cfg, head: PartialFC) -> dict:
+def run_meta(cfg: Config, head: PartialFC) -> dict:
     """What ``trainer.pt`` says of the run: its config, model, class count and head shards."""
     return {"config": to_yaml(cfg), "num_classes": head.num_classes, "world_size": head.world_size,
             "model": {"backbone": cfg.model.backbone, "embedding_size": cfg.model.embedding_size,

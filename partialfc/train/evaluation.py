@@ -7,6 +7,7 @@ import os
 import torch
 
 from partialfc.eval.verification import VerificationSet
+from partialfc.train.config_schema import EvalConfig
 from partialfc.train.logging import RunLogger
 
 
@@ -15,7 +16,7 @@ class Evaluator:
     takes part) every ``every_steps`` steps before the last (0: never), and logs an ``eval``
     record and a console line per set. :attr:`last_accuracy`: the first set's latest accuracy."""
 
-    def __init__(self, bins: list[str], eval_cfg, module: torch.nn.Module, logger: RunLogger, *, group,
+    def __init__(self, bins: list[str], eval_cfg: EvalConfig, module: torch.nn.Module, logger: RunLogger, *, group,
                  device: torch.device, autocast_dtype: torch.dtype | None):
         self.sets = [VerificationSet(p) for p in bins]
         self.every, self.batch_size = int(eval_cfg.every_steps), int(eval_cfg.batch_size)

@@ -22,6 +22,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from partialfc import dist as pdist
+from partialfc.train.config_schema import WandbConfig
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
@@ -57,7 +58,7 @@ def read_metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def wandb_mode(wandb_cfg) -> str:
+def wandb_mode(wandb_cfg: WandbConfig) -> str:
     """``log.wandb.mode``, else WANDB_MODE, else ``offline``."""
     return str(wandb_cfg.mode or os.environ.get("WANDB_MODE") or "offline")
 
@@ -75,7 +76,7 @@ class RunLogger:
     ``config.yaml``. ``resume_step`` (None on a fresh run) trims records the crashed part of
     a previous run wrote after its last checkpoint; ``training.log`` is appended to."""
 
-    def __init__(self, run_dir: str, run_id: str, wandb_cfg, config: dict, resume_step: int | None = None):
+    def __init__(self, run_dir: str, run_id: str, wandb_cfg: WandbConfig, config: dict, resume_step: int | None = None):
         self.active = pdist.get_rank() == 0
         self.path = os.path.join(run_dir, METRICS_FILE)
         self.log_path = os.path.join(run_dir, LOG_FILE)
@@ -94,7 +95,7 @@ class RunLogger:
             self.wandb = self._init_wandb(run_dir, run_id, wandb_cfg, mode, config)
 
     @staticmethod
-    def _init_wandb(run_dir: str, run_id: str, cfg, mode: str, config: dict):
+    def _init_wandb(run_dir: str, run_id: str, cfg: WandbConfig, mode: str, config: dict):
         import wandb
 
         os.makedirs(os.path.join(run_dir, "wandb"), exist_ok=True)

@@ -11,13 +11,14 @@ import math
 import torch
 
 from partialfc.head import SparseRowAdamW, SparseRowSGD
+from partialfc.train.config_schema import OptimizerConfig, ScheduleConfig
 
 
 class WarmupSchedule:
     """LR factor at optimizer step ``t`` of ``total_steps``: linear warm-up ``(t+1)/warmup``
     over the first ``warmup`` steps, then the decay ``name`` over the rest."""
 
-    def __init__(self, cfg, total_steps: int):
+    def __init__(self, cfg: ScheduleConfig, total_steps: int):
         self.name, self.total = cfg.name, max(int(total_steps), 1)
         self.warmup = int(cfg.warmup_steps or round(cfg.warmup_fraction * self.total))
         self.power, self.min_factor, self.gamma = cfg.power, cfg.min_factor, cfg.gamma
@@ -36,7 +37,7 @@ class WarmupSchedule:
         return 1.0
 
 
-def build_optimizer(params, cfg, sparse_rows: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(params, cfg: OptimizerConfig, sparse_rows: bool = False) -> torch.optim.Optimizer:
     """``cfg``: an :class:`~partialfc.train.config.OptimizerConfig`. ``sparse_rows`` picks
     the head's row optimizers (SparseRowSGD / SparseRowAdamW)."""
     params = [p for p in params if p.requires_grad]
@@ -47,7 +48,7 @@ def build_optimizer(params, cfg, sparse_rows: bool = False) -> torch.optim.Optim
     return klass(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
-def build_schedule(optimizer: torch.optim.Optimizer, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR over :class:`WarmupSchedule`; call ``.step()`` once per optimizer step.
 
     The factor is wrapped in a plain function so that ``state_dict`` keeps only the step

@@ -25,6 +25,7 @@ from partialfc.dist import CandidateLayout
 from partialfc.losses.search import global_a
 from partialfc.ops.collectives import all_gather, broadcast, broadcast_object
 from partialfc.seeding import Stream, seeded_generator
+from partialfc.train.config_schema import Config
 from partialfc.train.train_state import TrainState
 
 SEARCH_FILE = "search.jsonl"
@@ -129,7 +130,7 @@ class SearchDriver:
     ``history``: one record per search epoch; ``schedule``: the ``a`` the run's model trained
     with in every finished epoch (the best candidate's from ``start_epoch``)."""
 
-    def __init__(self, cfg, layout: CandidateLayout, loss, state: TrainState, reward: Callable[[], float],
+    def __init__(self, cfg: Config, layout: CandidateLayout, loss, state: TrainState, reward: Callable[[], float],
                  device: torch.device):
         s = cfg.search
         self.layout, self.loss, self.state, self.reward, self.device = layout, loss, state, reward, device

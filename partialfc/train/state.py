@@ -29,19 +29,20 @@ from omegaconf import OmegaConf
 
 from partialfc.errors import CheckpointError, ConfigError
 from partialfc.train import checkpoint as ckpt
+from partialfc.train.config_schema import Config
 from partialfc.train.train_state import TrainState
 
 FORMAT = 3
 READS = (2, 3)  # the formats this version resumes
 
 
-def checkpoint_root(cfg, candidate: int = 0) -> str:
+def checkpoint_root(cfg: Config, candidate: int = 0) -> str:
     """``RUN_DIR/checkpoints``; a search's candidate ``c > 0``: ``checkpoints/candidates/c``."""
     root = os.path.join(cfg.run_dir, "checkpoints")
     return root if candidate == 0 else os.path.join(root, "candidates", str(candidate))
 
 
-def resume_path(cfg, candidate: int = 0) -> str | None:
+def resume_path(cfg: Config, candidate: int = 0) -> str | None:
     """The checkpoint that ``checkpoint.resume`` (none, auto or a path) asks for, if any.
     ``none`` on a run directory that holds checkpoints is a :class:`ConfigError` unless
     ``checkpoint.overwrite`` (the new run replaces its metrics and, in time, its checkpoints)."""
@@ -113,7 +114,7 @@ def _leaves(node, key: str) -> dict:
     return {key: value}
 
 
-def objective_changes(cfg, saved_yaml: str) -> list[str]:
+def objective_changes(cfg: Config, saved_yaml: str) -> list[str]:
     """``"key: saved -> now"`` for each leaf under :data:`OBJECTIVE_KEYS` that differs between
     the checkpoint's config (its YAML text) and ``cfg``."""
     saved, changes = OmegaConf.create(saved_yaml), []
@@ -124,7 +125,7 @@ def objective_changes(cfg, saved_yaml: str) -> list[str]:
     return changes
 
 
-def check_compatible(cfg, num_classes: int, meta: dict, path: str) -> None:
+def check_compatible(cfg: Config, num_classes: int, meta: dict, path: str) -> None:
     """Raise :class:`CheckpointError` unless the checkpoint's ``meta`` is of this model and
     class count and (unless ``checkpoint.allow_config_change``) has the same :data:`OBJECTIVE_KEYS`."""
     mine = {"backbone": cfg.model.backbone, "embedding_size": cfg.model.embedding_size, "num_classes": num_classes}
@@ -148,7 +149,7 @@ class Checkpointer:
     ``save_files(dir)`` / ``load_files(dir)`` for state kept as files of its own (the
     DeepSpeed engine's), or None. Decides its timing: :meth:`due`."""
 
-    def __init__(self, cfg, root: str, state: TrainState, meta: Callable[[], dict], *, rank: int, world_size: int,
+    def __init__(self, cfg: Config, root: str, state: TrainState, meta: Callable[[], dict], *, rank: int, world_size: int,
                  shard: tuple[int, int], files=None):
         self.cfg, self.root, self.state, self.meta, self.files = cfg, root, state, meta, files
         self.rank, self.world_size, self.shard = rank, world_size, shard

@@ -21,6 +21,7 @@ from partialfc import dist as pdist
 from partialfc.errors import ConfigError, DistributedError, TrainingDiverged
 from partialfc.head.data_parallel import scale_for_data_parallel
 from partialfc.train.build import build_backbone_for, build_head, build_search, describe_run, run_meta
+from partialfc.train.config import Config
 from partialfc.train.data import build_loader, prepare_dataset
 from partialfc.train.engine import build_engine
 from partialfc.train.evaluation import Evaluator
@@ -35,7 +36,7 @@ CURVES_FILE = "curves.png"
 
 
 class Trainer:
-    def __init__(self, cfg):
+    def __init__(self, cfg: Config):
         self.cfg = cfg
         preflight(cfg)  # before the process group, the dataset and the model
         launch = pdist.init_distributed(timeout_s=pdist.resolve_timeout(cfg.dist.timeout_s))
