@@ -169,11 +169,16 @@ def resolve_timeout(configured: float = DEFAULT_TIMEOUT_S) -> float:
     return value
 
 
+# What gloo's RuntimeErrors say when a peer died, hung or was stopped; not every one names gloo
+# ("Application timeout caused pair closure" comes bare).
+GLOO_PEER_FAILURES = ("gloo", "pair closure", "closed by peer", "reset by peer", "Timed out waiting")
+
+
 def collective_failure(err: BaseException) -> str | None:
     """The first line of ``err`` (its source location cut) if it says a collective timed out
     or lost a peer (torch's distributed errors, gloo's RuntimeErrors), else None."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if isinstance(err, dist.DistError) or "gloo" in text:
+    if isinstance(err, dist.DistError) or any(phrase in text for phrase in GLOO_PEER_FAILURES):
         return text.split("] ", 1)[1] if text.startswith("[") and "] " in text else text
     return None
 

@@ -78,3 +78,26 @@ def test_inconsistent_variables_are_clear_errors(env, message):
 
 def test_local_rank_alone_is_a_single_process():
     assert detect_launch_env({"LOCAL_RANK": "0"}).launcher == "single"
+
+
+@pytest.mark.parametrize("text,reason", [
+    # what gloo raised in a loaded CI run when the peer was stopped (DDP's buffer broadcast)
+    ("Application timeout caused pair closure", "Application timeout caused pair closure"),
+    ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:42151",
+     "Connection closed by peer [127.0.0.1]:42151"),
+    ("[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 5000ms for recv "
+     "operation to complete", "Timed out waiting 5000ms for recv operation to complete"),
+    ("[../third_party/gloo/gloo/transport/tcp/pair.cc:598] Connection reset by peer", "Connection reset by peer"),
+])
+def test_gloo_failures_of_a_lost_peer_are_collective_failures(text, reason):
+    from partialfc.dist import collective_failure
+
+    assert collective_failure(RuntimeError(text + "\nException raised from ...")) == reason
+
+
+@pytest.mark.parametrize("text", ["mat1 and mat2 shapes cannot be multiplied (4x3 and 4x3)",
+                                  "CUDA out of memory. Tried to allocate 2.00 GiB", ""])
+def test_other_runtime_errors_are_not_collective_failures(text):
+    from partialfc.dist import collective_failure
+
+    assert collective_failure(RuntimeError(text)) is None
