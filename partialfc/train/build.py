@@ -52,17 +52,17 @@ def build_head(cfg: Config, num_classes: int, device: torch.device, group) -> Pa
                      dtype=torch.bfloat16 if str(cfg.head.storage) == "bf16" else torch.float32)
 
 
-def build_search(cfg: Config, layout: CandidateLayout, state: TrainState, engine: BackboneEngine, prefix: str, device: torch.device) -> SearchDriver:
+def build_search(cfg: Config, layout: CandidateLayout, loss, state: TrainState, engine: BackboneEngine, prefix: str,
+                 device: torch.device) -> SearchDriver:
     """The Search-Softmax driver; its reward is the accuracy on ``search.reward`` (default:
     the synthetic set's held-out pairs), evaluated by the candidate's ranks."""
     reward_set = VerificationSet(cfg.search.reward or prefix + ".bin")
-    head = state.rows["head"].head
 
     def reward() -> float:
         return reward_set.evaluate(engine.module, group=layout.group, batch_size=cfg.eval.batch_size, device=device,
                                    autocast_dtype=engine.autocast_dtype).accuracy
 
-    return SearchDriver(cfg, layout, head.loss, state, reward, device)
+    return SearchDriver(cfg, layout, loss, state, reward, device)
 
 
 def run_meta(cfg: Config, head: PartialFC) -> dict:

@@ -17,6 +17,7 @@ import math
 import os
 import time
 import uuid
+from typing import Callable
 
 import numpy as np
 from omegaconf import OmegaConf
@@ -148,9 +149,9 @@ class TrainMetrics:
     def should_log(self, step: int) -> bool:
         return step % self.every == 0 or step == self.total
 
-    def update(self, step: int, metrics: dict, **context) -> None:
-        """``metrics``: :meth:`partialfc.train.trainer.Trainer.train_step`'s; ``context``: epoch,
-        lr_backbone, lr_head, skipped_steps (logged as they are)."""
+    def update(self, step: int, metrics: dict, context: Callable[[], dict]) -> None:
+        """``metrics``: :meth:`partialfc.train.trainer.Trainer.train_step`'s; ``context()``, called
+        only for a record: epoch, lr_backbone, lr_head, skipped_steps (logged as they are)."""
         if metrics["finite"]:
             self.losses.append(metrics["loss"])
         self.wait += metrics["data_wait"]
@@ -159,7 +160,7 @@ class TrainMetrics:
         now = time.perf_counter()
         elapsed = max(now - self.since, 1e-9)
         per_step = (now - self.start) / max(step - self.start_step, 1)
-        record = {**context, "loss": float(np.mean(self.losses)) if self.losses else math.nan,
+        record = {**context(), "loss": float(np.mean(self.losses)) if self.losses else math.nan,
                   "samples_per_s": self.samples * (len(self.losses) or 1) / elapsed,
                   "eta_s": per_step * (self.total - step), "grad_norm_backbone": metrics["grad_norm_backbone"],
                   "grad_norm_head": metrics["grad_norm_head"], "data_wait_fraction": self.wait / elapsed}

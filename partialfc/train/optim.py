@@ -48,7 +48,8 @@ def build_optimizer(params, cfg: OptimizerConfig, sparse_rows: bool = False) -> 
     return klass(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
-def build_schedule(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig,
+                   total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR over :class:`WarmupSchedule`; call ``.step()`` once per optimizer step.
 
     The factor is wrapped in a plain function so that ``state_dict`` keeps only the step

@@ -150,9 +150,9 @@ class SearchDriver:
         return self.loss.a
 
     def end_epoch(self, epoch: int, logger=None, step: int = 0) -> dict | None:
-        """Collective: after epoch ``epoch``; returns its search record (None before ``start_epoch``), logged as a ``search`` record
-        at ``step`` with a console line when a :class:`~partialfc.train.logging.RunLogger` is
-        given, and sets the next epoch's ``a``."""
+        """Collective: after epoch ``epoch``; returns its search record (None before
+        ``start_epoch``), logged as a ``search`` record at ``step`` with a console line when a
+        :class:`~partialfc.train.logging.RunLogger` is given, and sets the next epoch's ``a``."""
         a = self.loss.a
         if epoch < self.start_epoch:
             self.schedule.append(a)
@@ -185,7 +185,8 @@ class SearchDriver:
         if self.layout.population == 1:
             return
         mine = self.state.live() if self.layout.candidate == best else None
-        state = broadcast_state(mine, self.layout.world_rank(best, self.layout.group_rank), self.layout.cross, self.device)
+        source = self.layout.world_rank(best, self.layout.group_rank)
+        state = broadcast_state(mine, source, self.layout.cross, self.device)
         if mine is None:
             self.state.apply_live(state)
 

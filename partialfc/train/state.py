@@ -149,8 +149,8 @@ class Checkpointer:
     ``save_files(dir)`` / ``load_files(dir)`` for state kept as files of its own (the
     DeepSpeed engine's), or None. Decides its timing: :meth:`due`."""
 
-    def __init__(self, cfg: Config, root: str, state: TrainState, meta: Callable[[], dict], *, rank: int, world_size: int,
-                 shard: tuple[int, int], files=None):
+    def __init__(self, cfg: Config, root: str, state: TrainState, meta: Callable[[], dict], *, rank: int,
+                 world_size: int, shard: tuple[int, int], files=None):
         self.cfg, self.root, self.state, self.meta, self.files = cfg, root, state, meta, files
         self.rank, self.world_size, self.shard = rank, world_size, shard
         self.every, self.keep = int(cfg.checkpoint.every_steps), int(cfg.checkpoint.keep)

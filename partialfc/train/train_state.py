@@ -164,15 +164,19 @@ class TrainState:
     def __init__(self, shared: dict[str, Stateful], local: dict[str, Stateful], rows: dict[str, RowSharded]):
         self.shared, self.local, self.rows = shared, local, rows
 
+    @staticmethod
+    def _collect(parts: dict, method: str, skip: tuple[str, ...] = ()) -> dict:
+        return {name: getattr(part, method)() for name, part in parts.items() if name not in skip}
+
     def shared_state(self) -> dict:
-        return {name: _cpu(part.state_dict()) for name, part in self.shared.items()}
+        return _cpu(self._collect(self.shared, "state_dict"))
 
     def local_state(self) -> dict:
-        return {name: _cpu(part.state_dict()) for name, part in self.local.items()}
+        return _cpu(self._collect(self.local, "state_dict"))
 
     def row_state(self) -> dict:
         """``{component: {name: (num_local, ...)}}`` on the CPU."""
-        return {name: _cpu(part.row_state()) for name, part in self.rows.items()}
+        return _cpu(self._collect(self.rows, "row_state"))
 
     def load_shared(self, state: dict) -> None:
         for name, part in self.shared.items():  # in order: the head optimizer before its schedule
@@ -201,9 +205,8 @@ class TrainState:
     def live(self) -> dict:
         """This rank's complete state in memory, less :attr:`live_excluded` (a search's copy of
         the best candidate onto the others). Not a snapshot: its tensors are the live ones."""
-        shared = {name: part.state_dict() for name, part in self.shared.items() if name not in self.live_excluded}
-        return {"shared": shared, "local": {name: part.state_dict() for name, part in self.local.items()},
-                "rows": {name: part.row_state() for name, part in self.rows.items()}}
+        return {"shared": self._collect(self.shared, "state_dict", self.live_excluded),
+                "local": self._collect(self.local, "state_dict"), "rows": self._collect(self.rows, "row_state")}
 
     def apply_live(self, state: dict) -> None:
         """Load a :meth:`live` state of the same world size."""

@@ -76,7 +76,7 @@ class Trainer:
             rows={"head": shard, "head_optimizer": self.head_optimizer})
         self.search = None  # Search-Softmax driver (train/search.py); its state is in the checkpoints
         if self.layout is not None:
-            self.search = build_search(cfg, self.layout, self.state, self.engine, prefix, self.device)
+            self.search = build_search(cfg, self.layout, self.head.loss, self.state, self.engine, prefix, self.device)
             self.state.shared["search"] = self.search
         self.loss_epoch: int | None = None  # the epoch the loss was last told of
         candidate = self.layout.candidate if self.layout is not None else 0
@@ -213,8 +213,7 @@ class Trainer:
                     f"{self.progress.consecutive_nonfinite} consecutive steps with a non-finite loss or gradient "
                     f"(step {self.step}, last loss {last['loss']}); checkpoint written to {path}. "
                     "Lower the learning rate, raise warm-up, or use bf16 instead of fp16.")
-            self.metrics.update(self.step, last, epoch=round(self.epoch, 4), lr_backbone=self.engine.lr,
-                                lr_head=self.head_optimizer.param_groups[0]["lr"], skipped_steps=self.skipped_steps)
+            self.metrics.update(self.step, last, self._log_context)
             if self.evaluator.due(self.step, self.total_steps):
                 self.evaluator.evaluate(self.step)
             if last["stop_requested"]:
@@ -226,6 +225,10 @@ class Trainer:
             if self.checkpointer.due(self.step, last["checkpoint_requested"]):
                 self.save()
         return {"step": self.step, "loss": last.get("loss"), "skipped_steps": self.skipped_steps}
+
+    def _log_context(self) -> dict:
+        return {"epoch": round(self.epoch, 4), "lr_backbone": self.engine.lr,
+                "lr_head": self.head_optimizer.param_groups[0]["lr"], "skipped_steps": self.skipped_steps}
 
     def save(self) -> str:
         """Collective: write a complete checkpoint of this step."""
