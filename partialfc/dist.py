@@ -253,6 +253,16 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
     return launch
 
 
+def shutdown_distributed(failed: bool = False) -> None:
+    """Destroy every process group of this process (the end of a run, on every exit path).
+    Left to the interpreter's exit, gloo's worker threads can abort a finished process
+    ("terminate called without an active exception"). After a failed collective an NCCL group
+    is left to its watchdog: destroying it could wait on the lost peer."""
+    if not is_initialized() or (failed and backend_of() == "nccl"):
+        return
+    dist.destroy_process_group()
+
+
 @dataclass(frozen=True)
 class CandidateLayout:
     """A world of ``population x group_size`` ranks split into candidates (Search-Softmax).

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from partialfc.errors import CheckpointError, ConfigError
+from partialfc.testing.multiprocess import run_distributed
 from partialfc.testing.ports import listening, reserved_port
 from partialfc.train.checkpoint import latest_checkpoint
 from partialfc.train.config import load_config
@@ -143,6 +144,28 @@ def test_a_rank_that_stops_answering_ends_the_run_with_one_line(tmp_path, cache,
     assert "Traceback" not in log
     assert elapsed < 60, elapsed  # the 5 s timeout and the exit, 12x over; the default would be 600 s
     print(f"rank 1 stopped (SIGSTOP): rank 0 exited 2 after {elapsed:.1f} s: {errors[0]}")
+
+
+def _train_command(rank, world, overrides):
+    """``partialfc train`` in this rank's process; its exit code and whether a process group
+    outlives it."""
+    import torch.distributed as dist
+
+    from partialfc.cli import main
+
+    return main(["train", "configs/demo.yaml", *overrides]), dist.is_initialized()
+
+
+@pytest.mark.required
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("outcome", ["finished", "config_error"])
+def test_the_train_command_leaves_no_process_group_behind(tmp_path, cache, outcome):
+    """A group left to the interpreter's exit can abort the process after a finished run
+    ('terminate called without an active exception' from gloo's threads, seen on rank 1 of a
+    Slurm job that had trained to the end): the command destroys its groups on every exit."""
+    extra = {"finished": ["train.max_steps=2"], "config_error": ["train.grad_accum=1000"]}[outcome]
+    out = run_distributed(_train_command, 2, tiny_overrides(tmp_path / "run", cache, *extra), timeout=240)
+    assert out == [(0 if outcome == "finished" else 2, False)] * 2
 
 
 def _run(overrides, interrupt_at=None):

@@ -15,6 +15,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from partialfc import dist as pdist
+    from partialfc.errors import DistributedError
     from partialfc.resources import resolve_config
     from partialfc.train.config import load_config, to_yaml
     from partialfc.train.preemption import EXIT_PREEMPTED, Preempted
@@ -24,9 +26,15 @@ def run(args) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
+    failed = False
     try:
         Trainer(cfg).train()
     except Preempted as stop:  # the batch script requeues the job; resume picks this checkpoint
         print(stop, file=sys.stderr)
         return EXIT_PREEMPTED
+    except DistributedError:
+        failed = True
+        raise
+    finally:
+        pdist.shutdown_distributed(failed)
     return 0
