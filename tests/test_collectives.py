@@ -201,6 +201,21 @@ def test_the_wrappers_compute_what_a_plain_reference_does():
     assert out == [expect] * 3
 
 
+def _leave_at_once(rank, world):
+    if rank == 0:
+        dist.destroy_process_group()
+    return rank
+
+
+@pytest.mark.multiprocess
+def test_a_rank_that_tears_its_group_down_at_once_never_breaks_a_peer_still_connecting():
+    """run_distributed connects every rank's group before fn runs anywhere (seen on a loaded
+    machine: rank 0's fn destroyed its group while rank 1 was in gloo's connectFullMesh,
+    'Connection closed by peer')."""
+    for _ in range(3):
+        assert run_distributed(_leave_at_once, 4, timeout=120) == [0, 1, 2, 3]
+
+
 def _train_and_report(rank, world, overrides):
     from partialfc.train.trainer import Trainer
 

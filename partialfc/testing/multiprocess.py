@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from partialfc.dist import NCCL_FAULT_ENV
+from partialfc.ops.collectives import barrier
 from partialfc.testing.ports import reserved_port
 
 
@@ -33,6 +34,9 @@ def _worker(rank, world_size, port, backend, fn, args, queue):
                 os.environ.setdefault(name, value)
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 init_method=f"tcp://127.0.0.1:{port}")
+        # Every rank's group is connected before any rank runs fn: a rank whose fn tears its
+        # group down at once (to make another) cannot close a pair a peer is still connecting.
+        barrier()
         # Plain pickle copies tensor data into the message; the queue's own pickler would
         # pass shared-memory handles that die with this process before the parent reads them.
         queue.put((rank, True, pickle.dumps(fn(rank, world_size, *args))))
