@@ -256,8 +256,9 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
 def shutdown_distributed(failed: bool = False) -> None:
     """Destroy every process group of this process (the end of a run, on every exit path).
     Left to the interpreter's exit, gloo's worker threads can abort a finished process
-    ("terminate called without an active exception"). After a failed collective an NCCL group
-    is left to its watchdog: destroying it could wait on the lost peer."""
+    ("terminate called without an active exception"). After a run that ended by an error
+    (``failed``) an NCCL group is left to its watchdog: destroying it could wait on a lost peer,
+    and not every collective failure is recognised as one (a failure while building the run)."""
     if not is_initialized() or (failed and backend_of() == "nccl"):
         return
     dist.destroy_process_group()

@@ -16,7 +16,6 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from partialfc import dist as pdist
-    from partialfc.errors import DistributedError
     from partialfc.resources import resolve_config
     from partialfc.train.config import load_config, to_yaml
     from partialfc.train.preemption import EXIT_PREEMPTED, Preempted
@@ -26,15 +25,14 @@ def run(args) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    failed = False
+    ended_cleanly = False
     try:
         Trainer(cfg).train()
+        ended_cleanly = True
     except Preempted as stop:  # the batch script requeues the job; resume picks this checkpoint
+        ended_cleanly = True
         print(stop, file=sys.stderr)
         return EXIT_PREEMPTED
-    except DistributedError:
-        failed = True
-        raise
     finally:
-        pdist.shutdown_distributed(failed)
+        pdist.shutdown_distributed(failed=not ended_cleanly)
     return 0
