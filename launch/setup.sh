@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-EXTRAS=${PARTIALFC_EXTRAS:-dev,dali,deepspeed,wandb,onnx}
+EXTRAS=${PARTIALFC_EXTRAS:-dev,dali,deepspeed,wandb,onnx,align}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
@@ -16,5 +16,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   .venv/bin/python -m pip install --quiet "torch==2.13.0"
   .venv/bin/python -m pip install --quiet -e ".[$EXTRAS]"
+  case ",$EXTRAS," in *,align,*)  # MTCNN's weights; the package's own pins are stale (pyproject.toml)
+    .venv/bin/python -m pip install --quiet --no-deps "facenet-pytorch>=2.5.3" ;; esac
   echo "$want" > "$stamp"
 fi

@@ -13,6 +13,8 @@ EXTRAS = {
     "nvidia.dali": "'partialfc[dali]' (CUDA 13; 'partialfc[dali-cuda12]' for CUDA 12 drivers)",
     "deepspeed": "'partialfc[deepspeed]'",
     "wandb": "'partialfc[wandb]'",
+    "onnxruntime": "'partialfc[onnx]'",
+    "dlib": "'partialfc[align]' (and Debian's libdlib-data for the landmark model)",
 }
 
 
