@@ -3,7 +3,7 @@
 
 The detector is built into dlib (``pip install dlib-bin``); the predictor's weights come from
 Debian's ``libdlib-data`` (``/usr/share/dlib/shape_predictor_68_face_landmarks.dat``) or a
-path given as ``predictor=``.
+path given as ``model=``.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ class DlibDetector:
     """``detect(image)``: HOG detections (the image upsampled ``upsample`` times first, to find
     faces down to about 40 / 2**upsample pixels) with a score above ``threshold``."""
 
-    def __init__(self, predictor: str | None = None, upsample: int = 1, threshold: float = 0.0):
+    def __init__(self, model: str | None = None, upsample: int = 1, threshold: float = 0.0):
         dlib = require("dlib", "detector dlib")
-        path = Path(predictor or PREDICTOR)
+        path = Path(model or PREDICTOR)
         if not path.is_file():
             raise InputNotFoundError(f"{path}: no dlib 68-point shape predictor there; install Debian's libdlib-data "
                                      "or pass its path")
@@ -55,5 +55,6 @@ class DlibDetector:
 
 
 @register_detector("dlib")
-def dlib_detector(predictor: str | None = None, upsample: int = 1, threshold: float = 0.0) -> DlibDetector:
-    return DlibDetector(predictor, upsample, threshold)
+def dlib_detector(model: str | None = None, upsample: int = 1, threshold: float = 0.0) -> DlibDetector:
+    """dlib's HOG detector; ``model``: the 68-point predictor (default: Debian's)."""
+    return DlibDetector(model, upsample, threshold)

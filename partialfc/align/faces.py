@@ -9,6 +9,7 @@ the table is complete, and an optional package is imported only when its detecto
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -62,10 +63,16 @@ def list_detectors() -> list[str]:
 
 
 def build_detector(name: str, **options) -> Detector:
-    """The detector registered as ``name``; a :class:`ConfigError` for an unknown name."""
+    """The detector registered as ``name``; a :class:`ConfigError` for an unknown name or an
+    option the detector does not take."""
     names = list_detectors()
     if name not in DETECTORS:
         raise ConfigError(f"unknown detector {name!r}; available: {', '.join(names)}")
+    accepted = inspect.signature(DETECTORS[name]).parameters
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ConfigError(f"detector {name} takes no option {', '.join(unknown)} (it takes: "
+                          f"{', '.join(accepted) or 'none'})")
     return DETECTORS[name](**options)
 
 

@@ -186,6 +186,6 @@ class MTCNN:
 
 
 @register_detector("mtcnn")
-def mtcnn(min_size: int = 20, **options) -> MTCNN:
+def mtcnn(min_size: int = 20, factor: float = 0.709) -> MTCNN:
     """MTCNN with facenet-pytorch's packaged weights (``pip install --no-deps facenet-pytorch``)."""
-    return MTCNN(min_size=min_size, **options)
+    return MTCNN(min_size=min_size, factor=factor)

@@ -1,4 +1,4 @@
-"""``partialfc data pack|check|shuffle|synth|index|make-bin``."""
+"""``partialfc data pack|check|shuffle|synth|index|make-bin|align|prepare``."""
 
 from __future__ import annotations
 
@@ -60,6 +60,7 @@ def _make_bin(args) -> int:
 
 
 def add_commands(subparsers) -> None:
+    add_align_commands(subparsers)
     p = subparsers.add_parser("make-bin", help="a .bin verification set from an image folder and an LFW pairs.txt")
     p.add_argument("images_dir", help="folder of IMAGES_DIR/<name>/<name>_<NNNN>.jpg")
     p.add_argument("pairs", help="LFW pairs.txt: 'name i j' (same) or 'name1 i name2 j' (different) per line")
@@ -104,3 +105,51 @@ def add_commands(subparsers) -> None:
     p.add_argument("path", help="the .rec file or its prefix")
     p.add_argument("--out", default=None, help="default: PREFIX.dali.idx")
     p.set_defaults(func=_index)
+
+
+def _align_options(args):
+    from partialfc.align.pipeline import AlignOptions
+    return AlignOptions(detector=args.detector, detector_options=(("model", args.model),) if args.model else (),
+                        landmarks=args.landmarks, select=args.select, min_face=args.min_face, quality=args.quality)
+
+
+def _print_align_report(report, sheet) -> None:
+    from partialfc.align.report import summary_table
+    print(summary_table(report))
+    for key, reason in report.skipped_photos[:20]:
+        print(f"  skipped {key}: {reason}")
+    if len(report.skipped_photos) > 20:
+        print(f"  ... {len(report.skipped_photos) - 20} more in {report.out_dir}/align.tsv")
+    if sheet:
+        print(f"contact sheet: {sheet}")
+
+
+def _align(args) -> int:
+    from partialfc.align.pipeline import align_folder
+    from partialfc.align.report import contact_sheet
+    report = align_folder(args.src, args.out, _align_options(args), args.workers, progress=not args.no_progress)
+    _print_align_report(report, contact_sheet(args.out, args.contact_sheet) if args.contact_sheet else None)
+    return 0
+
+
+def add_align_arguments(p) -> None:
+    """The options of face detection and alignment (``data align``, ``data prepare``, ``eval verify``)."""
+    p.add_argument("--detector", default="mtcnn", help="mtcnn | dlib | onnx (an SCRFD-layout model: --model)")
+    p.add_argument("--model", default=None, help="the detector's model file (onnx: required; dlib: the 68-point "
+                                                 "predictor, default Debian's libdlib-data)")
+    p.add_argument("--landmarks", default=None, help="file of 'path x1 y1 ... x5 y5' lines: these points, no detection")
+    p.add_argument("--select", default="largest", choices=["largest", "central"],
+                   help="which face of a photo with several")
+    p.add_argument("--min-face", type=int, default=32, help="skip faces whose box is smaller (pixels)")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality of the crops")
+
+
+def add_align_commands(subparsers) -> None:
+    p = subparsers.add_parser("align", help="detect, five-point align and crop every photo to 112x112")
+    p.add_argument("src", help="folder of SRC/<identity>/<photos>, or a list file of 'path label' lines")
+    p.add_argument("out", help="writes OUT/<identity>/<photo>.jpg, OUT/align.tsv and OUT/contact_sheet.png")
+    add_align_arguments(p)
+    p.add_argument("--workers", type=int, default=None, help="processes (default: the CPU cores this process may use)")
+    p.add_argument("--contact-sheet", type=int, default=48, help="faces on the contact sheet (0: none)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_align)
