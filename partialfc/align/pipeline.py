@@ -113,7 +113,7 @@ def choose_face(faces: list[Face], shape: tuple[int, ...], select: str, min_face
         raise PhotoSkipped("no face")
     big = [f for f in faces if f.size >= min_face]
     if not big:
-        raise PhotoSkipped("face too small", f"largest {max(f.size for f in faces):.0f} px < {min_face:g} px")
+        raise PhotoSkipped("face too small", f"largest {max(f.size for f in faces):.1f} px < {min_face:g} px")
     if select == "largest":
         return max(big, key=lambda f: f.size)
     centre = np.array([shape[1], shape[0]]) / 2
@@ -239,8 +239,8 @@ def align_folder(src: str, out_dir: str, options: AlignOptions = AlignOptions(),
         if status == "skipped" or status == "aligned" and os.path.isfile(os.path.join(out_dir, source.out)):
             report.done_before += 1
             continue
-        points = landmarks.points(source.path) if landmarks else None
-        if landmarks and points is None:
+        points = None if landmarks is None else landmarks.points(source.path)
+        if landmarks is not None and points is None:
             lines.append((source.key, "skipped", "", "no landmarks"))
             continue
         todo.append((source, out_dir, options, points))

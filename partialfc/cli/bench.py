@@ -10,6 +10,7 @@ BENCHMARKS = {
     "data": ("partialfc.bench.data", "input pipeline images/s: DALI and the PyTorch loader; multi-rank start-up"),
     "train": ("partialfc.bench.train", "end-to-end training samples/s with the step split into phases"),
     "losses": ("partialfc.bench.losses", "held-out accuracy of each loss configuration, mean +- std over seeds"),
+    "align": ("partialfc.bench.align", "face detectors on real photos: detection rate, s/photo, landmark agreement"),
 }
 
 

@@ -61,6 +61,7 @@ def _make_bin(args) -> int:
 
 def add_commands(subparsers) -> None:
     add_align_commands(subparsers)
+    add_prepare_command(subparsers)
     p = subparsers.add_parser("make-bin", help="a .bin verification set from an image folder and an LFW pairs.txt")
     p.add_argument("images_dir", help="folder of IMAGES_DIR/<name>/<name>_<NNNN>.jpg")
     p.add_argument("pairs", help="LFW pairs.txt: 'name i j' (same) or 'name1 i name2 j' (different) per line")
@@ -107,7 +108,8 @@ def add_commands(subparsers) -> None:
     p.set_defaults(func=_index)
 
 
-def _align_options(args):
+def align_options(args):
+    """The :class:`AlignOptions` of the options :func:`add_align_arguments` added."""
     from partialfc.align.pipeline import AlignOptions
     return AlignOptions(detector=args.detector, detector_options=(("model", args.model),) if args.model else (),
                         landmarks=args.landmarks, select=args.select, min_face=args.min_face, quality=args.quality)
@@ -127,7 +129,7 @@ def _print_align_report(report, sheet) -> None:
 def _align(args) -> int:
     from partialfc.align.pipeline import align_folder
     from partialfc.align.report import contact_sheet
-    report = align_folder(args.src, args.out, _align_options(args), args.workers, progress=not args.no_progress)
+    report = align_folder(args.src, args.out, align_options(args), args.workers, progress=not args.no_progress)
     _print_align_report(report, contact_sheet(args.out, args.contact_sheet) if args.contact_sheet else None)
     return 0
 
@@ -153,3 +155,34 @@ def add_align_commands(subparsers) -> None:
     p.add_argument("--contact-sheet", type=int, default=48, help="faces on the contact sheet (0: none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_align)
+
+
+def _prepare(args) -> int:
+    import shlex
+
+    from partialfc.align.prepare import prepare_photos
+    from partialfc.align.report import contact_sheet
+    result = prepare_photos(args.raw, args.out, align_options(args), args.val_identities, args.pairs, args.seed,
+                            args.workers, progress=not args.no_progress)
+    _print_align_report(result.align, contact_sheet(f"{args.out}/aligned"))
+    print(f"training set: {result.train_images} faces of {result.train_identities} identities in "
+          f"{result.train_prefix}.rec/.idx")
+    command = ["partialfc", "train", "photos", f"data.rec={result.train_prefix}"]
+    if result.val_bin:
+        print(f"held out: {result.val_pairs} pairs of {len(result.val_identities)} identities in {result.val_bin}")
+        command.append(f"eval.bins=[{result.val_bin}]")
+    print("train on it with:\n  " + " ".join(shlex.quote(c) for c in command))
+    return 0
+
+
+def add_prepare_command(subparsers) -> None:
+    p = subparsers.add_parser("prepare", help="raw photos to an aligned, shuffled .rec/.idx and a held-out .bin")
+    p.add_argument("raw", help="folder of RAW/<identity>/<photos>, or a list file of 'path label' lines")
+    p.add_argument("out", help="writes OUT/aligned/, OUT/train.rec/.idx/.names and OUT/val.bin")
+    add_align_arguments(p)
+    p.add_argument("--val-identities", type=int, default=10, help="identities held out for the .bin (0: none)")
+    p.add_argument("--pairs", type=int, default=1000, help="verification pairs of the held-out identities")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out choice, the pairs and the shuffle")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: the CPU cores this process may use)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_prepare)

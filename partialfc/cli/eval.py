@@ -1,9 +1,12 @@
-"""``partialfc eval verify (--checkpoint CKPT | --onnx MODEL.onnx) --bin A.bin [--bin B.bin ...]`` and
+"""``partialfc eval verify (--checkpoint CKPT | --onnx MODEL.onnx) --bin A.bin [--bin B.bin ...]
+[--pairs pairs.txt --images PHOTOS]`` and
 ``partialfc eval ijb --dataset-dir DIR --target IJBC (--checkpoint CKPT | --onnx MODEL.onnx)``."""
 
 from __future__ import annotations
 
 import json
+
+from partialfc.cli.data import add_align_arguments
 
 
 def load_model(args):
@@ -26,11 +29,31 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device of the model (default: cpu)")
 
 
-def _verify(args) -> int:
+def _photo_pairs(args):
+    """The verification set of ``--pairs`` over ``--images``, its photos aligned."""
+    from partialfc.align.pairs import align_pairs
+    from partialfc.cli.data import align_options
+    from partialfc.errors import ConfigError
     from partialfc.eval.verification import VerificationSet
 
+    if not args.images:
+        raise ConfigError("--pairs needs --images, the folder of IMAGES/<name>/<name>_<NNNN>.jpg")
+    images, issame, fallbacks = align_pairs(args.images, args.pairs, align_options(args), args.workers)
+    for path, reason in fallbacks:
+        print(f"  {path}: {reason}; its centre square is used")
+    if fallbacks:
+        print(f"{len(fallbacks)} photo(s) without a usable face were centre-cropped")
+    return VerificationSet(args.pairs, images, issame)
+
+
+def _verify(args) -> int:
+    from partialfc.errors import ConfigError
+    from partialfc.eval.verification import VerificationSet
+
+    if not args.bin and not args.pairs:
+        raise ConfigError("give --bin SET.bin and/or --pairs pairs.txt --images FOLDER")
     model = load_model(args)
-    sets = [VerificationSet(path) for path in args.bin]
+    sets = [VerificationSet(path) for path in args.bin] + ([_photo_pairs(args)] if args.pairs else [])
     for vs in sets:
         result = vs.evaluate(model, batch_size=args.batch_size, device=args.device)
         print(json.dumps({"bin": vs.path, **result.as_dict()}) if args.json else
@@ -54,7 +77,12 @@ def _ijb(args) -> int:
 def add_commands(subparsers) -> None:
     verify = subparsers.add_parser("verify", help="10-fold verification accuracy on .bin sets")
     add_model_arguments(verify)
-    verify.add_argument("--bin", required=True, action="append", help=".bin verification set (repeatable)")
+    verify.add_argument("--bin", default=[], action="append", help=".bin verification set (repeatable)")
+    photos = verify.add_argument_group("pairs of raw photos, aligned like data align")
+    photos.add_argument("--pairs", default=None, help="LFW pairs.txt: 'name i j' (same) or 'name1 i name2 j' per line")
+    photos.add_argument("--images", default=None, help="folder of IMAGES/<name>/<name>_<NNNN>.jpg (unaligned)")
+    photos.add_argument("--workers", type=int, default=1, help="processes aligning the photos")
+    add_align_arguments(photos)
     verify.add_argument("--json", action="store_true", help="one JSON line per set")
     verify.set_defaults(func=_verify)
     ijb = subparsers.add_parser("ijb", help="IJB-B/C 1:1 verification: TAR at FAR 1e-6..1e-1, ROC PNG and JSON")

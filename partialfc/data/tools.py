@@ -68,14 +68,15 @@ def _load_for_pack(task: tuple[str, int, int | None, int]) -> tuple[bytes | None
         return None, f"{path}: cannot be decoded ({e})"
 
 
-def list_image_folders(src_dir: str) -> list[tuple[str, list[str]]]:
+def list_image_folders(src_dir: str, only: set[str] | None = None) -> list[tuple[str, list[str]]]:
     """``[(identity folder name, sorted image paths), ...]`` sorted by folder name; class id =
-    position in this list. Folders without images are skipped."""
+    position in this list. Folders without images are skipped, and with ``only`` the folders
+    not named there."""
     if not os.path.isdir(src_dir):
         raise InputNotFoundError(f"{src_dir}: no such folder")
     identities = []
     for entry in sorted(os.scandir(src_dir), key=lambda e: e.name):
-        if entry.is_dir():
+        if entry.is_dir() and (only is None or entry.name in only):
             files = sorted(f.path for f in os.scandir(entry.path)
                            if f.is_file() and Path(f.name).suffix.lower() in IMAGE_SUFFIXES)
             if files:
@@ -86,13 +87,14 @@ def list_image_folders(src_dir: str) -> list[tuple[str, list[str]]]:
 
 
 def pack_folder(src_dir: str, out_prefix: str, size: int | None = 112, quality: int = 95,
-                workers: int | None = None, progress: bool = True, skip_bad: bool = False) -> PackResult:
+                workers: int | None = None, progress: bool = True, skip_bad: bool = False,
+                only: set[str] | None = None) -> PackResult:
     """Pack ``src_dir/<identity>/<image>`` into a header-flavour ``out_prefix.rec/.idx`` plus
     ``out_prefix.names`` (class id -> folder name). Atomic. Every image is decoded: one that
     cannot be is an :class:`ImageFileError` (nothing written), or with ``skip_bad`` left out
-    and listed. Images are keys ``1..N`` in folder order; the dataset header (key 0) is
+    and listed. ``only``: pack just the identity folders named there. Images are keys ``1..N`` in folder order; the dataset header (key 0) is
     written after them, once ``N`` is known."""
-    identities = list_image_folders(src_dir)
+    identities = list_image_folders(src_dir, only)
     tasks = [(path, quality, size, label) for label, (_, files) in enumerate(identities) for path in files]
     k = len(identities)
     counts, skipped = [0] * k, []

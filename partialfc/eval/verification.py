@@ -137,10 +137,12 @@ def verification_metrics(embeddings: np.ndarray | torch.Tensor, issame: np.ndarr
 class VerificationSet:
     """A decoded ``.bin`` set: ``images`` uint8 ``(2P, 3, 112, 112)``, ``issame`` ``(P,)``."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, images: np.ndarray | None = None, issame: np.ndarray | None = None):
+        """The ``.bin`` at ``path``; or, given ``images`` and ``issame``, those (``path`` names them)."""
         self.path = path
-        images, self.issame = load_bin_images(path)
-        self.images = torch.from_numpy(images)
+        if images is None:
+            images, issame = load_bin_images(path)
+        self.images, self.issame = torch.from_numpy(images), issame
 
     def evaluate(self, model: torch.nn.Module, group=None, **kw) -> VerificationResult:
         """Embed over the ranks of ``group`` (default: the world) and score; each of them
