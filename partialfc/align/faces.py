@@ -73,6 +73,9 @@ def build_detector(name: str, **options) -> Detector:
     if unknown:
         raise ConfigError(f"detector {name} takes no option {', '.join(unknown)} (it takes: "
                           f"{', '.join(accepted) or 'none'})")
+    missing = [p for p, v in accepted.items() if v.default is inspect.Parameter.empty and p not in options]
+    if missing:
+        raise ConfigError(f"detector {name} needs {', '.join(missing)} (--detector-{missing[0]} on the command line)")
     return DETECTORS[name](**options)
 
 

@@ -14,18 +14,20 @@ from partialfc.errors import InputError, InputNotFoundError
 
 
 def _key(path: str | Path, root: str | Path) -> str:
-    return os.path.normpath(os.path.join(root, path))
+    """Absolute, so a relative root or photo path matches the same photo named absolutely."""
+    return os.path.abspath(os.path.join(root, path))
 
 
 class LandmarksFile:
     """The points of a landmarks file; ``points(path)`` ``(5, 2)`` or ``None`` for a photo the
-    file does not list. ``root``: the folder relative paths are relative to."""
+    file does not list (``path``: the photo's path as it is opened). ``root``: the folder the
+    file's relative paths are relative to."""
 
     def __init__(self, path: str | Path, root: str | Path):
         if not os.path.isfile(path):
             raise InputNotFoundError(f"landmarks file {path} not found")
         self.path, self.root, self._points = str(path), root, {}
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:  # names as os.scandir gives them
             for number, line in enumerate(f, 1):
                 fields = line.split("#", 1)[0].strip().rsplit(None, 10)  # the path may hold spaces
                 if not fields:
@@ -45,4 +47,4 @@ class LandmarksFile:
         return len(self._points)
 
     def points(self, photo: str | Path) -> np.ndarray | None:
-        return self._points.get(_key(photo, self.root))
+        return self._points.get(os.path.abspath(photo))

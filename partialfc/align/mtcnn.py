@@ -10,7 +10,6 @@ Install with ``pip install --no-deps facenet-pytorch`` (its pins predate torch 2
 from __future__ import annotations
 
 import importlib.util
-import math
 from pathlib import Path
 
 import numpy as np
@@ -158,8 +157,19 @@ class MTCNN:
             crops.append(F.interpolate(patch, size=(size, size), mode="area"))
         return _normalise(torch.cat(crops)), grid.astype(np.float64)
 
-    @torch.inference_mode()
     def detect(self, image: np.ndarray) -> list[Face]:
+        """Faces of ``image``, computed on one CPU thread: the networks are too small to gain from
+        more, and several threads on a loaded machine ran 10x slower (parallelism comes from
+        processes, ``data align --workers``)."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._detect(image)
+        finally:
+            torch.set_num_threads(threads)
+
+    @torch.inference_mode()
+    def _detect(self, image: np.ndarray) -> list[Face]:
         pixels = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)[None]
         boxes = self._proposals(pixels)
         # stage 2: refine the squared proposals at 24x24

@@ -45,7 +45,9 @@ class OnnxDetector:
         if not Path(model).is_file():
             raise InputNotFoundError(f"ONNX detector model {self.model} does not exist")
         try:
-            self.session = ort.InferenceSession(self.model, providers=["CPUExecutionProvider"])
+            session_options = ort.SessionOptions()
+            session_options.intra_op_num_threads = 1  # one core per process: data align --workers parallelises
+            self.session = ort.InferenceSession(self.model, session_options, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own exception types
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(f"ONNX detector model {self.model} cannot be loaded: {reason}") from None

@@ -52,8 +52,6 @@ def align_pairs(images_dir: str, pairs_txt: str, options: AlignOptions = AlignOp
     paths, issame = read_lfw_pairs(images_dir, pairs_txt)
     unique = sorted(set(paths))
     landmarks = LandmarksFile(options.landmarks, images_dir) if options.landmarks else None
-    if options.threads == 0 and workers != 1:
-        options = AlignOptions(**{**options.__dict__, "threads": 1})
     crops, fallbacks = {}, []
     tasks = [(p, options, None if landmarks is None else landmarks.points(p)) for p in unique]
     results = ordered_map(_pair_crop, tasks, len(tasks), workers, desc="aligning pairs", unit="photo",

@@ -37,7 +37,8 @@ REASONS = {
 def load_photo(path: str | Path, max_side: int = MAX_SIDE) -> tuple[np.ndarray, float]:
     """``(uint8 RGB (H, W, 3) array, scale)``: the photo upright (EXIF orientation applied), with
     its longest side at most ``max_side``; ``scale`` = decoded size / stored size (1.0 unless
-    it was reduced), so a point ``p`` of the upright full-size photo lies at ``p * scale``."""
+    it was reduced), so a point ``p`` of the upright full-size photo lies at
+    ``(p + 0.5) * scale - 0.5`` (pixel centres at integer coordinates)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # past twice as many: an error
@@ -70,11 +71,14 @@ def _upright_size(im: Image.Image) -> tuple[int, int]:
 
 
 def _rgb(im: Image.Image) -> Image.Image:
-    """RGB of any mode: alpha composited on white, 16-bit and float grayscale rescaled."""
+    """RGB of any mode: alpha composited on white, 16-bit grayscale from 0..65535 to 0..255,
+    32-bit and float grayscale rescaled (by their maximum when it exceeds 255)."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         values = np.asarray(im, np.float64)
         top = values.max() if values.size and values.max() > 255 else 255.0
-        im = Image.fromarray(np.clip(values / top * 255.0, 0, 255).astype(np.uint8))
+        if im.mode.startswith("I;16") or im.mode == "I" and 255 < top <= 65535:
+            top = 65535.0  # 16-bit samples (older Pillow opens a 16-bit grayscale PNG as "I")
+        im = Image.fromarray(np.clip(values / top * 255.0, 0, 255).round().astype(np.uint8))
     if im.mode == "P":
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA"):

@@ -21,7 +21,7 @@ from PIL import Image
 from partialfc.align.faces import Face, build_detector
 from partialfc.align.landmarks import LandmarksFile
 from partialfc.align.photos import IMAGE_SUFFIXES, MAX_SIDE, PhotoSkipped, load_photo
-from partialfc.align.template import FACE_SIZE, warp_face
+from partialfc.align.template import warp_face
 from partialfc.data.images import encode_jpeg
 from partialfc.data.parallel import ordered_map
 from partialfc.errors import InputError, InputNotFoundError
@@ -44,7 +44,6 @@ class AlignOptions:
     select: str = "largest"
     min_face: int = 32
     quality: int = 95
-    threads: int = 0  # torch threads of a worker (0: leave the default)
 
     def __post_init__(self):
         if self.select not in SELECT:
@@ -77,7 +76,7 @@ def list_sources(src: str) -> tuple[list[Source], list[str], list[Source]]:
             entries += [(os.path.join(folder.path, f), f"{folder.name}/{f}", folder.name) for f in files]
     elif os.path.isfile(src):
         empty, entries, root = [], [], os.path.dirname(os.path.abspath(src))
-        with open(src, encoding="utf-8") as f:
+        with open(src, encoding="utf-8", errors="surrogateescape") as f:  # non-UTF-8 names as os.scandir
             for number, line in enumerate(f, 1):
                 fields = line.strip().rsplit(None, 1)
                 if not fields:
@@ -120,9 +119,10 @@ def choose_face(faces: list[Face], shape: tuple[int, ...], select: str, min_face
     return min(big, key=lambda f: float(np.linalg.norm((f.box[:2] + f.box[2:]) / 2 - centre)))
 
 
-def detect_face(detector, image: np.ndarray, options: AlignOptions) -> Face:
+def detect_face(detector, image: np.ndarray, options: AlignOptions, photo_scale: float = 1.0) -> Face:
     """The chosen face of ``image``, searched on a copy at most :data:`DETECT_SIDE` px; the
-    box, points and ``min_face`` in ``image``'s pixels."""
+    box and points in ``image``'s pixels, ``min_face`` in the full-size photo's (``image`` is
+    the photo decoded at ``photo_scale``, as :func:`load_photo` says)."""
     scale = min(1.0, DETECT_SIDE / max(image.shape[:2]))
     small = image
     if scale < 1.0:
@@ -130,7 +130,10 @@ def detect_face(detector, image: np.ndarray, options: AlignOptions) -> Face:
         small = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR, reducing_gap=2.0))
     faces = [Face((f.box + 0.5) / scale - 0.5, (f.points + 0.5) / scale - 0.5, f.score) if scale < 1.0 else f
              for f in detector.detect(small)]
-    return choose_face(faces, image.shape, options.select, options.min_face)
+    in_photo = [Face((f.box + 0.5) / photo_scale - 0.5, f.points, f.score) for f in faces]
+    chosen = choose_face(in_photo, (image.shape[0] / photo_scale, image.shape[1] / photo_scale), options.select,
+                         options.min_face)
+    return faces[next(i for i, f in enumerate(in_photo) if f is chosen)]
 
 
 _DETECTORS: dict[tuple, object] = {}
@@ -140,9 +143,6 @@ def _detector(options: AlignOptions):
     """This process's detector for ``options`` (built once per process)."""
     key = (options.detector, options.detector_options)
     if key not in _DETECTORS:
-        if options.threads:
-            import torch
-            torch.set_num_threads(options.threads)
         _DETECTORS[key] = build_detector(options.detector, **dict(options.detector_options))
     return _DETECTORS[key]
 
@@ -152,10 +152,10 @@ def align_photo(path: str, options: AlignOptions, points: np.ndarray | None = No
     the photo at ``path``: its given ``points``, or its chosen detected face. Raises
     :class:`PhotoSkipped`."""
     image, scale = load_photo(path, MAX_SIDE)
-    if points is not None:
-        return warp_face(image, points * scale), points, 1.0
-    face = detect_face(_detector(options), image, options)
-    return warp_face(image, face.points), face.points / scale, face.score
+    if points is not None:  # pixel centres: p of the full-size photo is (p + 0.5) * scale - 0.5 of image
+        return warp_face(image, (points + 0.5) * scale - 0.5), points, 1.0
+    face = detect_face(_detector(options), image, options, scale)
+    return warp_face(image, face.points), (face.points + 0.5) / scale - 0.5, face.score
 
 
 def _align_task(task: tuple[Source, str, AlignOptions, np.ndarray | None]) -> tuple[str, str]:
@@ -168,9 +168,13 @@ def _align_task(task: tuple[Source, str, AlignOptions, np.ndarray | None]) -> tu
     target = os.path.join(out_dir, source.out)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     tmp = f"{target}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(encode_jpeg(crop, options.quality))
-    os.replace(tmp, target)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(encode_jpeg(crop, options.quality))
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):  # a failed write (full disk) leaves no partial file behind
+            os.remove(tmp)
     return "aligned", " ".join(f"{v:.2f}" for v in points.reshape(-1)) + f" {score:.4f}"
 
 
@@ -179,12 +183,28 @@ def read_journal(out_dir: str) -> dict[str, tuple[str, str, str]]:
     is ignored (that photo is done again)."""
     journal, path = {}, os.path.join(out_dir, JOURNAL)
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
             for line in f:
                 if line.endswith("\n") and line.count("\t") == 3:
                     key, status, crop, detail = line[:-1].split("\t")
                     journal[key] = (status, crop, detail)
     return journal
+
+
+def _drop_cut_line(path: str) -> None:
+    """Truncate the journal after its last newline: a line a kill cut short (ignored by
+    :func:`read_journal`, its photo is done again) must not be continued by the next line."""
+    with open(path, "rb+") as f:
+        end = f.seek(0, os.SEEK_END)
+        while end > 0:
+            start = max(0, end - 65536)
+            f.seek(start)
+            newline = f.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                f.truncate(start + newline + 1)
+                return
+            end = start
+        f.truncate(0)
 
 
 @dataclass
@@ -219,9 +239,10 @@ class AlignReport:
 
 
 def align_folder(src: str, out_dir: str, options: AlignOptions = AlignOptions(), workers: int | None = 1,
-                 progress: bool = True) -> AlignReport:
+                 progress: bool = True, retry_skipped: bool = False) -> AlignReport:
     """Align every photo of ``src`` into ``out_dir`` (see the module docstring); photos the
-    journal lists are not done again."""
+    journal lists are not done again, except, with ``retry_skipped``, those it lists as skipped
+    (say after a change of ``min_face`` or detector, or of the landmarks file)."""
     photos, empty, others = list_sources(src)
     landmarks = LandmarksFile(options.landmarks, src if os.path.isdir(src) else os.path.dirname(src)) \
         if options.landmarks else None
@@ -236,7 +257,8 @@ def align_folder(src: str, out_dir: str, options: AlignOptions = AlignOptions(),
             lines.append((source.key, "skipped", "", "not an image: not an image file name"))
     for source in photos:
         status = journal.get(source.key, ("", ""))[0]
-        if status == "skipped" or status == "aligned" and os.path.isfile(os.path.join(out_dir, source.out)):
+        if status == "skipped" and not retry_skipped or \
+                status == "aligned" and os.path.isfile(os.path.join(out_dir, source.out)):
             report.done_before += 1
             continue
         points = None if landmarks is None else landmarks.points(source.path)
@@ -244,10 +266,11 @@ def align_folder(src: str, out_dir: str, options: AlignOptions = AlignOptions(),
             lines.append((source.key, "skipped", "", "no landmarks"))
             continue
         todo.append((source, out_dir, options, points))
-    threaded = options if workers == 1 else AlignOptions(**{**options.__dict__, "threads": 1})
-    todo = [(s, o, threaded, p) for s, o, _, p in todo]
     start = time.perf_counter()
-    with open(os.path.join(out_dir, JOURNAL), "a", encoding="utf-8") as log:
+    journal_path = os.path.join(out_dir, JOURNAL)
+    if os.path.isfile(journal_path):
+        _drop_cut_line(journal_path)
+    with open(journal_path, "a", encoding="utf-8", errors="surrogateescape") as log:  # non-UTF-8 file names
         def record(key: str, status: str, crop: str, detail: str) -> None:
             log.write(f"{key}\t{status}\t{crop}\t{detail}\n")
             log.flush()

@@ -111,15 +111,16 @@ def add_commands(subparsers) -> None:
 def align_options(args):
     """The :class:`AlignOptions` of the options :func:`add_align_arguments` added."""
     from partialfc.align.pipeline import AlignOptions
-    return AlignOptions(detector=args.detector, detector_options=(("model", args.model),) if args.model else (),
+    model = (("model", args.detector_model),) if args.detector_model else ()
+    return AlignOptions(detector=args.detector, detector_options=model,
                         landmarks=args.landmarks, select=args.select, min_face=args.min_face, quality=args.quality)
 
 
 def _print_align_report(report, sheet) -> None:
     from partialfc.align.report import summary_table
     print(summary_table(report))
-    for key, reason in report.skipped_photos[:20]:
-        print(f"  skipped {key}: {reason}")
+    for key, reason in report.skipped_photos[:20]:  # a name that is not UTF-8 prints with U+FFFD
+        print(f"  skipped {key.encode('utf-8', 'surrogateescape').decode('utf-8', 'replace')}: {reason}")
     if len(report.skipped_photos) > 20:
         print(f"  ... {len(report.skipped_photos) - 20} more in {report.out_dir}/align.tsv")
     if sheet:
@@ -129,16 +130,18 @@ def _print_align_report(report, sheet) -> None:
 def _align(args) -> int:
     from partialfc.align.pipeline import align_folder
     from partialfc.align.report import contact_sheet
-    report = align_folder(args.src, args.out, align_options(args), args.workers, progress=not args.no_progress)
+    report = align_folder(args.src, args.out, align_options(args), args.workers, progress=not args.no_progress,
+                          retry_skipped=args.retry_skipped)
     _print_align_report(report, contact_sheet(args.out, args.contact_sheet) if args.contact_sheet else None)
     return 0
 
 
 def add_align_arguments(p) -> None:
     """The options of face detection and alignment (``data align``, ``data prepare``, ``eval verify``)."""
-    p.add_argument("--detector", default="mtcnn", help="mtcnn | dlib | onnx (an SCRFD-layout model: --model)")
-    p.add_argument("--model", default=None, help="the detector's model file (onnx: required; dlib: the 68-point "
-                                                 "predictor, default Debian's libdlib-data)")
+    p.add_argument("--detector", default="mtcnn",
+                   help="mtcnn | dlib | onnx (an SCRFD-layout model file: --detector-model)")
+    p.add_argument("--detector-model", default=None, help="the detector's model file (onnx: required; dlib: the "
+                                                          "68-point predictor, default Debian's libdlib-data)")
     p.add_argument("--landmarks", default=None, help="file of 'path x1 y1 ... x5 y5' lines: these points, no detection")
     p.add_argument("--select", default="largest", choices=["largest", "central"],
                    help="which face of a photo with several")
@@ -153,6 +156,8 @@ def add_align_commands(subparsers) -> None:
     add_align_arguments(p)
     p.add_argument("--workers", type=int, default=None, help="processes (default: the CPU cores this process may use)")
     p.add_argument("--contact-sheet", type=int, default=48, help="faces on the contact sheet (0: none)")
+    p.add_argument("--retry-skipped", action="store_true",
+                   help="try again the photos an earlier run skipped (a re-run otherwise resumes where it stopped)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_align)
 
