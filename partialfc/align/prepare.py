@@ -5,7 +5,8 @@ held-out evaluation, in one command.
    resumable);
 2. hold out ``val_identities`` identities (chosen at random among those with two or more
    aligned faces) and write ``pairs`` verification pairs of them, half of one person and half
-   of two, to ``OUT/val.bin``;
+   of two, to ``OUT/val.bin`` (and which faces they are to ``OUT/val_pairs.tsv``: crop, crop,
+   1 or 0 for same or not, the crops relative to ``OUT/aligned``);
 3. pack the other identities' faces into a shuffled ``OUT/train.rec/.idx`` (class names in
    ``OUT/train.names``).
 """
@@ -23,7 +24,7 @@ from partialfc.data.tools import pack_folder, shuffle_dataset
 from partialfc.data.verification_bin import write_bin
 from partialfc.errors import InputError
 
-ALIGNED, TRAIN, VAL = "aligned", "train", "val.bin"
+ALIGNED, TRAIN, VAL, VAL_PAIRS = "aligned", "train", "val.bin", "val_pairs.tsv"
 
 
 @dataclass
@@ -89,6 +90,8 @@ def prepare_photos(raw: str, out: str, options: AlignOptions = AlignOptions(), v
         images = [Path(p).read_bytes() for a, b, _ in chosen for p in (a, b)]
         val_bin, num_pairs = os.path.join(out, VAL), len(chosen)
         write_bin(val_bin, images, [same for _, _, same in chosen])
+        Path(out, VAL_PAIRS).write_text("".join(f"{os.path.relpath(a, aligned_dir)}\t{os.path.relpath(b, aligned_dir)}"
+                                                f"\t{int(same)}\n" for a, b, same in chosen))
     train = set(faces) - set(held_out)
     sorted_prefix, prefix = os.path.join(out, "train.sorted"), os.path.join(out, TRAIN)
     packed = pack_folder(aligned_dir, sorted_prefix, size=112, workers=workers, progress=progress, only=train)
