@@ -59,6 +59,13 @@ def iod_distance(a, b) -> float:
     return float(np.linalg.norm(a.points - b.points, axis=1).mean() / iod)
 
 
+def upright(points: np.ndarray) -> np.ndarray:
+    """The five points with the left eye at the origin and the eye line along +x (y down): a
+    tilted head's points as if it were upright."""
+    c, s = (points[1] - points[0]) / np.linalg.norm(points[1] - points[0])
+    return (points - points[0]) @ np.array([[c, -s], [s, c]])
+
+
 # --- real photos ---------------------------------------------------------------------------
 
 @needs_celeba
@@ -79,11 +86,12 @@ def test_five_points_are_in_face_order_and_inside_the_box(detections, name):
     for photo, face in zip(photos, detections[name]):
         if face is None:
             continue
-        (lx, ly), (rx, ry), (nx, ny), (mlx, mly), (mrx, mry) = face.points
         x1, y1, x2, y2 = face.box
         margin = 0.1 * max(x2 - x1, y2 - y1)
         inside = np.all((face.points >= [x1 - margin, y1 - margin]) & (face.points <= [x2 + margin, y2 + margin]))
-        ordered = lx < rx and mlx < mrx and max(ly, ry) < ny < min(mly, mry)
+        (lx, _), (rx, _) = face.points[:2]
+        _, (_, ny), (mlx, mly), (mrx, mry) = upright(face.points)[1:]
+        ordered = lx < rx and 0 < ny < min(mly, mry) and mlx < mrx
         if not (inside and ordered):
             bad.append(f"{photo.parent.name}/{photo.name}: box {face.box.round(1)} points {face.points.round(1)}")
     assert not bad, "\n".join(bad)
@@ -192,3 +200,33 @@ def test_nms_matches_a_brute_force_reference(by, grid):
             kept = nms(boxes, scores, threshold, by=by)
             assert kept.dtype == np.int64
             assert kept.tolist() == reference_nms(boxes, scores, threshold, by), (trial, threshold)
+
+
+def test_a_missing_detector_package_is_one_error_line_naming_the_install(monkeypatch, capsys, tmp_path):
+    """Without facenet-pytorch (MTCNN's weights) or dlib, data align stops before any work with
+    one line saying what to install."""
+    import importlib
+
+    from partialfc.align import mtcnn
+    from partialfc.cli import main
+    (tmp_path / "src/ana").mkdir(parents=True)
+    (tmp_path / "src/ana/a.jpg").write_bytes(b"x")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(mtcnn.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "facenet_pytorch" else real_find_spec(name, *a))
+    assert main(["data", "align", str(tmp_path / "src"), str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install --no-deps 'facenet-pytorch" in err[0]
+    real_import = importlib.import_module
+
+    def without_dlib(name, *args):
+        if name == "dlib":
+            raise ImportError("No module named 'dlib'")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", without_dlib)
+    assert main(["data", "align", str(tmp_path / "src"), str(tmp_path / "out"), "--detector", "dlib",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'partialfc[align]'" in err[0]
+    assert not (tmp_path / "out/ana").exists()

@@ -597,3 +597,20 @@ def test_the_command_rejects_bad_input_with_one_error_line(tmp_path, capsys, cas
     if case.startswith("bad"):
         assert f"{landmarks}:3:" in err  # file and line number (the first line is a comment)
     assert not (tmp_path / "out" / "id0" / "p0.jpg").exists()
+
+
+def test_a_confident_face_beats_a_larger_doubtful_one():
+    """MTCNN's false positives on torsos and shirt prints score 0.72-0.93 and are larger than
+    the face: with the detector's ``confident`` score, the face is chosen among the confident
+    ones; with none confident, or no threshold, size decides as before."""
+    from partialfc.align.pipeline import choose_face
+
+    def face(side, score, x=0.0):
+        return Face(np.array([x, 0.0, x + side, side]), np.zeros((5, 2)), score)
+
+    torso, real = face(150, 0.85), face(60, 0.999, x=200)
+    assert choose_face([torso, real], (400, 400), "largest", 20, confident=0.95) is real
+    assert choose_face([torso, real], (400, 400), "largest", 20) is torso
+    doubtful = face(50, 0.9, x=300)
+    assert choose_face([torso, doubtful], (400, 400), "largest", 20, confident=0.95) is torso
+    assert choose_face([torso, face(10, 0.99)], (400, 400), "largest", 20, confident=0.95) is torso  # too small

@@ -38,6 +38,9 @@ class Face:
 
 
 class Detector(Protocol):
+    """Optionally ``confident``: a score above which a detection is almost surely a face (a
+    photo's face is then chosen among those, see ``pipeline.choose_face``)."""
+
     def detect(self, image: np.ndarray) -> list[Face]:
         """Every face found in the uint8 RGB ``(H, W, 3)`` ``image``."""
 

@@ -105,14 +105,18 @@ def list_sources(src: str) -> tuple[list[Source], list[str], list[Source]]:
     return photos, empty, others
 
 
-def choose_face(faces: list[Face], shape: tuple[int, ...], select: str, min_face: float) -> Face:
-    """The face to keep: among those at least ``min_face`` px, the largest or the most central
-    one; :class:`PhotoSkipped` when there is none."""
+def choose_face(faces: list[Face], shape: tuple[int, ...], select: str, min_face: float,
+                confident: float | None = None) -> Face:
+    """The face to keep: among those at least ``min_face`` px (and, when some score at least
+    ``confident``, among those), the largest or the most central one; :class:`PhotoSkipped`
+    when there is none."""
     if not faces:
         raise PhotoSkipped("no face")
     big = [f for f in faces if f.size >= min_face]
     if not big:
         raise PhotoSkipped("face too small", f"largest {max(f.size for f in faces):.1f} px < {min_face:g} px")
+    if confident is not None and any(f.score >= confident for f in big):
+        big = [f for f in big if f.score >= confident]  # a shirt print scored 0.8 must not win by its size
     if select == "largest":
         return max(big, key=lambda f: f.size)
     centre = np.array([shape[1], shape[0]]) / 2
@@ -132,7 +136,7 @@ def detect_face(detector, image: np.ndarray, options: AlignOptions, photo_scale:
              for f in detector.detect(small)]
     in_photo = [Face((f.box + 0.5) / photo_scale - 0.5, f.points, f.score) for f in faces]
     chosen = choose_face(in_photo, (image.shape[0] / photo_scale, image.shape[1] / photo_scale), options.select,
-                         options.min_face)
+                         options.min_face, getattr(detector, "confident", None))
     return faces[next(i for i, f in enumerate(in_photo) if f is chosen)]
 
 

@@ -38,7 +38,7 @@ def sample_photos(folder: str, limit: int) -> list[str]:
 
     by_identity: dict[str, list[str]] = {}
     for source in list_sources(folder)[0]:
-        by_identity.setdefault(source.key.split("/")[0], []).append(source.path)
+        by_identity.setdefault(source.out.split("/")[0], []).append(source.path)
     order = [p for row in zip_longest(*by_identity.values()) for p in row if p is not None]
     return order[:limit] if limit > 0 else order
 
@@ -151,7 +151,7 @@ def figure(records: list[dict], curves: dict[str, list[float]], title: str):
 COLUMNS = [("what", "detector / pair"), ("photos", "photos"), ("found", "face found"),
            ("found_fraction", "fraction found"), ("seconds_median", "s/photo median"), ("seconds_mean", "s/photo mean"),
            ("different_faces", "different faces"), ("median", "median"), ("mean", "mean"), ("p90", "p90"),
-           ("under_0_1", "fraction < 0.1"), ("per_point", "median per point (eyes, nose, mouth)")]
+           ("under_0_1", "fraction < 0.1"), ("per_point", "median per point: eyes l / r, nose, mouth l / r")]
 
 
 def run(args) -> int:
@@ -178,8 +178,8 @@ def run(args) -> int:
         records.append(record)
     hardware = stamp_records(records, "align", "cpu")
     title = (f"Face detection on {len(paths)} photos of {Path(args.photos).name}, one core of {hardware}; "
-             f"pairs: landmark distance in inter-ocular distances, photos over {DIFFERENT_FACE} (different faces) "
-             "left out")
+             f"pair rows: photos where both found a face, landmark distance in inter-ocular distances over those "
+             f"not more than {DIFFERENT_FACE} apart (the others: different faces)")
     table = f"{title}\n\n" + markdown_table(records, COLUMNS)
     fig = figure(records, curves, f"{len(paths)} photos of {Path(args.photos).name}, one core of {hardware}")
     paths_out = write_outputs(args.out, args.name, records, table, fig)
