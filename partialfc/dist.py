@@ -55,8 +55,27 @@ class LaunchEnv:
 
     @property
     def device(self) -> torch.device:
-        """``cuda:<local_rank>`` when CUDA is present, else the CPU."""
-        return torch.device(f"cuda:{self.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        """The CPU without CUDA; else the GPU of this rank among those the process can see:
+        ``cuda:<local_rank>`` when the node's GPUs are all visible, ``cuda:0`` when the
+        scheduler binds one per task (Slurm's ``--gpus-per-task=1``, ``--gpu-bind``)."""
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        visible = torch.cuda.device_count()
+        if visible == 1:
+            return torch.device("cuda:0")
+        if self.local_rank >= visible:
+            raise LaunchError(f"local rank {self.local_rank} but this process sees {visible} GPUs "
+                              "(CUDA_VISIBLE_DEVICES or the scheduler's GPU binding): give each task one GPU, "
+                              "or each node's tasks all of them")
+        return torch.device(f"cuda:{self.local_rank}")
+
+
+def export_launch_env(launch: LaunchEnv) -> None:
+    """Under ``srun`` (which sets ``SLURM_LOCALID``, not ``LOCAL_RANK``), set ``LOCAL_RANK``
+    from the detected layout unless set: DeepSpeed's engine asserts it is there. Other
+    launchers set it themselves; one process is left alone."""
+    if launch.launcher == "slurm":
+        os.environ.setdefault("LOCAL_RANK", str(launch.local_rank))
 
 
 def _int(env, name: str) -> int:
@@ -241,10 +260,11 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
     from datetime import timedelta
 
     launch = detect_launch_env()
+    export_launch_env(launch)
     if launch.world_size > 1 and not is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
-            torch.cuda.set_device(launch.local_rank)
+            torch.cuda.set_device(launch.device)
             for name, value in NCCL_FAULT_ENV.items():
                 os.environ.setdefault(name, value)
         store = rendezvous(launch, timeout_s)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from types import SimpleNamespace
 from typing import ContextManager, Protocol, runtime_checkable
 
 import torch
@@ -209,8 +210,12 @@ class DeepSpeedEngine:
             "wall_clock_breakdown": False,
             **dict(train.deepspeed.extra),
         }
+        # DeepSpeed takes the GPU numbered LOCAL_RANK unless told: under a one-GPU-per-task
+        # binding that GPU does not exist, so name the one this process uses
+        args = SimpleNamespace(device_rank=torch.device(device).index or 0) \
+            if torch.device(device).type == "cuda" else None
         self.engine, self.optimizer, _, self.schedule = deepspeed.initialize(
-            model=backbone, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+            args=args, model=backbone, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
         self.module = self.engine.module
         self.dtype = dtype or torch.float32
         self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=False)

@@ -45,7 +45,7 @@ class Trainer:
         self.layout = pdist.candidate_groups(cfg.search.population) if cfg.search.enabled else None
         self.group = self.layout.group if self.layout is not None else None
         self.group_rank, self.group_size = pdist.get_rank(self.group), pdist.get_world_size(self.group)
-        self.device = torch.device(f"cuda:{launch.local_rank}" if torch.cuda.is_available() else "cpu")
+        self.device = launch.device
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         if cfg.train.deterministic:
