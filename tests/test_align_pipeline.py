@@ -614,3 +614,80 @@ def test_a_confident_face_beats_a_larger_doubtful_one():
     doubtful = face(50, 0.9, x=300)
     assert choose_face([torso, doubtful], (400, 400), "largest", 20, confident=0.95) is torso
     assert choose_face([torso, face(10, 0.99)], (400, 400), "largest", 20, confident=0.95) is torso  # too small
+
+
+# --- what a second run meets: renamed, added and moved photos, odd names, bad landmark lines ---
+
+
+def test_a_photo_added_beside_colliding_names_takes_no_other_photos_crop(tmp_path):
+    """name.jpg and name.png give name.jpg and name_2.jpg; a name.bmp added later gets a new
+    name, and the first two keep their crops (a re-run once gave the bmp the jpg's crop)."""
+    src = tmp_path / "photos"
+    points = {}
+    for i, suffix in enumerate(("jpg", "png")):
+        save(texture(H, W, 70 + i), src / f"bob/name.{suffix}", **({"quality": 100} if suffix == "jpg" else {}))
+        points[f"bob/name.{suffix}"] = POINTS
+    options = AlignOptions(landmarks=write_landmarks(tmp_path / "lm.txt", points), **OPTIONS)
+    out = tmp_path / "out"
+    align_folder(str(src), str(out), options, workers=1, progress=False)
+    before = {name: (out / "bob" / name).read_bytes() for name in ("name.jpg", "name_2.jpg")}
+    save(texture(H, W, 72), src / "bob/name.bmp")
+    write_landmarks(tmp_path / "lm.txt", {**points, "bob/name.bmp": POINTS})
+    again = align_folder(str(src), str(out), options, workers=1, progress=False)
+    assert (again.aligned, again.done_before) == (1, 2)
+    assert {name: (out / "bob" / name).read_bytes() for name in before} == before
+    journal = read_journal(str(out))
+    assert [journal[f"bob/name.{s}"][1] for s in ("jpg", "png", "bmp")] == ["bob/name.jpg", "bob/name_2.jpg",
+                                                                             "bob/name_3.jpg"]
+    assert sorted(again.crops) == ["bob/name.jpg", "bob/name_2.jpg", "bob/name_3.jpg"]
+
+
+def test_the_crops_of_a_run_are_those_of_the_photos_the_source_holds_now(tmp_path):
+    """A photo moved from bob to alice between runs: its old crop stays on disk, but the run's
+    crops (what data prepare splits and packs) name it once, under alice."""
+    src = tmp_path / "photos"
+    save(texture(H, W, 80), src / "bob/x.jpg", quality=100)
+    save(texture(H, W, 81), src / "alice/y.jpg", quality=100)
+    options = AlignOptions(landmarks=write_landmarks(tmp_path / "lm.txt", {"bob/x.jpg": POINTS, "alice/y.jpg": POINTS,
+                                                                           "alice/x.jpg": POINTS}), **OPTIONS)
+    out = tmp_path / "out"
+    assert sorted(align_folder(str(src), str(out), options, workers=1, progress=False).crops) == \
+        ["alice/y.jpg", "bob/x.jpg"]
+    os.replace(src / "bob/x.jpg", src / "alice/x.jpg")
+    again = align_folder(str(src), str(out), options, workers=1, progress=False)
+    assert sorted(again.crops) == ["alice/x.jpg", "alice/y.jpg"] and (out / "bob/x.jpg").exists()
+    assert again.empty_identities == ["bob"]
+
+
+def test_a_name_with_a_tab_or_carriage_return_survives_the_journal(tmp_path):
+    """Journal fields are escaped: a tab, a carriage return (macOS's Icon\\r) or a backslash in
+    a name reads back as written, so a re-run finds those photos done."""
+    src = tmp_path / "photos"
+    names = ["ana/a\tb.jpg", "ana/Icon\r.jpg", "ana/back\\slash.jpg"]
+    for i, name in enumerate(names):
+        save(texture(H, W, 90 + i), src / name, quality=100)
+    (tmp_path / "lm.txt").write_text("# lists none of them\n")
+    options = AlignOptions(landmarks=str(tmp_path / "lm.txt"), **OPTIONS)
+    out = str(tmp_path / "out")
+    first = align_folder(str(src), out, options, workers=1, progress=False)
+    assert dict(first.skipped) == {"no landmarks": 3} and set(read_journal(out)) == set(names)
+    again = align_folder(str(src), out, options, workers=1, progress=False)
+    assert (again.processed, again.done_before) == (0, 3)
+
+
+def test_placeholder_landmarks_skip_the_photo_not_the_run(tmp_path):
+    src = tmp_path / "photos"
+    save(texture(H, W, 95), src / "ana/good.jpg", quality=100)
+    save(texture(H, W, 96), src / "ana/none.jpg", quality=100)
+    options = AlignOptions(landmarks=write_landmarks(tmp_path / "lm.txt", {
+        "ana/good.jpg": POINTS, "ana/none.jpg": -np.ones((5, 2))}), **OPTIONS)
+    report = align_folder(str(src), str(tmp_path / "out"), options, workers=1, progress=False)
+    assert report.aligned == 1 and dict(report.skipped) == {"bad landmarks": 1}
+
+
+def test_a_list_file_naming_a_photo_twice_is_one_error_line(tmp_path, capsys):
+    save(texture(H, W, 97), tmp_path / "a.jpg", quality=100)
+    (tmp_path / "list.txt").write_text("a.jpg alice\na.jpg bob\n")
+    assert main(["data", "align", str(tmp_path / "list.txt"), str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("list.txt:2: a.jpg is listed twice")

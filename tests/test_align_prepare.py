@@ -148,3 +148,29 @@ def test_too_many_held_out_identities_is_one_error_line(tmp_path, capsys):
                  "--val-identities", "5", "--workers", "1", "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: --val-identities 5")
+
+
+def test_fewer_than_ten_pairs_or_an_empty_pairs_file_is_one_error_line(tmp_path, capsys):
+    photos, landmarks, _ = photo_tree(tmp_path)
+    code = main(["data", "prepare", str(photos), str(tmp_path / "out"), "--landmarks", landmarks,
+                 "--val-identities", "2", "--pairs", "5", "--workers", "1", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "10 or more pairs" in err[0]
+    (tmp_path / "pairs.txt").write_text("10\t300\n")
+    from partialfc.align.pairs import align_pairs
+    from partialfc.errors import InputError
+    with pytest.raises(InputError, match="no pairs"):
+        align_pairs(str(photos), str(tmp_path / "pairs.txt"))
+
+
+def test_same_person_pairs_are_drawn_person_first():
+    """One held-out person with 200 faces and nine with 10: the same-person pairs spread over the
+    people (drawn person first), not 90% from the one with most photos."""
+    from partialfc.align.prepare import sample_pairs
+    faces = {"big": [f"big/{i}.jpg" for i in range(200)], **{f"p{k}": [f"p{k}/{i}.jpg" for i in range(10)]
+                                                             for k in range(9)}}
+    pairs = sample_pairs(faces, 200, np.random.default_rng(0))
+    same = [a.split("/")[0] for a, b, s in pairs if s]
+    assert len(same) == 100 and same.count("big") < 25 and len(set(same)) == 10
+    assert len(pairs) == len(set(pairs)) == 200
+    assert all((a.split("/")[0] == b.split("/")[0]) == s for a, b, s in pairs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -48,20 +49,21 @@ def test_two_srun_tasks_train_with_each_engine(tmp_path, cache, engine):
     assert latest_checkpoint(str(run_dir / "checkpoints")).endswith("step_00000002")
 
 
-def test_the_local_rank_srun_gives_is_exported_for_the_engines(monkeypatch):
+@mock.patch.dict(os.environ)  # what export_launch_env writes is undone after the test
+def test_the_local_rank_srun_gives_is_exported_for_the_engines():
     """DeepSpeed reads LOCAL_RANK from the environment: under srun, partialfc sets it from
     SLURM_LOCALID (and never overrides a launcher's own)."""
     for name in LAUNCHER_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
+        os.environ.pop(name, None)
     launch = pdist.detect_launch_env({"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4",
                                       "SLURM_NTASKS_PER_NODE": "2(x2)", "SLURM_STEP_ID": "0",
                                       "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_JOB_ID": "9"})
     pdist.export_launch_env(launch)
     assert os.environ["LOCAL_RANK"] == "1"
-    monkeypatch.setenv("LOCAL_RANK", "5")
+    os.environ["LOCAL_RANK"] = "5"
     pdist.export_launch_env(launch)
     assert os.environ["LOCAL_RANK"] == "5"
-    monkeypatch.delenv("LOCAL_RANK")
+    del os.environ["LOCAL_RANK"]
     pdist.export_launch_env(pdist.detect_launch_env({}))  # one process: nothing leaks into the environment
     assert "LOCAL_RANK" not in os.environ
 
@@ -87,6 +89,7 @@ def test_more_local_ranks_than_visible_gpus_is_a_launch_error(monkeypatch):
 
 
 @pytest.mark.required
+@mock.patch.dict(os.environ)
 def test_deepspeed_is_given_the_gpu_the_rank_sees(monkeypatch, tmp_path):
     """Construction (no GPU here): the DeepSpeed engine hands DeepSpeed the device index the
     rank chose (``args.device_rank``), not LOCAL_RANK, which names no GPU under a binding."""
@@ -107,7 +110,7 @@ def test_deepspeed_is_given_the_gpu_the_rank_sees(monkeypatch, tmp_path):
 
     monkeypatch.setattr(deepspeed, "initialize", initialize)
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    monkeypatch.delenv("LOCAL_RANK", raising=False)  # the engine sets it for a group of one; undone after
+    os.environ.pop("LOCAL_RANK", None)  # the engine sets it for a group of one (mock.patch.dict undoes it)
     cfg = load_config(None, tiny_overrides(tmp_path, tmp_path, "train.engine=deepspeed", "train.precision=fp32"))
     was_initialized = torch.distributed.is_initialized()
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 from PIL import Image
 
 from partialfc.data.images import encode_jpeg
-from partialfc.data.tools import pack_folder, shuffle_dataset
+from partialfc.data.tools import list_image_folders, pack_identities, shuffle_dataset
 from partialfc.data.verification_bin import write_bin
 
 photos, prepared, out = sys.argv[1:4]
@@ -28,7 +28,8 @@ def whole_photo(crop: str) -> bytes:
 pairs = [line.split("\t") for line in Path(prepared, "val_pairs.tsv").read_text().splitlines()]
 write_bin(f"{out}/val.bin", [whole_photo(p) for a, b, _ in pairs for p in (a, b)], [s == "1" for *_, s in pairs])
 train = set(Path(prepared, "train.names").read_text().split())
-pack_folder(photos, f"{out}/train.sorted", size=112, only=train, progress=False)
+pack_identities([(name, files) for name, files in list_image_folders(photos) if name in train],
+                f"{out}/train.sorted", size=112, progress=False)
 shuffle_dataset(f"{out}/train.sorted", f"{out}/train", 0, progress=False)
 for leftover in Path(out).glob("train.sorted.*"):
     leftover.unlink()

@@ -41,6 +41,7 @@ class DlibDetector:
         except RuntimeError as err:
             raise ConfigError(f"{path}: not a dlib shape predictor ({err})") from None
         self.detector, self.upsample, self.threshold = dlib.get_frontal_face_detector(), upsample, threshold
+        self.min_size = 80 / 2 ** upsample  # the HOG window is 80 px
         self._rectangle = dlib.rectangle
 
     def detect(self, image: np.ndarray) -> list[Face]:

@@ -85,7 +85,7 @@ def weights_dir() -> Path:
         else None
     if folder is None or not (folder / "onet.pt").is_file():
         raise ConfigError(f"detector mtcnn needs the MTCNN weights of facenet-pytorch, which is not installed; "
-                          f"install it with: {INSTALL} (or pip install 'partialfc[align]')")
+                          f"install it with: {INSTALL}")
     return folder
 
 
@@ -123,7 +123,8 @@ class MTCNN:
         self.min_size, self.thresholds, self.factor = min_size, thresholds, factor
 
     def _proposals(self, image: torch.Tensor) -> np.ndarray:
-        """Stage 1: ``(N, 5)`` boxes (edges) and scores from the P-Net's 12x12 windows, stride 2."""
+        """Stage 1: ``(N, 5)`` boxes (edges) and scores from the P-Net's 12x12 windows, stride 2:
+        non-maximum suppression per scale and across scales on the windows, then their regression."""
         h, w = image.shape[-2:]
         found = []
         scale = 12.0 / self.min_size
@@ -131,17 +132,17 @@ class MTCNN:
             resized = F.interpolate(image, size=(int(h * scale + 1), int(w * scale + 1)), mode="area")
             prob, offsets = self.stages[0](_normalise(resized))
             rows, cols = np.nonzero(prob[0].numpy() >= self.thresholds[0])
-            if len(rows):
+            if len(rows):  # the 12x12 windows, suppressed as they are, then moved by their regression
                 boxes = np.stack([2 * cols, 2 * rows, 2 * cols + 12, 2 * rows + 12], 1) / scale
                 scores = prob[0].numpy()[rows, cols]
-                boxes = _regress(boxes, offsets[0].numpy()[:, rows, cols].T)
                 keep = nms(boxes, scores, 0.5)
-                found.append(np.column_stack([boxes[keep], scores[keep]]))
+                found.append(np.column_stack([boxes[keep], scores[keep], offsets[0].numpy()[:, rows, cols].T[keep]]))
             scale *= self.factor
         if not found:
             return np.zeros((0, 5))
         found = np.concatenate(found)
-        return found[nms(found[:, :4], found[:, 4], 0.7)]
+        found = found[nms(found[:, :4], found[:, 4], 0.7)]
+        return np.column_stack([_regress(found[:, :4], found[:, 5:]), found[:, 4]])
 
     @staticmethod
     def _crops(image: torch.Tensor, boxes: np.ndarray, size: int) -> tuple[torch.Tensor, np.ndarray]:

@@ -14,9 +14,9 @@ from partialfc.align.pipeline import AlignOptions, align_photo
 from partialfc.align.template import FACE_SIZE
 from partialfc.data.parallel import ordered_map
 from partialfc.data.verification_bin import read_lfw_pairs
-from partialfc.errors import ImageFileError
+from partialfc.errors import ImageFileError, InputError
 
-FALLBACK_REASONS = ("no face", "face too small", "no landmarks")
+FALLBACK_REASONS = ("no face", "face too small", "no landmarks", "bad landmarks")
 
 
 def centre_crop(path: str) -> np.ndarray:
@@ -50,6 +50,8 @@ def align_pairs(images_dir: str, pairs_txt: str, options: AlignOptions = AlignOp
     ``images_dir/name/name_000i.jpg``. Each distinct photo is aligned once, by the detector or
     by the points of ``options.landmarks`` (paths relative to ``images_dir``)."""
     paths, issame = read_lfw_pairs(images_dir, pairs_txt)
+    if not issame:
+        raise InputError(f"{pairs_txt}: no pairs (expected 'name i j' or 'name1 i name2 j' lines)")
     unique = sorted(set(paths))
     landmarks = LandmarksFile(options.landmarks, images_dir) if options.landmarks else None
     crops, fallbacks = {}, []

@@ -30,6 +30,7 @@ REASONS = {
     "no face": "the detector found no face",
     "face too small": "every face found is smaller than --min-face",
     "no landmarks": "the --landmarks file has no line for the photo",
+    "bad landmarks": "the --landmarks file's five points coincide or lie on a line (placeholders)",
     "unreadable": "the file cannot be read (permissions, I/O error)",
 }
 

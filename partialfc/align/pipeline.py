@@ -10,6 +10,7 @@ atomically), and a re-run skips every photo listed there.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -62,10 +63,12 @@ class Source:
     out: str
 
 
-def list_sources(src: str) -> tuple[list[Source], list[str], list[Source]]:
+def list_sources(src: str, previous: dict[str, str] | None = None) -> tuple[list[Source], list[str], list[Source]]:
     """``(photos, empty identity folders, non-image files)`` of a folder-per-identity tree, or
     of a list file of ``path label`` lines (paths relative to the list's folder or absolute;
-    the label names the output folder). Hidden files are ignored."""
+    the label names the output folder; a path listed twice is an error). Hidden files are
+    ignored. ``previous``: ``{photo key: crop}`` of an earlier run, whose crop names are kept
+    (a photo added beside ``a.jpg`` never takes the name of another photo's crop)."""
     if os.path.isdir(src):
         entries, empty = [], []
         for folder in sorted((e for e in os.scandir(src) if e.is_dir() and not e.name.startswith(".")),
@@ -75,7 +78,7 @@ def list_sources(src: str) -> tuple[list[Source], list[str], list[Source]]:
                 empty.append(folder.name)
             entries += [(os.path.join(folder.path, f), f"{folder.name}/{f}", folder.name) for f in files]
     elif os.path.isfile(src):
-        empty, entries, root = [], [], os.path.dirname(os.path.abspath(src))
+        empty, entries, root, listed = [], [], os.path.dirname(os.path.abspath(src)), set()
         with open(src, encoding="utf-8", errors="surrogateescape") as f:  # non-UTF-8 names as os.scandir
             for number, line in enumerate(f, 1):
                 fields = line.strip().rsplit(None, 1)
@@ -86,19 +89,27 @@ def list_sources(src: str) -> tuple[list[Source], list[str], list[Source]]:
                 path, label = fields
                 if "/" in label or label in (".", ".."):
                     raise InputError(f"{src}:{number}: the label {label!r} must be a plain name")
+                if path in listed:
+                    raise InputError(f"{src}:{number}: {path} is listed twice")
+                listed.add(path)
                 entries.append((os.path.join(root, path), path, label))
     else:
         raise InputNotFoundError(f"{src}: no such folder or list file")
-    photos, others, taken = [], [], set()
+    labels = {key: label for _, key, label in entries}
+    kept = {key: crop for key, crop in (previous or {}).items() if labels.get(key) == crop.split("/", 1)[0]}
+    photos, others, taken = [], [], set(kept.values())
     for path, key, label in entries:
         if Path(path).suffix.lower() not in IMAGE_SUFFIXES:
             others.append(Source(path, key, ""))
             continue
-        stem, out, n = Path(path).stem, f"{label}/{Path(path).stem}.jpg", 1
-        while out in taken:  # name.png beside name.jpg, or one name from two folders of a list
-            n += 1
-            out = f"{label}/{stem}_{n}.jpg"
-        taken.add(out)
+        out = kept.get(key)
+        if out is None:  # name.png beside name.jpg, or one name from two folders of a list
+            stem, n = Path(path).stem, 1
+            out = f"{label}/{stem}.jpg"
+            while out in taken:
+                n += 1
+                out = f"{label}/{stem}_{n}.jpg"
+            taken.add(out)
         photos.append(Source(path, key, out))
     if not photos:
         raise InputNotFoundError(f"{src}: no photos found")
@@ -124,10 +135,13 @@ def choose_face(faces: list[Face], shape: tuple[int, ...], select: str, min_face
 
 
 def detect_face(detector, image: np.ndarray, options: AlignOptions, photo_scale: float = 1.0) -> Face:
-    """The chosen face of ``image``, searched on a copy at most :data:`DETECT_SIDE` px; the
-    box and points in ``image``'s pixels, ``min_face`` in the full-size photo's (``image`` is
-    the photo decoded at ``photo_scale``, as :func:`load_photo` says)."""
-    scale = min(1.0, DETECT_SIDE / max(image.shape[:2]))
+    """The chosen face of ``image``, searched on a copy at most :data:`DETECT_SIDE` px (larger
+    when a face of ``min_face`` px would fall below the detector's ``min_size``); the box and
+    points in ``image``'s pixels, ``min_face`` in the full-size photo's (``image`` is the photo
+    decoded at ``photo_scale``, as :func:`load_photo` says)."""
+    # at most DETECT_SIDE px, unless a face of min_face px would then be below what the detector finds
+    smallest = getattr(detector, "min_size", 20) / (options.min_face * photo_scale) if options.min_face > 0 else 0.0
+    scale = min(1.0, max(DETECT_SIDE / max(image.shape[:2]), smallest))
     small = image
     if scale < 1.0:
         size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
@@ -156,6 +170,8 @@ def align_photo(path: str, options: AlignOptions, points: np.ndarray | None = No
     the photo at ``path``: its given ``points``, or its chosen detected face. Raises
     :class:`PhotoSkipped`."""
     image, scale = load_photo(path, MAX_SIDE)
+    if points is not None and not (np.isfinite(points).all() and points.std(0).min() > 0.5):
+        raise PhotoSkipped("bad landmarks", "the five points coincide or lie on a line")  # -1 placeholders
     if points is not None:  # pixel centres: p of the full-size photo is (p + 0.5) * scale - 0.5 of image
         return warp_face(image, (points + 0.5) * scale - 0.5), points, 1.0
     face = detect_face(_detector(options), image, options, scale)
@@ -182,15 +198,27 @@ def _align_task(task: tuple[Source, str, AlignOptions, np.ndarray | None]) -> tu
     return "aligned", " ".join(f"{v:.2f}" for v in points.reshape(-1)) + f" {score:.4f}"
 
 
+_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _escape(field: str) -> str:
+    """A journal field with backslash, tab, newline and carriage return escaped (names may hold them)."""
+    return "".join(_ESCAPES.get(c, c) for c in field)
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\(.)", lambda m: {"t": "\t", "n": "\n", "r": "\r"}.get(m.group(1), m.group(1)), field)
+
+
 def read_journal(out_dir: str) -> dict[str, tuple[str, str, str]]:
     """``{photo key: (status, crop, detail)}`` of ``OUT/align.tsv``; a line cut short by a kill
     is ignored (that photo is done again)."""
     journal, path = {}, os.path.join(out_dir, JOURNAL)
     if os.path.isfile(path):
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as f:
             for line in f:
                 if line.endswith("\n") and line.count("\t") == 3:
-                    key, status, crop, detail = line[:-1].split("\t")
+                    key, status, crop, detail = (_unescape(field) for field in line[:-1].split("\t"))
                     journal[key] = (status, crop, detail)
     return journal
 
@@ -223,6 +251,7 @@ class AlignReport:
     seconds: float = 0.0
     empty_identities: list[str] = field(default_factory=list)
     skipped_photos: list[tuple[str, str]] = field(default_factory=list)
+    crops: list[str] = field(default_factory=list)  # of the photos the source holds now, relative to out_dir
     out_dir: str = ""
 
     @property
@@ -247,22 +276,22 @@ def align_folder(src: str, out_dir: str, options: AlignOptions = AlignOptions(),
     """Align every photo of ``src`` into ``out_dir`` (see the module docstring); photos the
     journal lists are not done again, except, with ``retry_skipped``, those it lists as skipped
     (say after a change of ``min_face`` or detector, or of the landmarks file)."""
-    photos, empty, others = list_sources(src)
+    os.makedirs(out_dir, exist_ok=True)
+    journal = read_journal(out_dir)
+    photos, empty, others = list_sources(src, {k: crop for k, (status, crop, _) in journal.items() if crop})
     landmarks = LandmarksFile(options.landmarks, src if os.path.isdir(src) else os.path.dirname(src)) \
         if options.landmarks else None
     if landmarks is None:
         _detector(options)  # a bad detector option fails here, once
-    os.makedirs(out_dir, exist_ok=True)
-    journal = read_journal(out_dir)
     report = AlignReport(empty_identities=empty, out_dir=out_dir)
     todo, lines = [], []
     for source in others:
         if source.key not in journal:
             lines.append((source.key, "skipped", "", "not an image: not an image file name"))
     for source in photos:
-        status = journal.get(source.key, ("", ""))[0]
-        if status == "skipped" and not retry_skipped or \
-                status == "aligned" and os.path.isfile(os.path.join(out_dir, source.out)):
+        status, crop, _ = journal.get(source.key, ("", "", ""))
+        if status == "skipped" and not retry_skipped or status == "aligned" and crop == source.out \
+                and os.path.isfile(os.path.join(out_dir, source.out)):
             report.done_before += 1
             continue
         points = None if landmarks is None else landmarks.points(source.path)
@@ -274,9 +303,9 @@ def align_folder(src: str, out_dir: str, options: AlignOptions = AlignOptions(),
     journal_path = os.path.join(out_dir, JOURNAL)
     if os.path.isfile(journal_path):
         _drop_cut_line(journal_path)
-    with open(journal_path, "a", encoding="utf-8", errors="surrogateescape") as log:  # non-UTF-8 file names
+    with open(journal_path, "a", encoding="utf-8", errors="surrogateescape", newline="\n") as log:  # non-UTF-8 names
         def record(key: str, status: str, crop: str, detail: str) -> None:
-            log.write(f"{key}\t{status}\t{crop}\t{detail}\n")
+            log.write("\t".join(_escape(field) for field in (key, status, crop, detail)) + "\n")
             log.flush()
             if status == "aligned":
                 report.aligned += 1
@@ -290,6 +319,8 @@ def align_folder(src: str, out_dir: str, options: AlignOptions = AlignOptions(),
         for (source, *_), (status, detail) in zip(todo, results):
             record(source.key, status, source.out if status == "aligned" else "", detail)
     report.seconds = time.perf_counter() - start
-    report.skipped_photos = [(key, detail) for key, (status, _, detail) in read_journal(out_dir).items()
-                             if status == "skipped"]
+    journal = read_journal(out_dir)
+    report.skipped_photos = [(key, detail) for key, (status, _, detail) in journal.items() if status == "skipped"]
+    report.crops = [s.out for s in photos if journal.get(s.key, ("",))[0] == "aligned" and journal[s.key][1] == s.out
+                    and os.path.isfile(os.path.join(out_dir, s.out))]
     return report

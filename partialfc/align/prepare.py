@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from partialfc.align.pipeline import AlignOptions, AlignReport, align_folder, read_journal
-from partialfc.data.tools import pack_folder, shuffle_dataset
+from partialfc.align.pipeline import AlignOptions, AlignReport, align_folder
+from partialfc.data.tools import pack_identities, shuffle_dataset
 from partialfc.data.verification_bin import write_bin
 from partialfc.errors import InputError
 
@@ -40,32 +40,36 @@ class PrepareResult:
     val_pairs: int
 
 
-def aligned_faces(out_dir: str) -> dict[str, list[str]]:
-    """``{identity: sorted crop paths}`` of an align output folder's journal (crops that exist)."""
+def aligned_faces(out_dir: str, crops: list[str]) -> dict[str, list[str]]:
+    """``{identity: sorted crop paths}`` of ``crops`` (relative to ``out_dir``, the first folder
+    naming the identity): the faces of the photos the source holds now, not every file an
+    earlier run left behind (a photo moved to another person would count twice)."""
     faces: dict[str, list[str]] = {}
-    for status, crop, _ in read_journal(out_dir).values():
-        path = os.path.join(out_dir, crop)
-        if status == "aligned" and os.path.isfile(path):
-            faces.setdefault(crop.split("/", 1)[0], []).append(path)
+    for crop in crops:
+        faces.setdefault(crop.split("/", 1)[0], []).append(os.path.join(out_dir, crop))
     return {identity: sorted(paths) for identity, paths in sorted(faces.items())}
 
 
 def sample_pairs(faces: dict[str, list[str]], pairs: int, rng: np.random.Generator) -> list[tuple[str, str, bool]]:
     """``pairs`` distinct ``(photo, photo, same)`` in random order: half of one identity (two
-    different photos), half of two different identities; fewer when the faces do not allow as
+    different photos; the identity drawn first, uniformly, so a person with many photos does
+    not fill the set), half of two different identities; fewer when the faces do not allow as
     many."""
     names = sorted(faces)
-    same_wanted, chosen = pairs // 2, set()
-    candidates = [(a, b) for n in names for i, a in enumerate(faces[n]) for b in faces[n][i + 1:]]
-    for k in rng.permutation(len(candidates))[:same_wanted]:
-        chosen.add((*candidates[k], True))
-    different, tries = set(), 0
-    while len(different) < pairs - same_wanted and tries < 20 * pairs:
-        tries += 1
-        i, j = rng.choice(len(names), 2, replace=False)
-        a, b = rng.choice(faces[names[i]]), rng.choice(faces[names[j]])
-        different.add((*sorted((str(a), str(b))), False))
-    found = sorted(chosen) + sorted(different)
+    several = [n for n in names if len(faces[n]) >= 2]
+    chosen: dict[bool, set] = {True: set(), False: set()}
+    for same, wanted in ((True, pairs // 2), (False, pairs - pairs // 2)):
+        for _ in range(50 * wanted):
+            if len(chosen[same]) == wanted or same and not several:
+                break
+            if same:
+                person = faces[several[rng.integers(len(several))]]
+                a, b = (person[k] for k in rng.choice(len(person), 2, replace=False))
+            else:
+                a, b = (faces[names[k]][rng.integers(len(faces[names[k]]))]
+                        for k in rng.choice(len(names), 2, replace=False))
+            chosen[same].add((*sorted((a, b)), same))
+    found = sorted(chosen[True]) + sorted(chosen[False])
     return [found[k] for k in rng.permutation(len(found))]  # both kinds in every fold of a 10-fold split
 
 
@@ -76,8 +80,10 @@ def prepare_photos(raw: str, out: str, options: AlignOptions = AlignOptions(), v
     two or more faces to hold ``val_identities`` out and still train on two or more."""
     aligned_dir = os.path.join(out, ALIGNED)
     report = align_folder(raw, aligned_dir, options, workers, progress)
-    faces = aligned_faces(aligned_dir)
+    faces = aligned_faces(aligned_dir, report.crops)
     eligible = [n for n, paths in faces.items() if len(paths) >= 2]
+    if val_identities and pairs < 10:
+        raise InputError(f"--pairs {pairs}: a 10-fold verification needs 10 or more pairs")
     if val_identities and (val_identities < 2 or val_identities > len(eligible) or len(faces) - val_identities < 2):
         raise InputError(f"--val-identities {val_identities}: need 2 or more, at most the {len(eligible)} identities "
                          f"with two or more aligned faces, and leaving 2 or more of the {len(faces)} to train on "
@@ -91,10 +97,11 @@ def prepare_photos(raw: str, out: str, options: AlignOptions = AlignOptions(), v
         val_bin, num_pairs = os.path.join(out, VAL), len(chosen)
         write_bin(val_bin, images, [same for _, _, same in chosen])
         Path(out, VAL_PAIRS).write_text("".join(f"{os.path.relpath(a, aligned_dir)}\t{os.path.relpath(b, aligned_dir)}"
-                                                f"\t{int(same)}\n" for a, b, same in chosen))
-    train = set(faces) - set(held_out)
+                                                f"\t{int(same)}\n" for a, b, same in chosen),
+                                        encoding="utf-8", errors="surrogateescape")
+    train = [(name, paths) for name, paths in faces.items() if name not in held_out]
     sorted_prefix, prefix = os.path.join(out, "train.sorted"), os.path.join(out, TRAIN)
-    packed = pack_folder(aligned_dir, sorted_prefix, size=112, workers=workers, progress=progress, only=train)
+    packed = pack_identities(train, sorted_prefix, size=112, workers=workers, progress=progress)
     shuffle_dataset(sorted_prefix, prefix, seed, progress=progress)
     os.replace(sorted_prefix + ".names", prefix + ".names")
     for leftover in Path(out).glob("train.sorted.*"):  # the sorted pack and its label cache

@@ -68,15 +68,14 @@ def _load_for_pack(task: tuple[str, int, int | None, int]) -> tuple[bytes | None
         return None, f"{path}: cannot be decoded ({e})"
 
 
-def list_image_folders(src_dir: str, only: set[str] | None = None) -> list[tuple[str, list[str]]]:
+def list_image_folders(src_dir: str) -> list[tuple[str, list[str]]]:
     """``[(identity folder name, sorted image paths), ...]`` sorted by folder name; class id =
-    position in this list. Folders without images are skipped, and with ``only`` the folders
-    not named there."""
+    position in this list. Folders without images are skipped."""
     if not os.path.isdir(src_dir):
         raise InputNotFoundError(f"{src_dir}: no such folder")
     identities = []
     for entry in sorted(os.scandir(src_dir), key=lambda e: e.name):
-        if entry.is_dir() and (only is None or entry.name in only):
+        if entry.is_dir():
             files = sorted(f.path for f in os.scandir(entry.path)
                            if f.is_file() and Path(f.name).suffix.lower() in IMAGE_SUFFIXES)
             if files:
@@ -87,14 +86,21 @@ def list_image_folders(src_dir: str, only: set[str] | None = None) -> list[tuple
 
 
 def pack_folder(src_dir: str, out_prefix: str, size: int | None = 112, quality: int = 95,
-                workers: int | None = None, progress: bool = True, skip_bad: bool = False,
-                only: set[str] | None = None) -> PackResult:
+                workers: int | None = None, progress: bool = True, skip_bad: bool = False) -> PackResult:
     """Pack ``src_dir/<identity>/<image>`` into a header-flavour ``out_prefix.rec/.idx`` plus
-    ``out_prefix.names`` (class id -> folder name). Atomic. Every image is decoded: one that
+    ``out_prefix.names`` (class id -> folder name): :func:`pack_identities` of
+    :func:`list_image_folders`."""
+    return pack_identities(list_image_folders(src_dir), out_prefix, size, quality, workers, progress, skip_bad)
+
+
+def pack_identities(identities: list[tuple[str, list[str]]], out_prefix: str, size: int | None = 112,
+                    quality: int = 95, workers: int | None = None, progress: bool = True,
+                    skip_bad: bool = False) -> PackResult:
+    """Pack ``[(identity name, image paths), ...]`` (class id = position) into a header-flavour
+    ``out_prefix.rec/.idx`` plus ``out_prefix.names``. Atomic. Every image is decoded: one that
     cannot be is an :class:`ImageFileError` (nothing written), or with ``skip_bad`` left out
-    and listed. ``only``: pack just the identity folders named there. Images are keys ``1..N`` in folder order; the dataset header (key 0) is
+    and listed. Images are keys ``1..N`` in identity order; the dataset header (key 0) is
     written after them, once ``N`` is known."""
-    identities = list_image_folders(src_dir, only)
     tasks = [(path, quality, size, label) for label, (_, files) in enumerate(identities) for path in files]
     k = len(identities)
     counts, skipped = [0] * k, []
@@ -117,7 +123,8 @@ def pack_folder(src_dir: str, out_prefix: str, size: int | None = 112, quality: 
             first += count
         writer.write(0, pack_range(n + 1, n + 1 + k))
     tmp = out_prefix + ".names.tmp"
-    Path(tmp).write_text("".join(f"{name}\n" for name, _ in identities))
+    Path(tmp).write_text("".join(f"{name}\n" for name, _ in identities), encoding="utf-8",
+                         errors="surrogateescape")  # folder names as the file system gives them
     os.replace(tmp, out_prefix + ".names")
     return PackResult(n, k, skipped)
 
