@@ -54,20 +54,23 @@ class LaunchEnv:
     launcher: str  # "torchrun", "deepspeed", "slurm" or "single"
 
     @property
-    def device(self) -> torch.device:
-        """The CPU without CUDA; else the GPU of this rank among those the process can see:
-        ``cuda:<local_rank>`` when the node's GPUs are all visible, ``cuda:0`` when the
-        scheduler binds one per task (Slurm's ``--gpus-per-task=1``, ``--gpu-bind``)."""
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
+    def gpu_index(self) -> int:
+        """This rank's GPU among those the process can see: ``local_rank`` when the node's GPUs
+        are all visible, 0 when the scheduler binds one per task (Slurm's ``--gpus-per-task=1``,
+        ``--gpu-bind``)."""
         visible = torch.cuda.device_count()
         if visible == 1:
-            return torch.device("cuda:0")
-        if self.local_rank >= visible:
+            return 0
+        if 0 < visible <= self.local_rank:
             raise LaunchError(f"local rank {self.local_rank} but this process sees {visible} GPUs "
                               "(CUDA_VISIBLE_DEVICES or the scheduler's GPU binding): give each task one GPU, "
                               "or each node's tasks all of them")
-        return torch.device(f"cuda:{self.local_rank}")
+        return self.local_rank
+
+    @property
+    def device(self) -> torch.device:
+        """``cuda:<gpu_index>`` when CUDA is present, else the CPU."""
+        return torch.device(f"cuda:{self.gpu_index}") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def export_launch_env(launch: LaunchEnv) -> None:
@@ -264,7 +267,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
     if launch.world_size > 1 and not is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
-            torch.cuda.set_device(launch.device)
+            torch.cuda.set_device(launch.gpu_index)
             for name, value in NCCL_FAULT_ENV.items():
                 os.environ.setdefault(name, value)
         store = rendezvous(launch, timeout_s)

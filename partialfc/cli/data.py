@@ -172,10 +172,10 @@ def _prepare(args) -> int:
     _print_align_report(result.align, contact_sheet(f"{args.out}/aligned"))
     print(f"training set: {result.train_images} faces of {result.train_identities} identities in "
           f"{result.train_prefix}.rec/.idx")
-    command = ["partialfc", "train", "photos", f"data.rec={result.train_prefix}"]
+    command = ["partialfc", "train", "photos", f"data.rec={result.train_prefix}",
+               f"eval.bins=[{result.val_bin or ''}]"]
     if result.val_bin:
         print(f"held out: {result.val_pairs} pairs of {len(result.val_identities)} identities in {result.val_bin}")
-        command.append(f"eval.bins=[{result.val_bin}]")
     print("train on it with:\n  " + " ".join(shlex.quote(c) for c in command))
     return 0
 
