@@ -26,7 +26,7 @@ class LandmarksFile:
     def __init__(self, path: str | Path, root: str | Path):
         if not os.path.isfile(path):
             raise InputNotFoundError(f"landmarks file {path} not found")
-        self.path, self.root, self._points = str(path), root, {}
+        self.path, self._points = str(path), {}
         with open(path, encoding="utf-8", errors="surrogateescape") as f:  # names as os.scandir gives them
             for number, line in enumerate(f, 1):
                 fields = line.split("#", 1)[0].strip().rsplit(None, 10)  # the path may hold spaces
@@ -42,9 +42,6 @@ class LandmarksFile:
                 if not np.isfinite(values).all():
                     raise InputError(f"{path}:{number}: the ten coordinates must be finite")
                 self._points[_key(fields[0], root)] = values
-
-    def __len__(self) -> int:
-        return len(self._points)
 
     def points(self, photo: str | Path) -> np.ndarray | None:
         return self._points.get(os.path.abspath(photo))

@@ -34,8 +34,6 @@ def _pair_crop(task: tuple[str, AlignOptions, np.ndarray | None]) -> tuple[np.nd
     ``(None, reason)`` for one that cannot be decoded."""
     path, options, points = task
     try:
-        if options.landmarks and points is None:
-            raise PhotoSkipped("no landmarks")
         return align_photo(path, options, points)[0], ""
     except PhotoSkipped as skipped:
         if skipped.reason in FALLBACK_REASONS:

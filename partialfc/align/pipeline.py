@@ -117,15 +117,16 @@ def list_sources(src: str, previous: dict[str, str] | None = None) -> tuple[list
 
 
 def choose_face(faces: list[Face], shape: tuple[int, ...], select: str, min_face: float,
-                confident: float | None = None) -> Face:
-    """The face to keep: among those at least ``min_face`` px (and, when some score at least
-    ``confident``, among those), the largest or the most central one; :class:`PhotoSkipped`
-    when there is none."""
+                confident: float | None = None, scale: float = 1.0) -> Face:
+    """The face to keep of a ``shape`` image: among those at least ``min_face`` px of the photo
+    (the image is the photo at ``scale``) and, when some score at least ``confident``, among
+    those, the largest or the most central one; :class:`PhotoSkipped` when there is none."""
     if not faces:
         raise PhotoSkipped("no face")
-    big = [f for f in faces if f.size >= min_face]
+    big = [f for f in faces if f.size / scale >= min_face]
     if not big:
-        raise PhotoSkipped("face too small", f"largest {max(f.size for f in faces):.1f} px < {min_face:g} px")
+        raise PhotoSkipped("face too small",
+                           f"largest {max(f.size for f in faces) / scale:.1f} px < {min_face:g} px")
     if confident is not None and any(f.score >= confident for f in big):
         big = [f for f in big if f.score >= confident]  # a shirt print scored 0.8 must not win by its size
     if select == "largest":
@@ -148,10 +149,8 @@ def detect_face(detector, image: np.ndarray, options: AlignOptions, photo_scale:
         small = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR, reducing_gap=2.0))
     faces = [Face((f.box + 0.5) / scale - 0.5, (f.points + 0.5) / scale - 0.5, f.score) if scale < 1.0 else f
              for f in detector.detect(small)]
-    in_photo = [Face((f.box + 0.5) / photo_scale - 0.5, f.points, f.score) for f in faces]
-    chosen = choose_face(in_photo, (image.shape[0] / photo_scale, image.shape[1] / photo_scale), options.select,
-                         options.min_face, getattr(detector, "confident", None))
-    return faces[next(i for i, f in enumerate(in_photo) if f is chosen)]
+    return choose_face(faces, image.shape, options.select, options.min_face, getattr(detector, "confident", None),
+                       photo_scale)
 
 
 _DETECTORS: dict[tuple, object] = {}
@@ -167,8 +166,10 @@ def _detector(options: AlignOptions):
 
 def align_photo(path: str, options: AlignOptions, points: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """``(crop (112, 112, 3) uint8, points (5, 2) in the upright photo's pixels, score)`` of
-    the photo at ``path``: its given ``points``, or its chosen detected face. Raises
-    :class:`PhotoSkipped`."""
+    the photo at ``path``: its given ``points`` (required when ``options.landmarks`` is set),
+    or its chosen detected face. Raises :class:`PhotoSkipped`."""
+    if options.landmarks and points is None:
+        raise PhotoSkipped("no landmarks")
     image, scale = load_photo(path, MAX_SIDE)
     if points is not None and not (np.isfinite(points).all() and points.std(0).min() > 0.5):
         raise PhotoSkipped("bad landmarks", "the five points coincide or lie on a line")  # -1 placeholders
@@ -284,21 +285,17 @@ def align_folder(src: str, out_dir: str, options: AlignOptions = AlignOptions(),
     if landmarks is None:
         _detector(options)  # a bad detector option fails here, once
     report = AlignReport(empty_identities=empty, out_dir=out_dir)
-    todo, lines = [], []
-    for source in others:
-        if source.key not in journal:
-            lines.append((source.key, "skipped", "", "not an image: not an image file name"))
+
+    def aligned(source: Source) -> bool:
+        return journal.get(source.key, ("",) * 3)[:2] == ("aligned", source.out) and \
+            os.path.isfile(os.path.join(out_dir, source.out))
+
+    todo = []
     for source in photos:
-        status, crop, _ = journal.get(source.key, ("", "", ""))
-        if status == "skipped" and not retry_skipped or status == "aligned" and crop == source.out \
-                and os.path.isfile(os.path.join(out_dir, source.out)):
+        if aligned(source) or journal.get(source.key, ("",))[0] == "skipped" and not retry_skipped:
             report.done_before += 1
-            continue
-        points = None if landmarks is None else landmarks.points(source.path)
-        if landmarks is not None and points is None:
-            lines.append((source.key, "skipped", "", "no landmarks"))
-            continue
-        todo.append((source, out_dir, options, points))
+        else:
+            todo.append((source, out_dir, options, None if landmarks is None else landmarks.points(source.path)))
     start = time.perf_counter()
     journal_path = os.path.join(out_dir, JOURNAL)
     if os.path.isfile(journal_path):
@@ -307,20 +304,20 @@ def align_folder(src: str, out_dir: str, options: AlignOptions = AlignOptions(),
         def record(key: str, status: str, crop: str, detail: str) -> None:
             log.write("\t".join(_escape(field) for field in (key, status, crop, detail)) + "\n")
             log.flush()
+            journal[key] = (status, crop, detail)
             if status == "aligned":
                 report.aligned += 1
             else:
                 report.skipped[detail.split(":")[0]] += 1
 
-        for line in lines:
-            record(*line)
+        for source in others:
+            if source.key not in journal:
+                record(source.key, "skipped", "", "not an image: not an image file name")
         results = ordered_map(_align_task, todo, len(todo), workers, desc="aligning", unit="photo",
                               progress=progress, chunksize=1, start_method="spawn")
         for (source, *_), (status, detail) in zip(todo, results):
             record(source.key, status, source.out if status == "aligned" else "", detail)
     report.seconds = time.perf_counter() - start
-    journal = read_journal(out_dir)
     report.skipped_photos = [(key, detail) for key, (status, _, detail) in journal.items() if status == "skipped"]
-    report.crops = [s.out for s in photos if journal.get(s.key, ("",))[0] == "aligned" and journal[s.key][1] == s.out
-                    and os.path.isfile(os.path.join(out_dir, s.out))]
+    report.crops = [source.out for source in photos if aligned(source)]
     return report

@@ -117,12 +117,15 @@ def align_options(args):
 
 
 def _print_align_report(report, sheet) -> None:
+    import os
+
+    from partialfc.align.pipeline import JOURNAL
     from partialfc.align.report import summary_table
     print(summary_table(report))
     for key, reason in report.skipped_photos[:20]:  # a name that is not UTF-8 prints with U+FFFD
         print(f"  skipped {key.encode('utf-8', 'surrogateescape').decode('utf-8', 'replace')}: {reason}")
     if len(report.skipped_photos) > 20:
-        print(f"  ... {len(report.skipped_photos) - 20} more in {report.out_dir}/align.tsv")
+        print(f"  ... {len(report.skipped_photos) - 20} more in {os.path.join(report.out_dir, JOURNAL)}")
     if sheet:
         print(f"contact sheet: {sheet}")
 

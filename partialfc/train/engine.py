@@ -185,7 +185,8 @@ class DeepSpeedEngine:
 
     def __init__(self, backbone: torch.nn.Module, optim, train, *, micro_batch: int, total_steps: int,
                  device: torch.device):
-        dtype, use_scaler = resolve_precision(train.precision, torch.device(device))
+        device = torch.device(device)
+        dtype, use_scaler = resolve_precision(train.precision, device)
         if use_scaler:
             raise ConfigError(f"train.engine=deepspeed supports precision bf16 or fp32, not fp16 (train.precision="
                               f"{train.precision} on this device); set train.precision=bf16 or fp32")
@@ -212,13 +213,12 @@ class DeepSpeedEngine:
         }
         # DeepSpeed takes the GPU numbered LOCAL_RANK unless told: under a one-GPU-per-task
         # binding that GPU does not exist, so name the one this process uses
-        args = SimpleNamespace(device_rank=torch.device(device).index or 0) \
-            if torch.device(device).type == "cuda" else None
+        args = SimpleNamespace(device_rank=device.index or 0) if device.type == "cuda" else None
         self.engine, self.optimizer, _, self.schedule = deepspeed.initialize(
             args=args, model=backbone, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
         self.module = self.engine.module
         self.dtype = dtype or torch.float32
-        self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=False)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=False)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self.engine(images.to(self.dtype))
