@@ -32,11 +32,19 @@ def rigged_reward(a: float) -> float:
     return math.log(-a)
 
 
-def _run(rank, world, run_dir, cache, extra, rig):
+def _diverge(trainer, steps) -> None:
+    """From now on the head's loss is NaN at the optimizer steps ``steps`` (0-based)."""
+    forward = trainer.head.forward
+    trainer.head.forward = lambda *a, **k: forward(*a, **k) * (float("nan") if trainer.step in steps else 1.0)
+
+
+def _run(rank, world, run_dir, cache, extra, rig, diverging=None):
     from partialfc.train.trainer import Trainer
 
     trainer = Trainer(load_config(None, search_overrides(run_dir, cache, *extra)))
     local = []
+    if diverging is not None and trainer.layout.candidate in diverging:
+        _diverge(trainer, diverging[trainer.layout.candidate])
     if rig:
         trainer.search.reward_hook = rigged_reward
     else:
@@ -179,3 +187,38 @@ def test_resume_mid_search_equals_an_uninterrupted_run(tmp_path, cache):
         assert a["history"] == b["history"] and a["schedule"] == b["schedule"] and a["mu"] == b["mu"]
         assert _same(a["state"], b["state"])
     assert len(full[0]["history"]) == 2
+
+
+@pytest.mark.multiprocess
+@pytest.mark.required
+def test_a_diverged_candidate_gets_the_worst_reward_and_the_best_weights(tmp_path, cache):
+    """Candidate 1's loss is NaN through epoch 1 (steps 4-7; it diverges at step 5 with
+    max_consecutive_nonfinite=2): the job goes on (it hung: the diverged candidate saved
+    while the other was in its next step's agreement), candidate 1 gets the lowest reward
+    and candidate 0's state, and trains on with everyone in epoch 2."""
+    extra = ["train.max_consecutive_nonfinite=2", "dist.timeout_s=30"]
+    results = run_distributed(_run, 2, str(tmp_path), str(cache), extra, True, {1: range(4, 8)}, timeout=120)
+    first, second = results[0]["history"]
+    assert first["diverged"] == [1] and second["diverged"] == []
+    assert first["reward"][1] == 0.0 and first["reward"][0] == rigged_reward(first["a"][0]) and first["best"] == 0
+    assert results[0]["local"] == [] and results[1]["history"] == results[0]["history"]
+    policy = SearchPolicy(0.3, first["sigma"], 0.05, (0.5, 0.999), seed=0)  # the update saw reward 0
+    policy.update(first["x"], [first["reward"][0], 0.0])
+    assert first["mu_next"] == pytest.approx(policy.mu.item(), rel=1e-12)
+    assert _same(results[0]["state"], results[1]["state"])  # copied at the end of epoch 2 as well
+
+
+@pytest.mark.multiprocess
+@pytest.mark.required
+def test_the_search_stops_when_every_candidate_diverges(tmp_path, cache):
+    """Both candidates' losses are NaN from step 4: every rank ends with TrainingDiverged
+    (not a hang, not a mismatched collective) after a checkpoint of each candidate."""
+    extra = ["train.max_consecutive_nonfinite=2", "dist.timeout_s=30"]
+    with pytest.raises(RuntimeError) as err:
+        run_distributed(_run, 2, str(tmp_path), str(cache), extra, True, {0: range(4, 99), 1: range(4, 99)},
+                        timeout=120)
+    text = str(err.value)
+    assert text.count("TrainingDiverged") == 2 and "every candidate of the search diverged" in text, text
+    # both diverged after step 6; the step-7 agreement told every rank so
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step_*")] == ["step_00000007"]
+    assert [p.name for p in (tmp_path / "checkpoints/candidates/1").glob("step_*")] == ["step_00000007"]

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 
+from partialfc.dist import get_world_size
 from partialfc.ops.collectives import all_reduce
 
 EXIT_PREEMPTED = 3
@@ -100,15 +101,19 @@ class Agreed(NamedTuple):
     head_norm: torch.Tensor  # () float32: this candidate's head gradient norm over its shards
     checkpoint: bool  # some rank asked for a checkpoint
     stop: bool  # some rank asked to stop
+    all_diverged: bool  # every rank said it diverged (every candidate of a search)
 
 
-def agree(request: StopRequest, head_norm: torch.Tensor, slot: int = 0, slots: int = 1) -> Agreed:
+def agree(request: StopRequest, head_norm: torch.Tensor, slot: int = 0, slots: int = 1,
+          diverged: bool = False) -> Agreed:
     """Collective over the world, the step's one all-reduce: the head gradient norm of each
     search candidate (``slots`` of them; this rank's in ``slot``; the squares of its shards'
-    norms add up) and this rank's requests (the checkpoint request is taken: cleared here)."""
+    norms add up), this rank's requests (the checkpoint request is taken: cleared here) and
+    whether this rank's candidate has diverged (counted: all of them is the search's end)."""
     asked, request.checkpoint_asked = request.checkpoint_asked, False
-    packed = torch.zeros(slots + 2, dtype=torch.float64)
-    packed[slots:] = torch.tensor([float(asked), float(request.local_flag())], dtype=torch.float64)
+    packed = torch.zeros(slots + 3, dtype=torch.float64)
+    packed[slots:] = torch.tensor([float(asked), float(request.local_flag()), float(diverged)], dtype=torch.float64)
     packed[slot] = head_norm.double().cpu() ** 2
     all_reduce(packed)  # the wrapper moves it to the group's device and back
-    return Agreed(packed[slot].sqrt().float(), bool(packed[slots] > 0), bool(packed[slots + 1] > 0))
+    return Agreed(packed[slot].sqrt().float(), bool(packed[slots] > 0), bool(packed[slots + 1] > 0),
+                  bool(packed[slots + 2] == get_world_size()))

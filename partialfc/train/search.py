@@ -10,11 +10,15 @@ all-gathered over the world; ``r = 2 (R - mean R) / (max R - min R + 1e-6)``; on
 on ``mu`` minimises ``mean_c(-r_c log N(x_c; mu, sigma))`` in float64, identically on every
 rank (``mode: random`` skips it); the best candidate's complete state (first best on ties)
 is broadcast to every candidate over the cross groups, so all continue from the best model.
+A candidate that diverged during the epoch is not evaluated: its reward is
+:data:`DIVERGED_REWARD` and it is never the best (the trainer ends the search only when
+every candidate has diverged).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Callable
 
@@ -29,6 +33,7 @@ from partialfc.train.config_schema import Config
 from partialfc.train.train_state import TrainState
 
 SEARCH_FILE = "search.jsonl"
+DIVERGED_REWARD = 0.0  # a diverged candidate's reward: the lowest accuracy there is
 SCHEDULE_FILE = "a_schedule.json"
 PLOT_FILE = "search.png"
 
@@ -142,6 +147,7 @@ class SearchDriver:
         self.history: list[dict] = []
         self.schedule: list[float] = []
         self.x: float | None = None  # this candidate's draw for the current epoch
+        self.diverged = False  # this candidate diverged this epoch (set by the trainer, agreed by its ranks)
 
     def begin_epoch(self, epoch: int) -> float:
         """Draw (or, before ``start_epoch``, take ``mu``) and set ``a``; returns ``a``."""
@@ -158,16 +164,24 @@ class SearchDriver:
             self.schedule.append(a)
             self.begin_epoch(epoch + 1)
             return None
-        reward = self.reward_hook(a) if self.reward_hook is not None else self.reward()
-        rewards = gather_rewards(self.layout, reward)
+        if self.diverged:
+            reward = float("nan")
+        else:
+            reward = self.reward_hook(a) if self.reward_hook is not None else self.reward()
+        gathered = gather_rewards(self.layout, reward)
+        diverged = [c for c, r in enumerate(gathered) if math.isnan(r)]
+        rewards = [DIVERGED_REWARD if math.isnan(r) else r for r in gathered]
         xs = [self.policy.draw(epoch, c) for c in range(self.layout.population)]  # every candidate's x
         mu = self.policy.mu.item()
-        if self.mode == "search":
-            self.policy.update(xs, rewards)
-        best = max(range(len(rewards)), key=lambda c: (rewards[c], -c))
-        self._copy_from(best)
+        best = max(range(len(rewards)), key=lambda c: (c not in diverged, rewards[c], -c))
+        if len(diverged) < len(rewards):  # else the next step's agreement ends the search
+            if self.mode == "search":
+                self.policy.update(xs, rewards)
+            self._copy_from(best)
+            self.diverged = False
         record = {"epoch": epoch, "mu": mu, "mu_next": self.policy.mu.item(), "sigma": self.policy.sigma,
-                  "x": xs, "a": [global_a(x, self.loss.s) for x in xs], "reward": rewards, "best": best}
+                  "x": xs, "a": [global_a(x, self.loss.s) for x in xs], "reward": rewards, "best": best,
+                  "diverged": diverged}
         self.history.append(record)
         self.schedule.append(record["a"][best])
         self.begin_epoch(epoch + 1)
@@ -202,11 +216,13 @@ class SearchDriver:
             plot_search(self.history, os.path.join(self.run_dir, PLOT_FILE))
 
     def state_dict(self) -> dict:
-        return {**self.policy.state_dict(), "history": self.history, "schedule": self.schedule}
+        return {**self.policy.state_dict(), "history": self.history, "schedule": self.schedule,
+                "diverged": self.diverged}
 
     def load_state_dict(self, state: dict) -> None:
         self.policy.load_state_dict(state)
         self.history, self.schedule = list(state["history"]), list(state["schedule"])
+        self.diverged = bool(state.get("diverged", False))  # absent in checkpoints before it was kept
 
 
 def plot_search(history: list[dict], path: str) -> None:

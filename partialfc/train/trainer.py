@@ -143,7 +143,8 @@ class Trainer:
         if scaler.is_enabled():
             scaler.unscale_(self.head_optimizer)
         slot, slots = (self.layout.candidate, self.layout.population) if self.layout is not None else (0, 1)
-        agreed = agree(self.requests, grad_norm([self.head.weight]), slot, slots)
+        diverged = self.search is not None and self.search.diverged
+        agreed = agree(self.requests, grad_norm([self.head.weight]), slot, slots, diverged)
         head_norm = agreed.head_norm
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(head_norm)) and (
             backbone_norm is None or bool(torch.isfinite(backbone_norm)))
@@ -162,7 +163,7 @@ class Trainer:
         self.progress.count(finite)
         return {"loss": float(loss), "finite": finite, "grad_norm_backbone": float(backbone_norm),
                 "grad_norm_head": float(head_norm), "data_wait": wait, "checkpoint_requested": agreed.checkpoint,
-                "stop_requested": agreed.stop}
+                "stop_requested": agreed.stop, "all_diverged": agreed.all_diverged}
 
     # ----------------------------------------------------------------- loop
     def train(self) -> dict:
@@ -205,14 +206,12 @@ class Trainer:
         self.metrics.begin(self.step)
         while self.step < self.total_steps:
             last = self.train_step()
+            self._check_divergence(last)
             if self.search is not None and self.step % self.steps_per_epoch == 0:
+                was_diverged = self.search.diverged
                 self.search.end_epoch(self.step // self.steps_per_epoch - 1, self.logger, self.step)
-            if self.progress.consecutive_nonfinite >= self.cfg.train.max_consecutive_nonfinite:
-                path = self.save()
-                raise TrainingDiverged(
-                    f"{self.progress.consecutive_nonfinite} consecutive steps with a non-finite loss or gradient "
-                    f"(step {self.step}, last loss {last['loss']}); checkpoint written to {path}. "
-                    "Lower the learning rate, raise warm-up, or use bf16 instead of fp16.")
+                if was_diverged and not self.search.diverged:  # now a copy of the best candidate
+                    self.progress.consecutive_nonfinite = 0
             self.metrics.update(self.step, last, self._log_context)
             if self.evaluator.due(self.step, self.total_steps):
                 self.evaluator.evaluate(self.step)
@@ -225,6 +224,29 @@ class Trainer:
             if self.checkpointer.due(self.step, last["checkpoint_requested"]):
                 self.save()
         return {"step": self.step, "loss": last.get("loss"), "skipped_steps": self.skipped_steps}
+
+    def _check_divergence(self, last: dict) -> None:
+        """After a step: ``train.max_consecutive_nonfinite`` non-finite steps in a row end the
+        run with a checkpoint and :class:`TrainingDiverged`. In a search they only mark this
+        candidate diverged (it trains on, skipping, and at the epoch's end gets the lowest
+        reward and the best candidate's state); the search ends when the step's agreement
+        says every candidate has diverged (on every rank at the same step)."""
+        limit = self.cfg.train.max_consecutive_nonfinite
+        if self.search is not None:
+            if self.progress.consecutive_nonfinite >= limit and not self.search.diverged:
+                self.search.diverged = True
+                self.logger.print(f"candidate {self.layout.candidate} diverged at step {self.step} ({limit} "
+                                  "consecutive non-finite steps); it is replaced by the best at the epoch's end")
+            if not last["all_diverged"]:
+                return
+            what = "every candidate of the search diverged"
+        elif self.progress.consecutive_nonfinite >= limit:
+            what = f"{self.progress.consecutive_nonfinite} consecutive steps with a non-finite loss or gradient"
+        else:
+            return
+        path = self.save()
+        raise TrainingDiverged(f"{what} (step {self.step}, last loss {last['loss']}); checkpoint written to {path}. "
+                               "Lower the learning rate, raise warm-up, or use bf16 instead of fp16.")
 
     def _log_context(self) -> dict:
         return {"epoch": round(self.epoch, 4), "lr_backbone": self.engine.lr,
