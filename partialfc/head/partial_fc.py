@@ -111,6 +111,11 @@ class PartialFC(nn.Module):
     ``dtype`` is the storage dtype of the centres: ``torch.bfloat16`` halves the bytes per
     class (the sparse-row optimizers then keep their state in bf16 too and round
     stochastically); the loss still accumulates in fp32.
+
+    ``compute_dtype``: the dtype of the head's matmuls (``torch.bfloat16`` / ``float16``) when
+    the caller runs no autocast, as under a DeepSpeed engine that casts the backbone itself;
+    the head then autocasts itself, so the run's precision holds whatever the engine (the
+    reductions stay fp32). None (default): the caller's autocast, else the inputs' dtype.
     """
 
     def __init__(self, embedding_size: int, num_classes: int, loss: nn.Module | None = None,
@@ -118,8 +123,12 @@ class PartialFC(nn.Module):
                  init_std: float = 0.01, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32,
                  fused: bool | str | Implementation = Implementation.auto,
-                 fused_chunk: int = DEFAULT_CHUNK, nonfinite: str = "raise"):
+                 fused_chunk: int = DEFAULT_CHUNK, nonfinite: str = "raise",
+                 compute_dtype: torch.dtype | None = None):
         super().__init__()
+        if compute_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"compute_dtype must be None, torch.bfloat16 or torch.float16, got {compute_dtype}")
+        self.compute_dtype = compute_dtype
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE)}, got {nonfinite!r}")
         self.nonfinite = nonfinite
@@ -198,6 +207,15 @@ class PartialFC(nn.Module):
         return embeddings, labels, finite
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``embeddings (B, D)`` and ``labels (B,)`` of this rank -> the global batch's mean
+        loss (a scalar, the same on every rank of the group)."""
+        device_type = self.weight.device.type
+        if self.compute_dtype is None or torch.is_autocast_enabled(device_type):
+            return self._loss(embeddings, labels)
+        with torch.autocast(device_type, dtype=self.compute_dtype):
+            return self._loss(embeddings, labels)
+
+    def _loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         local_embeddings = embeddings
         embeddings, labels, finite = self._check_and_gather(embeddings, labels)
         if not finite:  # nonfinite="report", on every rank alike: NaN, a backward to the backbone only

@@ -197,6 +197,8 @@ class DeepSpeedEngine:
             os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists on reading it
         import deepspeed
 
+        if dtype is not None:  # DeepSpeed casts the parameters only: BatchNorm's statistics must follow
+            backbone.to(dtype)
         optimizer = build_optimizer(backbone.parameters(), optim)
         schedule = build_schedule(optimizer, optim.schedule, total_steps)
         ds_config = {
