@@ -39,3 +39,24 @@ def cache(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("data"))
     prepare_dataset(load_config(None, tiny_overrides(folder, folder)).data, [])
     return folder
+
+
+@pytest.fixture(scope="session")
+def matrix_reference(tmp_path_factory, cache):
+    """``reference(cell)``: the uninterrupted run of a launch-matrix cell (tests/matrix_cell.py)
+    on 2 gloo ranks, per rank; computed once per cell in the session."""
+    from partialfc.testing.multiprocess import run_distributed
+    from tests.matrix_cell import reference_cells
+
+    done: dict[str, list[dict]] = {}
+
+    def reference(*cells: str) -> dict[str, list[dict]]:
+        todo = [c for c in cells if c not in done]
+        if todo:
+            folder = str(tmp_path_factory.mktemp("matrix_reference"))
+            for rank, by_cell in enumerate(run_distributed(reference_cells, 2, folder, cache, todo, timeout=600)):
+                for cell, record in by_cell.items():
+                    done.setdefault(cell, [None, None])[rank] = record
+        return {c: done[c] for c in cells}
+
+    return reference

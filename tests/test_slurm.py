@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from partialfc.testing.ports import reserved_port
 from partialfc.testing.slurm import SlurmCluster, slurm_available
 from tests.train_helpers import logged_train_steps
 
@@ -70,10 +71,21 @@ def tiny_training(tmp_path, steps: int) -> list[str]:
             "log.every_steps=1", "log.wandb.mode=disabled", "log.plot=false", "checkpoint.every_steps=0"]
 
 
-@pytest.mark.parametrize("pattern", ["task-per-gpu", "torchrun"])
-def test_submit_demo_training_with_two_ranks(cluster, tmp_path, pattern):
+SUBMITTED_ENGINES = {"ddp": ["train.engine=ddp"], "zero0": ["train.engine=deepspeed", "train.deepspeed.zero_stage=0"],
+                     "zero1": ["train.engine=deepspeed", "train.deepspeed.zero_stage=1", "train.precision=bf16"],
+                     "zero2": ["train.engine=deepspeed", "train.deepspeed.zero_stage=2"]}
+
+
+@pytest.mark.parametrize("pattern, engine", [("task-per-gpu", "ddp"), ("task-per-gpu", "zero1"),
+                                             ("torchrun", "zero0"), ("torchrun", "zero2")])
+def test_submit_demo_training_with_two_ranks(cluster, tmp_path, pattern, engine):
+    """``partialfc submit`` rendered and run, each engine once across its two patterns (the
+    launch matrix's submit row: docs/scaling.md)."""
+    if engine != "ddp":
+        pytest.importorskip("deepspeed")
     run_dir = tmp_path / "run"
-    done = submit("configs/demo.yaml", *tiny_training(tmp_path, 4), "--pattern", pattern, "--tasks-per-node", "2",
+    done = submit("configs/demo.yaml", *tiny_training(tmp_path, 4), *SUBMITTED_ENGINES[engine],
+                  "--pattern", pattern, "--tasks-per-node", "2",
                   "--cpus-per-task", "1", "--overcommit", "--time", "00:10:00", "--run-dir", str(run_dir),
                   env=cluster.env)
     assert done.returncode == 0, done.stderr
@@ -167,3 +179,38 @@ def test_concurrent_test_clusters_number_their_jobs_apart(tmp_path, monkeypatch)
     assert slurm._claim_job_block() == 2 and not (tmp_path / "claims" / "0").exists()
     assert slurm._claim_job_block() == 0
     assert "FirstJobId=3001\n" in slurm._conf(tmp_path, "h", 2, 6817, 1 + 3 * slurm.JOB_IDS_PER_CLUSTER)
+
+
+# ----------------------------------------------------------------- the launch matrix's Slurm rows
+MATRIX_CELLS = {  # each engine once per launcher (tests/test_launch_matrix.py has the gloo-only rows)
+    "srun": ["ddp:bf16", "zero0:fp32", "zero1:bf16", "zero2:fp32"],
+    "srun+torchrun": ["ddp:fp32", "zero0:bf16", "zero1:fp32", "zero2:bf16"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(MATRIX_CELLS))
+def test_launch_matrix_under_srun(cluster, tmp_path, cache, matrix_reference, launcher):
+    """``srun`` one task per rank (Slurm's variables only), and ``srun`` of one torchrun per
+    node: each engine's cell (tests/matrix_cell.py), checked against the uninterrupted run."""
+    pytest.importorskip("deepspeed")
+    from tests.matrix_cell import check_cell
+    from tests.test_launch_matrix import read_cells
+
+    cells = MATRIX_CELLS[launcher]
+    srun = ["srun", "--nodes=1", "--overcommit", "--cpus-per-task=1", "--time=00:10:00", "--kill-on-bad-exit=1"]
+    env = {k: v for k, v in cluster.env.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                                             "LOCAL_RANK")}
+    with reserved_port() as port:
+        if launcher == "srun":  # the ranks meet at MASTER_ADDR:MASTER_PORT, as the template exports them
+            command = [*srun, "--ntasks=2", sys.executable, "-m", "tests.matrix_cell"]
+            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        else:
+            command = [*srun, "--ntasks=1", sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
+                       "--nproc-per-node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "-m",
+                       "tests.matrix_cell"]
+        done = subprocess.run([*command, str(tmp_path), cache, *cells], capture_output=True, text=True,
+                              env={**env, "DS_ACCELERATOR": "cpu"}, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    reference = matrix_reference(*cells)
+    for cell, records in read_cells(tmp_path, cells).items():
+        check_cell(records, reference[cell], "slurm" if launcher == "srun" else "torchrun")

@@ -148,43 +148,6 @@ def test_resume_on_another_world_size(tmp_path, cache, worlds):
     assert load_shared(latest_checkpoint(str(run / "checkpoints")))["meta"]["world_size"] == new_world
 
 
-def _deepspeed_run(rank, world, overrides_by_stage):
-    import os
-
-    from partialfc.train.trainer import Trainer
-
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    out = {}
-    for stage, overrides in overrides_by_stage.items():
-        trainer = Trainer(load_config(None, overrides))
-        summary = trainer.train()
-        resumed = Trainer(load_config(None, [*overrides, "train.max_steps=6"]))
-        out[stage] = {"summary": summary, "resumed_step": resumed.step,
-                      "same": all(torch.equal(a, b) for a, b in zip(trainer.engine.module.state_dict().values(),
-                                                                    resumed.engine.module.state_dict().values())),
-                      "after": resumed.train()}
-    return out
-
-
-@pytest.mark.required
-@pytest.mark.multiprocess
-def test_deepspeed_zero1_and_zero2_train_and_checkpoint(tmp_path, cache):
-    pytest.importorskip("deepspeed")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
-    by_stage = {stage: tiny_overrides(tmp_path / f"zero{stage}", cache, "train.engine=deepspeed",
-                                      f"train.deepspeed.zero_stage={stage}", "train.max_steps=4")
-                for stage in (1, 2)}
-    results = run_distributed(_deepspeed_run, 2, by_stage, timeout=540)
-    for stage in (1, 2):
-        r = results[0][stage]
-        records = read_metrics(str(tmp_path / f"zero{stage}" / "metrics.jsonl"))
-        losses = [x["loss"] for x in records if x["kind"] == "train"]
-        assert r["resumed_step"] == 4 and r["same"] and r["after"]["step"] == 6
-        assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
-        assert os.path.isdir(os.path.join(latest_checkpoint(str(tmp_path / f"zero{stage}" / "checkpoints")),
-                                          "deepspeed"))
-
-
 def test_bad_input_gives_clear_errors(tmp_path, cache):
     from partialfc.cli import main
 

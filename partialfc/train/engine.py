@@ -8,6 +8,7 @@ with the engine's ``scaler``).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from types import SimpleNamespace
 from typing import ContextManager, Protocol, runtime_checkable
@@ -248,8 +249,9 @@ class DeepSpeedEngine:
 
         DeepSpeed does not advance the schedule when it skips a step itself (non-finite
         gradients under ZeRO-1/2); this does, as DDP does. Returns DeepSpeed's global norm
-        (else ``norm``); NaN when DeepSpeed skipped an applied step itself, so that the trainer
-        skips the head's step too (the same on every rank)."""
+        (else ``norm``), NaN where it is not finite (DeepSpeed says -1 or inf) or DeepSpeed
+        skipped an applied step itself, so that the trainer skips the head's step too (the
+        same on every rank)."""
         with contextlib.nullcontext() if apply else _frozen(self.engine.basic_optimizer, self.optimizer):
             self.engine.step()
         skipped_itself = apply and not self.engine.was_step_applied()
@@ -258,9 +260,10 @@ class DeepSpeedEngine:
         elif not apply:
             self.engine.skipped_steps += 1
         value = self.engine.get_global_grad_norm()
-        if skipped_itself:
-            return torch.tensor(float("nan"))
-        return torch.tensor(float(value)) if value is not None else norm
+        if value is None:
+            return norm
+        value = float(value)  # DeepSpeed's sentinel for a non-finite norm is -1 (inf in some paths)
+        return torch.tensor(float("nan") if skipped_itself or not math.isfinite(value) or value < 0 else value)
 
     @property
     def lr(self) -> float:
