@@ -221,3 +221,122 @@ def test_a_step_deepspeed_skips_itself_reports_a_nan_norm():
     out = run_distributed(_self_skip, 1, "bf16", 1, timeout=300)[0]
     assert out["applied"] is False and out["unchanged"] and out["lr_moved"], out
     assert out["norm"] != out["norm"], out  # NaN
+
+
+def test_deepspeed_settings_partialfc_decides_are_refused_in_extra(tmp_path):
+    """``train.deepspeed.extra`` cannot turn off bf16's overflow check (bf16 ZeRO-1/2 steps would
+    apply NaN), nor set precision, accumulation dtype, batch or stage behind partialfc's back."""
+    from partialfc.errors import ConfigError
+
+    for extra, key in [("{bf16: {check_grad_overflow: false}}", "bf16"), ("{data_types: {grad_accum_dtype: bf16}}",
+                                                                          "data_types"),
+                       ("{zero_optimization: {stage: 3}}", "zero_optimization.stage"),
+                       ("{gradient_accumulation_steps: 4}", "gradient_accumulation_steps")]:
+        with pytest.raises(ConfigError, match=rf"train\.deepspeed\.extra\.{key} is written by partialfc"):
+            load_config(None, [f"run_dir={tmp_path}", "data.rec=unused", "train.engine=deepspeed",
+                               f"train.deepspeed.extra={extra}"])
+    cfg = load_config(None, [f"run_dir={tmp_path}", "data.rec=unused", "train.engine=deepspeed",
+                             "train.deepspeed.extra={zero_optimization: {overlap_comm: true}}"])
+    assert cfg.train.deepspeed.extra.zero_optimization.overlap_comm is True  # its own keys merge in
+
+
+def _ds_config_and_errors(rank: int, world: int) -> dict:
+    """The DeepSpeed config partialfc generates (nested extra merged), and the one-line refusals."""
+    import deepspeed
+
+    from partialfc.errors import ConfigError
+    from partialfc.train.engine import build_engine
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    optim, train = _configs("deepspeed", "bf16", 2)
+    train.deepspeed.extra = {"zero_optimization": {"reduce_bucket_size": 1000}}
+    engine = build_engine(_tiny(), optim, train, micro_batch=3, total_steps=8, device=torch.device("cpu"))
+    out = {"config": engine.engine.config, "errors": []}
+    optim, train = _configs("deepspeed", "bf16", 0)
+    train.grad_accum = 4
+    for version in (None, "0.19.3"):
+        real = deepspeed.__version__
+        deepspeed.__version__ = version or real
+        try:
+            build_engine(_tiny(), optim, train, micro_batch=3, total_steps=8, device=torch.device("cpu"))
+        except ConfigError as err:
+            out["errors"].append(str(err))
+        finally:
+            deepspeed.__version__ = real
+        train.grad_accum = 1
+    return out
+
+
+@pytest.mark.required
+@pytest.mark.multiprocess
+def test_deepspeed_config_checks_overflow_accumulates_in_fp32_and_refuses_old_versions():
+    pytest.importorskip("deepspeed")
+    out = run_distributed(_ds_config_and_errors, 1, timeout=300)[0]
+    config = out["config"]
+    assert config["bf16"] == {"enabled": True, "check_grad_overflow": True}
+    assert config["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert config["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}
+    zero0, old = out["errors"]
+    assert "ZeRO-0 would add up the 4 micro-batches' gradients in bf16" in zero0 and "\n" not in zero0
+    assert "needs DeepSpeed >= 0.19.8 (installed: 0.19.3" in old
+
+
+ACCUM = 16  # micro-batches: enough for bf16 accumulation to lose bits an fp32 one keeps
+
+
+def _accumulated_step(rank: int, world: int, stage: int) -> dict:
+    """One DeepSpeed bf16 optimizer step over ACCUM micro-batches: its fp32 master weights after
+    the step, and the weights before it."""
+    from partialfc.train.engine import build_engine
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    optim, train = _configs("deepspeed", "bf16", stage)
+    train.grad_accum = ACCUM
+    engine = build_engine(_tiny(), optim, train, micro_batch=3, total_steps=8, device=torch.device("cpu"))
+    before = [p.detach().float().clone() for p in engine.module.parameters()]
+    for i in range(ACCUM):
+        engine.backward(engine(_batch(0, i)).float().square().mean(), i == ACCUM - 1)
+    engine.step(True, engine.grad_norm())
+    master = torch.cat([p.detach().flatten() for g in engine.engine.basic_optimizer.param_groups for p in g["params"]])
+    return {"before": before, "master": master}
+
+
+@pytest.mark.required
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_bf16_accumulates_micro_batches_in_fp32(stage):
+    """The master weights after a bf16 step of 16 micro-batches are those of torch's optimizer
+    given the micro-batches' bf16 gradients summed in fp32 (DeepSpeed would sum them in bf16
+    without ``data_types.grad_accum_dtype``; that sum is shown to be further off here). ZeRO-1
+    (DeepSpeed's BF16_Optimizer) then reduces the fp32 sum in bf16, DeepSpeed's default
+    ``communication_data_type``: one rounding of the sum, not one per micro-batch."""
+    pytest.importorskip("deepspeed")
+    from partialfc.train.optim import build_optimizer, build_schedule
+
+    out = run_distributed(_accumulated_step, 1, stage, timeout=300)[0]
+    model = _tiny().bfloat16()
+    with torch.no_grad():
+        for p, w in zip(model.parameters(), out["before"]):
+            p.copy_(w)
+    sums = {torch.float32: [torch.zeros_like(w) for w in out["before"]],
+            torch.bfloat16: [torch.zeros_like(w, dtype=torch.bfloat16) for w in out["before"]]}
+    reduced = (lambda g: g.bfloat16().float()) if stage == 1 else (lambda g: g)
+    for i in range(ACCUM):
+        model.zero_grad()
+        (model(_batch(0, i).bfloat16()).float().square().mean() / ACCUM).backward()
+        for dtype, acc in sums.items():
+            for a, p in zip(acc, model.parameters()):
+                a += p.grad.to(dtype)
+    expected = {}
+    for dtype, acc in sums.items():
+        master = [torch.nn.Parameter(w.clone()) for w in out["before"]]
+        optim, _ = _configs("deepspeed", "bf16", stage)
+        optimizer = build_optimizer(master, optim)
+        build_schedule(optimizer, optim.schedule, 8)
+        for p, g in zip(master, acc):
+            p.grad = reduced(g.float())
+        optimizer.step()
+        expected[dtype] = torch.cat([p.detach().flatten() for p in master])
+    got = out["master"][: expected[torch.float32].numel()]
+    torch.testing.assert_close(got, expected[torch.float32], rtol=1e-6, atol=1e-8)
+    assert (got - expected[torch.bfloat16]).abs().max() > 1e-5  # what bf16 accumulation would give

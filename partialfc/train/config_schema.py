@@ -8,6 +8,7 @@ with :func:`bounded`, and a section's rules across fields are its ``check(key)``
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional
 
@@ -199,14 +200,27 @@ class HeadConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
 
+DEEPSPEED_OWNED = {  # DeepSpeed config keys that partialfc writes, and the setting that decides each
+    "train_micro_batch_size_per_gpu": "data.batch_size", "gradient_accumulation_steps": "train.grad_accum",
+    "train_batch_size": "data.batch_size and train.grad_accum", "gradient_clipping": "optim.clip_grad_norm",
+    "bf16": "train.precision", "fp16": "train.precision", "data_types": "train.precision",
+    "zero_optimization.stage": "train.deepspeed.zero_stage"}
+
+
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = 1
-    extra: Dict[str, Any] = field(default_factory=dict)  # merged into the generated DS config
+    extra: Dict[str, Any] = field(default_factory=dict)  # merged (nested) into the generated DS config
 
     def check(self, key: str) -> None:
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"{key}.zero_stage must be 0, 1 or 2 (the head stays outside ZeRO), got {self.zero_stage}")
+        for owned, setting in DEEPSPEED_OWNED.items():
+            outer, _, inner = owned.partition(".")
+            value = self.extra.get(outer)
+            if value is not None and (not inner or (isinstance(value, Mapping) and inner in value)):
+                raise ConfigError(f"{key}.extra.{owned} is written by partialfc from {setting}; remove it from "
+                                  f"{key}.extra (bf16 runs check every gradient for overflow and accumulate in fp32)")
 
 
 @dataclass

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from typing import ContextManager, Protocol, runtime_checkable
 
 import torch
+from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 from partialfc import dist as pdist
@@ -174,8 +175,22 @@ def _frozen(optimizer: torch.optim.Optimizer, wrapper):
             wrapper._hp_optimizer_states_linked = linked
 
 
+TESTED_DEEPSPEED = (0, 19, 8)  # the oldest release that skips every non-finite step itself (pyproject's pin)
+
+
+def _merge(into: dict, extra: dict) -> None:
+    """``extra`` merged into ``into`` in place, nested mappings key by key."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
 class DeepSpeedEngine:
     """Backbone in a DeepSpeed engine (ZeRO 0-2, bf16 or fp32) with a client torch optimizer.
+    In bf16, ZeRO-1/2 accumulate gradients in fp32; ZeRO-0 would in bf16, so it refuses
+    ``grad_accum > 1``.
 
     DeepSpeed casts the model and its inputs itself, divides the loss by the accumulation
     steps, reduces gradients at the boundary, clips the backbone (``gradient_clipping``) and
@@ -197,7 +212,17 @@ class DeepSpeedEngine:
                                                  world_size=1, store=torch.distributed.HashStore())  # no port
             os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists on reading it
         import deepspeed
+        from packaging.version import Version  # a dependency of DeepSpeed
 
+        if Version(deepspeed.__version__).release < TESTED_DEEPSPEED:
+            raise ConfigError(f"train.engine=deepspeed needs DeepSpeed >= {'.'.join(map(str, TESTED_DEEPSPEED))} "
+                              f"(installed: {deepspeed.__version__}, which applies some non-finite steps or asserts "
+                              "on them); pip install -e '.[deepspeed]'")
+        stage = train.deepspeed.zero_stage
+        if dtype == torch.bfloat16 and stage == 0 and train.grad_accum > 1:
+            raise ConfigError(f"train.engine=deepspeed with ZeRO-0 would add up the {train.grad_accum} micro-batches' "
+                              "gradients in bf16 (DeepSpeed accumulates in fp32 from ZeRO-1); set "
+                              "train.deepspeed.zero_stage=1 or 2, train.grad_accum=1, or train.engine=ddp")
         if dtype is not None:  # DeepSpeed casts the parameters only: BatchNorm's statistics must follow
             backbone.to(dtype)
         optimizer = build_optimizer(backbone.parameters(), optim)
@@ -206,14 +231,18 @@ class DeepSpeedEngine:
             "train_micro_batch_size_per_gpu": micro_batch,
             "gradient_accumulation_steps": train.grad_accum,
             "train_batch_size": micro_batch * train.grad_accum * pdist.get_world_size(),
-            "zero_optimization": {"stage": train.deepspeed.zero_stage},
+            "zero_optimization": {"stage": stage},
             "zero_allow_untested_optimizer": True,
             "gradient_clipping": optim.clip_grad_norm,
-            "bf16": {"enabled": dtype == torch.bfloat16},
+            # DeepSpeed skips a non-finite bf16 step itself only when asked (default by version)
+            "bf16": {"enabled": dtype == torch.bfloat16, "check_grad_overflow": True},
+            # ZeRO-1/2 in bf16: gradients accumulate (and are reduced) in fp32, not the model's bf16
+            **({"data_types": {"grad_accum_dtype": "fp32"}} if dtype == torch.bfloat16 and stage > 0 else {}),
             "steps_per_print": 2**31 - 1,
             "wall_clock_breakdown": False,
-            **dict(train.deepspeed.extra),
         }
+        _merge(ds_config, OmegaConf.to_container(train.deepspeed.extra) if OmegaConf.is_config(train.deepspeed.extra)
+               else dict(train.deepspeed.extra))
         # DeepSpeed takes the GPU numbered LOCAL_RANK unless told: under a one-GPU-per-task
         # binding that GPU does not exist, so name the one this process uses
         args = SimpleNamespace(device_rank=device.index or 0) if device.type == "cuda" else None
