@@ -7,11 +7,13 @@
 #   wheels             20          5   the carried wheels (GPU_WHEELS=dir) into GPU_SITE, on PYTHONPATH
 #   environment        20          8   torch, partialfc and the device's name
 #   cuda_tier         170        120   pytest -m cuda tests/cuda
-#   bench_head        120         70   bench head, bf16, 1e6 and 1e7 identities, rates 1 and 0.1: full softmax,
+#   bench_head        100         70   bench head, bf16, 1e6 and 1e7 identities, rates 1 and 0.1: full softmax,
 #                                      partialfc (fused torch chunks), partialfc_unfused, partialfc_triton when
 #                                      Triton imports; capacity at the card's memory; all in one process
-#   bench_train        90         60   bench train: iresnet50, bf16, batch 128, full softmax vs Partial FC 0.1 at 1e6
-#   total             420        263
+#   bench_train        80         60   bench train: iresnet50, bf16, batch 128, full softmax vs Partial FC 0.1 at 1e6
+#   bench_blocking_wait 30        25   the same Partial FC run with TORCH_NCCL_BLOCKING_WAIT=1 (partialfc's
+#                                      default leaves it unset): samples/s as a ratio to bench_train's
+#   total             420        288
 #
 # The expected seconds are estimates (no GPU has run this yet); summary.md gives the real ones.
 # summary.md (in GPU_CHECK_OUT) is appended as each step ends, so a run cut short still
@@ -35,10 +37,11 @@ DRY=${GPU_CHECK_DRY:-0}
 SITE=${GPU_SITE:-${TMPDIR:-/tmp}/partialfc_site}
 if [[ "$DRY" == 1 ]]; then  # the CPU path checks the script, not a budget: a loaded CI machine is slow
     BUDGET_S=${GPU_CHECK_BUDGET_S:-3000}
-    declare -A LIMITS=([wheels]=600 [environment]=600 [cuda_tier]=600 [bench_head]=600 [bench_train]=600)
+    declare -A LIMITS=([wheels]=600 [environment]=600 [cuda_tier]=600 [bench_head]=600 [bench_train]=600
+                       [bench_blocking_wait]=600)
 else
     BUDGET_S=${GPU_CHECK_BUDGET_S:-420}
-    declare -A LIMITS=([wheels]=20 [environment]=20 [cuda_tier]=170 [bench_head]=120 [bench_train]=90)
+    declare -A LIMITS=([wheels]=20 [environment]=20 [cuda_tier]=170 [bench_head]=100 [bench_train]=80 [bench_blocking_wait]=30)
 fi
 SUMMARY="$OUT/summary.md"
 mkdir -p "$OUT/logs"
@@ -161,6 +164,19 @@ table head
 rm -f "$OUT"/train.{json,md,png}
 step bench_train "$PY" -m partialfc.cli bench train --device "$DEVICE" --dtype "$DTYPE" --out "$OUT" --name train "${TRAIN[@]}"
 table train
+# the NCCL setting partialfc no longer makes: a host busy-wait in every synchronous collective
+rm -f "$OUT"/train_blocking_wait.{json,md,png}
+step bench_blocking_wait env TORCH_NCCL_BLOCKING_WAIT=1 "$PY" -m partialfc.cli bench train --device "$DEVICE" \
+    --dtype "$DTYPE" --out "$OUT" --name train_blocking_wait "${TRAIN[@]}" --methods partialfc
+"$PY" - "$OUT" >>"$SUMMARY" 2>/dev/null <<'RATIO'
+import json, sys
+rate = {}
+for name in ("train", "train_blocking_wait"):
+    rate[name] = next(r["samples_per_s"] for r in json.load(open(f"{sys.argv[1]}/{name}.json"))
+                      if r.get("method") == "partialfc" and "samples_per_s" in r)
+print(f"- bench train, Partial FC: {rate['train_blocking_wait']:.1f} samples/s with TORCH_NCCL_BLOCKING_WAIT=1, "
+      f"{rate['train']:.1f} without (the default): ratio {rate['train'] / rate['train_blocking_wait']:.3f}")
+RATIO
 
 echo
 cat "$SUMMARY"

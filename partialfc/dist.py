@@ -167,10 +167,13 @@ def detect_launch_env(env=None) -> LaunchEnv:
 
 
 # NCCL's watchdog otherwise takes the process down on a timed-out or failed collective
-# (TORCH_NCCL_ASYNC_ERROR_HANDLING's default tears down): a blocking wait raises in the
-# calling thread instead, which becomes the one-line DistributedError, and handling 2 only
-# aborts the communicator, so the exit does not hang on it. Set before the group is made.
-NCCL_FAULT_ENV = {"TORCH_NCCL_BLOCKING_WAIT": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
+# (TORCH_NCCL_ASYNC_ERROR_HANDLING's default tears down). Handling 2 only aborts the
+# communicator: the hung kernels return, the watchdog's error is set on the work, and the
+# rank's next wait or collective raises it (a DistBackendError, which becomes the one-line
+# DistributedError). No TORCH_NCCL_BLOCKING_WAIT: it would turn every synchronous
+# collective into a host busy-wait, the backward's reduce-scatter included. Set before the
+# group is made; a value already in the environment wins.
+NCCL_FAULT_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
 
 DEFAULT_TIMEOUT_S = 600.0
 TIMEOUT_ENV = "PARTIALFC_DIST_TIMEOUT"

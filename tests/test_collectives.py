@@ -238,20 +238,20 @@ def test_a_world_of_one_that_runs_every_collective_trains_like_the_shortcut_path
 
 
 def test_nccl_groups_raise_instead_of_aborting(monkeypatch):
-    """init_distributed sets NCCL's blocking wait before it makes an NCCL group (the caller's
-    own settings win); the Slurm templates export the same."""
+    """init_distributed sets NCCL's error handling to abort the communicator, not the process,
+    before it makes an NCCL group (the caller's own settings win), and no blocking wait (a host
+    busy-wait in every synchronous collective); the Slurm templates export the same."""
     import argparse
 
     from partialfc.cli.submit import add_arguments
     from partialfc.launch.submit import render
 
-    assert pdist.NCCL_FAULT_ENV == {"TORCH_NCCL_BLOCKING_WAIT": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
+    assert pdist.NCCL_FAULT_ENV == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     script, _ = render(parser.parse_args([str(ROOT.parent / "configs" / "demo.yaml"), "--gpus-per-node", "2"]))
-    assert "export TORCH_NCCL_BLOCKING_WAIT=1\nexport TORCH_NCCL_ASYNC_ERROR_HANDLING=2\n" in script
-    for name in pdist.NCCL_FAULT_ENV:
-        monkeypatch.delenv(name, raising=False)
+    assert "export TORCH_NCCL_ASYNC_ERROR_HANDLING=2\n" in script and "BLOCKING_WAIT" not in script
+    monkeypatch.delenv("TORCH_NCCL_BLOCKING_WAIT", raising=False)
     monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
     made = {}
     monkeypatch.setattr(pdist, "detect_launch_env",
@@ -260,7 +260,11 @@ def test_nccl_groups_raise_instead_of_aborting(monkeypatch):
     monkeypatch.setattr(pdist, "rendezvous", lambda launch, timeout_s: "store")
     monkeypatch.setattr(dist, "init_process_group",
                         lambda backend, **kw: made.update(backend=backend, env={k: os.environ.get(k) for k in
-                                                                               pdist.NCCL_FAULT_ENV}))
+                                                                               ("TORCH_NCCL_BLOCKING_WAIT",
+                                                                                "TORCH_NCCL_ASYNC_ERROR_HANDLING")}))
     pdist.init_distributed("nccl")
     assert made == {"device": 0, "backend": "nccl",
-                    "env": {"TORCH_NCCL_BLOCKING_WAIT": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3"}}
+                    "env": {"TORCH_NCCL_BLOCKING_WAIT": None, "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3"}}
+    monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING")
+    pdist.init_distributed("nccl")
+    assert made["env"] == {"TORCH_NCCL_BLOCKING_WAIT": None, "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}

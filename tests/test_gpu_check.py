@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ("environment", "cuda_tier", "bench_head", "bench_train")
+STEPS = ("environment", "cuda_tier", "bench_head", "bench_train", "bench_blocking_wait")
 
 
 def _env(tmp_path: Path, **extra) -> dict:
@@ -79,6 +79,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert 0.5 <= fit["bytes_per_class"] / fit["analytic_bytes_per_class"] <= 4, fit
     assert fit["max_classes"] > 0
     assert "no CUDA (CPU)" in summary and "| partialfc rate 0.1 | 1 |" in summary
+    assert "samples/s with TORCH_NCCL_BLOCKING_WAIT=1" in summary and "without (the default): ratio " in summary
 
 
 def test_the_gpu_limits_fit_the_stated_budget():
@@ -111,7 +112,7 @@ def test_a_step_past_its_limit_is_a_timeout_and_the_next_step_runs(tmp_path):
     assert done.returncode == 1, done.stdout
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "- TIMEOUT cuda_tier (limit 1 s)" in summary, summary
-    for step in ("environment", "bench_head", "bench_train"):
+    for step in ("environment", "bench_head", "bench_train", "bench_blocking_wait"):
         assert f"- ok    {step}" in summary, step
     assert _wait_dead(int((tmp_path / "slow.pid").read_text())), "the timed-out step's process still runs"
 
