@@ -31,7 +31,10 @@ Phases of one step, each closed by ``torch.cuda.synchronize`` on CUDA:
 per-step means, both averaged over ranks: they sum to ``step_s`` up to the loop's own
 bookkeeping. ``--batch`` is the global batch, as in ``partialfc bench head`` (each rank loads
 ``batch / world_size`` images); ``samples_per_s`` = ``batch / step_s``. Peak memory per rank as in
-``partialfc bench head``. Each configuration runs in fresh processes.
+``partialfc bench head``. ``host_syncs`` and ``collectives``: what rank 0's step makes a host
+wait for and sends, counted over one more untimed step by
+:class:`~partialfc.testing.host_syncs.HostSyncCounter` (a GPU's slowness counted on any
+device). Each configuration runs in fresh processes.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import torch
 from partialfc.bench.common import autocast, average_gradients, build_head, configs, method_label, peak_bytes, setup
 from partialfc.errors import InputError
 from partialfc.ops.collectives import barrier
+from partialfc.testing.host_syncs import HostSyncCounter
 
 PHASES = ("data", "forward", "backward", "comm", "optimizer")
 COLOURS = ("tab:gray", "tab:blue", "tab:orange", "tab:red", "tab:green")
@@ -136,12 +140,15 @@ def _measure(rank: int, world_size: int, cfg: dict) -> dict:
 
     for _ in range(cfg["warmup"]):
         step()
+    with HostSyncCounter() as counted:  # one more untimed step, its host reads and collectives counted
+        step()
     barrier()
     start = time.perf_counter()
     times = [step() for _ in range(cfg["steps"])]
     loop_s = (time.perf_counter() - start) / cfg["steps"]
     return dict(loop_s=loop_s, phases=[sum(col) / len(col) for col in zip(*times)],
-                peak=peak_bytes(device, baseline), rate=head.sample_rate)
+                peak=peak_bytes(device, baseline), rate=head.sample_rate, syncs=counted.syncs,
+                collectives=counted.collectives)
 
 
 def _record(cfg: dict) -> dict:
@@ -159,10 +166,12 @@ def _record(cfg: dict) -> dict:
     except RuntimeError as err:  # an out-of-memory configuration is a result, not a crash
         text = str(err)
         record["status"] = "oom" if "out of memory" in text.lower() else "error: " + text.splitlines()[-1][:200]
-        ranks = [dict(loop_s=float("nan"), phases=[float("nan")] * len(PHASES), peak=float("nan"), rate=cfg["rate"])]
+        ranks = [dict(loop_s=float("nan"), phases=[float("nan")] * len(PHASES), peak=float("nan"), rate=cfg["rate"],
+                      syncs=None, collectives=None)]
     step_s = sum(r["loop_s"] for r in ranks) / len(ranks)
     record.update(sample_rate=ranks[0]["rate"], step_s=step_s, samples_per_s=record["global_batch"] / step_s,
-                  peak_mem_mb=max(r["peak"] for r in ranks) / 2**20)
+                  peak_mem_mb=max(r["peak"] for r in ranks) / 2**20, host_syncs=ranks[0]["syncs"],
+                  collectives=ranks[0]["collectives"])
     for i, phase in enumerate(PHASES):
         seconds = sum(r["phases"][i] for r in ranks) / len(ranks)
         record.update({f"{phase}_s": seconds, f"{phase}_frac": seconds / step_s})
@@ -230,7 +239,8 @@ def run(args) -> int:
     hardware = stamp_records(records, "train", args.device)
     columns = [("method", "method"), ("sample_rate", "rate"), ("classes", "classes"), ("world_size", "ranks"),
                ("global_batch", "global batch"), ("step_s", "step s"), ("samples_per_s", "samples/s"),
-               *[(p, f"{p} ms (%)") for p in PHASES], ("peak_mem_mb", "peak MB/rank"), ("status", "status")]
+               *[(p, f"{p} ms (%)") for p in PHASES], ("host_syncs", "host syncs/step"),
+               ("collectives", "collectives/step"), ("peak_mem_mb", "peak MB/rank"), ("status", "status")]
     setting = (f"{args.backbone}, dim {args.dim}, global batch {args.batch}, {args.dtype}, {args.loader} loader, "
                f"{hardware}, torch {torch.__version__}")
     table = (f"Training step (data + forward + backward + gradient all-reduce + optimizer), {setting}; "

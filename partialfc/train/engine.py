@@ -8,7 +8,6 @@ with the engine's ``scaler``).
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from types import SimpleNamespace
 from typing import ContextManager, Protocol, runtime_checkable
@@ -291,8 +290,9 @@ class DeepSpeedEngine:
         value = self.engine.get_global_grad_norm()
         if value is None:
             return norm
-        value = float(value)  # DeepSpeed's sentinel for a non-finite norm is -1 (inf in some paths)
-        return torch.tensor(float("nan") if skipped_itself or not math.isfinite(value) or value < 0 else value)
+        value = torch.as_tensor(value, dtype=torch.float32)  # a tensor on the device: no host read here
+        honest = torch.isfinite(value) & (value >= 0) & (not skipped_itself)  # its non-finite sentinel: -1 or inf
+        return torch.where(honest, value, torch.full_like(value, float("nan")))
 
     @property
     def lr(self) -> float:

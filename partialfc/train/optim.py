@@ -78,11 +78,14 @@ def grad_norm(params) -> torch.Tensor:
 
 
 def clip_grads_(params, max_norm: float, norm: torch.Tensor) -> None:
-    """Scale gradients in place so that their total norm ``norm`` is at most ``max_norm``
-    (works on sparse gradients; no-op when ``max_norm <= 0`` or the norm is not finite)."""
-    if max_norm <= 0 or not torch.isfinite(norm) or norm <= max_norm:
+    """Scale gradients in place so that their total norm ``norm`` (a tensor on their device) is
+    at most ``max_norm``, without a host read: every gradient is multiplied by
+    ``min(1, max_norm / (norm + 1e-6))``, as ``torch.nn.utils.clip_grad_norm_`` does (works on
+    sparse gradients; no-op when ``max_norm <= 0``; the caller skips non-finite steps)."""
+    if max_norm <= 0:
         return
-    factor = max_norm / (float(norm) + 1e-6)
+    factor = torch.clamp(max_norm / (norm.float() + 1e-6), max=1.0)
     for p in params:
         if p.grad is not None:
-            p.grad = p.grad.coalesce() * factor if p.grad.is_sparse else p.grad.mul_(factor)
+            g = p.grad
+            p.grad = g * factor.to(g.device, g.dtype) if g.is_sparse else g.mul_(factor.to(g.device, g.dtype))

@@ -25,7 +25,6 @@ from typing import NamedTuple
 
 import torch
 
-from partialfc.dist import get_world_size
 from partialfc.ops.collectives import all_reduce
 
 EXIT_PREEMPTED = 3
@@ -96,12 +95,12 @@ class StopRequest:
 
 
 class Agreed(NamedTuple):
-    """What every rank of the job acts on after a step."""
+    """What every rank of the job acts on after a step, on the head norm's device (read by the
+    trainer in its one host read of the step)."""
 
     head_norm: torch.Tensor  # () float32: this candidate's head gradient norm over its shards
-    checkpoint: bool  # some rank asked for a checkpoint
-    stop: bool  # some rank asked to stop
-    all_diverged: bool  # every rank said it diverged (every candidate of a search)
+    flags: torch.Tensor  # (3,) float64: > 0 where some rank asked for a checkpoint, asked to stop;
+    # the count of ranks whose candidate diverged
 
 
 def agree(request: StopRequest, head_norm: torch.Tensor, slot: int = 0, slots: int = 1,
@@ -109,11 +108,13 @@ def agree(request: StopRequest, head_norm: torch.Tensor, slot: int = 0, slots: i
     """Collective over the world, the step's one all-reduce: the head gradient norm of each
     search candidate (``slots`` of them; this rank's in ``slot``; the squares of its shards'
     norms add up), this rank's requests (the checkpoint request is taken: cleared here) and
-    whether this rank's candidate has diverged (counted: all of them is the search's end)."""
+    whether this rank's candidate has diverged (counted: all of them is the search's end).
+    Reads nothing back to the host."""
     asked, request.checkpoint_asked = request.checkpoint_asked, False
-    packed = torch.zeros(slots + 3, dtype=torch.float64)
-    packed[slots:] = torch.tensor([float(asked), float(request.local_flag()), float(diverged)], dtype=torch.float64)
-    packed[slot] = head_norm.double().cpu() ** 2
+    local = torch.tensor([float(asked), float(request.local_flag()), float(diverged)], dtype=torch.float64)
+    packed = torch.zeros(slots + 3, dtype=torch.float64, device=head_norm.device)
+    packed[slots:] = local.to(head_norm.device, non_blocking=True)
+    packed[slot] = head_norm.double() ** 2
     all_reduce(packed)  # the wrapper moves it to the group's device and back
-    return Agreed(packed[slot].sqrt().float(), bool(packed[slots] > 0), bool(packed[slots + 1] > 0),
-                  bool(packed[slots + 2] == get_world_size()))
+    return Agreed(packed[slot].sqrt().float(), packed[slots:])
+

@@ -11,6 +11,7 @@ the parts own their state (:class:`~partialfc.train.train_state.TrainState`, sav
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -137,7 +138,10 @@ class Trainer:
                     loss = self.head(scale_for_data_parallel(self.engine(images), self.group), labels)
                 self.engine.backward(loss, last)
             losses.append(loss.detach().float())
-        loss = torch.stack(losses).mean().cpu()
+        loss = torch.stack(losses).mean()
+        grad = self.head.weight.grad
+        if grad is not None and grad.is_sparse and not grad.is_coalesced():  # summed over micro-batches
+            self.head.weight.grad = grad.coalesce()  # once, not in the norm, the clipping and the optimizer
         backbone_norm = self.engine.grad_norm()
         scaler = self.engine.scaler
         if scaler.is_enabled():
@@ -146,13 +150,20 @@ class Trainer:
         diverged = self.search is not None and self.search.diverged
         agreed = agree(self.requests, grad_norm([self.head.weight]), slot, slots, diverged)
         head_norm = agreed.head_norm
-        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(head_norm)) and (
-            backbone_norm is None or bool(torch.isfinite(backbone_norm)))
+        norms = [head_norm] if backbone_norm is None else [head_norm, backbone_norm.to(head_norm.device)]
+        finite = torch.isfinite(torch.stack([loss.to(head_norm.device), *norms])).all()
+        # The step's one host read: the shared decision, the requests and what the log shows.
         # ``finite`` is the same on every rank (global loss, all-reduced norms): all ranks
         # step or skip together; the scaler's own per-optimizer checks would see only this
         # rank's head shard and could let the ranks' loss scales drift apart.
-        backbone_norm = self.engine.step(finite, backbone_norm)
-        finite = finite and bool(torch.isfinite(backbone_norm))  # DeepSpeed ZeRO-1/2: known after its step
+        read = torch.cat([torch.stack([finite.double(), loss.to(head_norm.device).double(), *norms]),
+                          agreed.flags.to(head_norm.device)]).tolist()
+        (finite, loss_value, *norm_values), (checkpoint, stop, diverged_ranks) = read[:-3], read[-3:]
+        finite, head_value = bool(finite), norm_values[0]
+        after = self.engine.step(finite, backbone_norm)
+        # DeepSpeed ZeRO-1/2: the norm is known after its step, on the host (DeepSpeed read it)
+        backbone_value = norm_values[1] if backbone_norm is not None else float(after)
+        finite = finite and math.isfinite(backbone_value)
         if finite:
             clip_grads_([self.head.weight], self.cfg.head.optimizer.clip_grad_norm, head_norm)
             scaler.step(self.head_optimizer)
@@ -161,9 +172,9 @@ class Trainer:
             scaler.update(None if finite else scaler.get_scale() * scaler.get_backoff_factor())
         self.head_schedule.step()
         self.progress.count(finite)
-        return {"loss": float(loss), "finite": finite, "grad_norm_backbone": float(backbone_norm),
-                "grad_norm_head": float(head_norm), "data_wait": wait, "checkpoint_requested": agreed.checkpoint,
-                "stop_requested": agreed.stop, "all_diverged": agreed.all_diverged}
+        return {"loss": loss_value, "finite": finite, "grad_norm_backbone": backbone_value,
+                "grad_norm_head": head_value, "data_wait": wait, "checkpoint_requested": checkpoint > 0,
+                "stop_requested": stop > 0, "all_diverged": diverged_ranks == self.world_size}
 
     # ----------------------------------------------------------------- loop
     def train(self) -> dict:
