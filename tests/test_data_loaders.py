@@ -185,3 +185,55 @@ def test_corrupt_jpeg_is_named_or_skipped(corrupt, make):
                   on_error="skip", verify_images=True)
     assert [k for k, _ in loader.dataset.skipped] == [13]
     assert sorted(torch.cat([lab for _, lab in loader]).tolist()) == [k for k in range(24) if k != 13]
+
+
+def test_a_batch_reaches_a_gpu_from_pinned_memory_without_blocking(monkeypatch):
+    """``host_to_device`` to a CUDA device (faked: CPU has none): pageable memory is pinned
+    first, pinned memory is not copied again, and the copy is ``non_blocking``; to the CPU it
+    is a plain copy."""
+    from partialfc.data.loader import host_to_device
+
+    copies = []
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: getattr(self, "pinned", False))
+
+    def pin(self):
+        out = self.clone()
+        out.pinned = True
+        return out
+
+    def to(self, device, non_blocking=False):
+        copies.append((torch.device(device).type, getattr(self, "pinned", False), non_blocking))
+        return self
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    pinned = pin(torch.arange(3))
+    host_to_device(torch.arange(3), torch.device("cuda"))
+    host_to_device(pinned, torch.device("cuda"))
+    host_to_device(torch.arange(3), torch.device("cpu"))
+    assert copies == [("cuda", True, True), ("cuda", True, True), ("cpu", False, False)]
+
+
+@pytest.mark.parametrize("make", LOADERS)
+def test_every_batch_copy_goes_through_host_to_device(unique, make, monkeypatch):
+    """Both loaders hand images and labels to the device through ``host_to_device`` only (the
+    DALI labels were a blocking copy from pageable memory), and the torch loader pins its
+    batches in its DataLoader when the device is a GPU."""
+    import partialfc.data.dali_loader as dali_module
+    import partialfc.data.torch_loader as torch_module
+    from partialfc.data.loader import host_to_device
+
+    copied = []
+
+    def recorded(tensor, device):
+        copied.append(tensor.dtype)
+        return host_to_device(tensor, device)
+
+    for module in (dali_module, torch_module):
+        monkeypatch.setattr(module, "host_to_device", recorded)
+    loader = make(unique, batch_size=16, rank=0, world_size=1)
+    batches = list(loader)
+    loader.close()
+    kinds = {torch.uint8, torch.int64} if make is torch_loader else {torch.int64}  # DALI decodes on its device
+    assert len(copied) == len(kinds) * len(batches) and set(copied) == kinds
+    assert TorchLoader(unique, 16, 0, 1, device="cuda", num_workers=0).loader.pin_memory

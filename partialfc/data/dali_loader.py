@@ -24,7 +24,7 @@ import torch
 from partialfc import dist
 from partialfc.data.dataset_index import RecordDataset, find_corrupt_images
 from partialfc.data.images import IMAGE_SIZE
-from partialfc.data.loader import EpochLoader, batches_per_epoch, shard_bounds
+from partialfc.data.loader import EpochLoader, batches_per_epoch, host_to_device, shard_bounds
 from partialfc.data.recordio import RecordIOError
 from partialfc.seeding import Stream, derive_seed
 
@@ -161,7 +161,7 @@ class DaliLoader(EpochLoader):
             offsets = _offsets_of(source)[:real]
             labels = self.dataset.labels[self._sorted[np.searchsorted(self._sorted_offsets, offsets)]]
             yield (self._to_torch(images, f"epoch {epoch} batch {b}")[:real],
-                   torch.from_numpy(labels).to(self.device))
+                   host_to_device(torch.from_numpy(labels), self.device))
         while self._runs_done < self._runs_per_epoch:  # drop_last: finish DALI's epoch
             self._run(epoch)
         self._runs_done = 0

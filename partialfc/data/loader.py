@@ -37,6 +37,18 @@ def batches_per_epoch(num_samples: int, num_shards: int, batch_size: int, drop_l
     return math.ceil(math.ceil(num_samples / num_shards) / batch_size)
 
 
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host ``tensor`` of a batch on ``device``. On a GPU the copy is issued from pinned
+    memory with ``non_blocking=True``, so the host goes on queueing work while it runs (from
+    pageable memory it would wait for the copy); a tensor already pinned (the torch loader's
+    ``pin_memory``) is not copied again on the host."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    if not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def normalise(images: torch.Tensor) -> torch.Tensor:
     """uint8 ``(N, 3, H, W)`` -> float32 ``(x / 255 - 0.5) / 0.5``."""
     return images.float().div_(127.5).sub_(1.0)

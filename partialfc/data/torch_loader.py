@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from partialfc.data.dataset_index import RecordDataset
 from partialfc.data.images import IMAGE_SIZE, decode_face
-from partialfc.data.loader import EpochLoader, normalise, shard_bounds
+from partialfc.data.loader import EpochLoader, host_to_device, normalise, shard_bounds
 from partialfc.data.recordio import RecordIOError, unpack_payload
 from partialfc.seeding import Stream, seeded_generator
 
@@ -162,5 +162,4 @@ class TorchLoader(EpochLoader):
             self._note_bad(bad)
             if images is None:
                 raise RecordIOError(f"{self.dataset.rec_path}: no record decodes as a training image")
-            yield (normalise(images.to(self.device, non_blocking=True)),
-                   labels.to(self.device, non_blocking=True))
+            yield normalise(host_to_device(images, self.device)), host_to_device(labels, self.device)
