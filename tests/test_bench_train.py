@@ -39,8 +39,27 @@ def test_bench_train_writes_json_table_and_png(tmp_path):
         # steps, the one time slice a loaded machine may take in that gap stays under 2%.
         assert sum(phases) == pytest.approx(r["step_s"], rel=0.02)
         assert sum(r[f"{p}_frac"] for p in PHASES) == pytest.approx(1.0, rel=0.02)
+    syncs = {r["method"]: (r["host_syncs"], r["collectives"]) for r in records}
+    # partialfc's step on 2 ranks waits for the input check and the local targets' nonzero (its
+    # sample of 125 centres per rank holds the global batch's positives: no unique; docs/head.md),
+    # and sends 3 all-gathers, 3 all-reduces (2 in the forward, 1 in the backward on gloo) and
+    # the backbone's gradient mean
+    assert syncs["partialfc"] == (2, 7), syncs
     table = (tmp_path / "tiny.md").read_text()
     assert table.count("\n| full_softmax |") == 1 and table.count("\n| partialfc |") == 1
     assert "comm ms (%)" in table
     assert (tmp_path / "tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "synthetic_16x4.rec").exists()  # generated once, reused by later runs
+
+
+@pytest.mark.multiprocess
+def test_bench_train_compile_runs_eager_and_compiled_side_by_side(tmp_path):
+    cmd = [sys.executable, "-m", "partialfc.cli", "bench", "train", "--classes", "100", "--identities", "16",
+           "--images-per-identity", "2", "--methods", "partialfc", "--sample-rate", "0.5", "--batch", "8",
+           "--dim", "16", "--steps", "2", "--warmup", "1", "--compile", "--out", str(tmp_path), "--name", "c"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    records = json.loads((tmp_path / "c.json").read_text())
+    assert [(r["method"], r["compiled"], r["status"]) for r in records] == [("partialfc", False, "ok"),
+                                                                            ("partialfc", True, "ok")]
+    assert "| partialfc | True |" in (tmp_path / "c.md").read_text()

@@ -340,3 +340,30 @@ def test_deepspeed_bf16_accumulates_micro_batches_in_fp32(stage):
     got = out["master"][: expected[torch.float32].numel()]
     torch.testing.assert_close(got, expected[torch.float32], rtol=1e-6, atol=1e-8)
     assert (got - expected[torch.bfloat16]).abs().max() > 1e-5  # what bf16 accumulation would give
+
+
+def _compiled_steps(rank: int, world: int, engine_name: str) -> dict:
+    from partialfc.train.engine import build_engine
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    optim, train = _configs(engine_name, "bf16", 1)
+    train.compile = True
+    engine = build_engine(_tiny(), optim, train, micro_batch=3, total_steps=8, device=torch.device("cpu"))
+    norms = []
+    for i in range(3):
+        with engine.micro_step(True), engine.autocast():
+            loss = engine(_batch(rank, i)).float().square().mean()
+        engine.backward(loss, True)
+        norms.append(float(engine.step(True, engine.grad_norm())))
+    return {"norms": norms, "keys": list(engine.module.state_dict()), "plain": list(_tiny().state_dict())}
+
+
+@pytest.mark.required
+@pytest.mark.multiprocess
+def test_train_compile_under_each_engine_keeps_the_plain_module():
+    """``train.compile``: DDP's model is compiled, DeepSpeed's engine compiles its module in
+    place; either way ``module`` (what checkpoints and exports save) keeps the plain keys."""
+    pytest.importorskip("deepspeed")
+    for name in ("ddp", "deepspeed"):
+        out = run_distributed(_compiled_steps, 2, name, timeout=600)[0]
+        assert out["keys"] == out["plain"] and all(n == n and n > 0 for n in out["norms"]), (name, out)

@@ -31,7 +31,9 @@ Phases of one step, each closed by ``torch.cuda.synchronize`` on CUDA:
 per-step means, both averaged over ranks: they sum to ``step_s`` up to the loop's own
 bookkeeping. ``--batch`` is the global batch, as in ``partialfc bench head`` (each rank loads
 ``batch / world_size`` images); ``samples_per_s`` = ``batch / step_s``. Peak memory per rank as in
-``partialfc bench head``. ``host_syncs`` and ``collectives``: what rank 0's step makes a host
+``partialfc bench head``. ``--compile`` runs every configuration twice, eager and with the
+backbone under ``torch.compile`` (compiled during the warm-up steps), so the table holds the
+two side by side. ``host_syncs`` and ``collectives``: what rank 0's step makes a host
 wait for and sends, counted over one more untimed step by
 :class:`~partialfc.testing.host_syncs.HostSyncCounter` (a GPU's slowness counted on any
 device). Each configuration runs in fresh processes.
@@ -72,6 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loader", default="torch", choices=["torch", "dali"], help="input pipeline")
     parser.add_argument("--identities", type=int, default=200, help="synthetic set: identities")
     parser.add_argument("--images-per-identity", type=int, default=8, help="synthetic set: images per identity")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run every configuration with the backbone under torch.compile (side by side)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train"), help="output directory")
     parser.add_argument("--name", default="bench_train", help="base name of the output files")
 
@@ -94,6 +98,8 @@ def _step_phases(cfg: dict, device: torch.device, world_size: int):
 
     torch.manual_seed(0)  # the same backbone on every rank
     backbone = build_backbone(cfg["backbone"], cfg["dim"]).to(device)
+    if cfg["compile"]:  # compiled in the warm-up steps
+        backbone = torch.compile(backbone)
     backbone_opt = torch.optim.SGD(backbone.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     head, head_opt, replicated_head = build_head(cfg, device)
     mapping = torch.randperm(cfg["classes"], generator=torch.Generator().manual_seed(0))[:cfg["identities"]]
@@ -156,7 +162,8 @@ def _record(cfg: dict) -> dict:
     from partialfc.testing import run_distributed
 
     world = cfg["world_size"]
-    record = dict(method=cfg["method"], classes=cfg["classes"], sample_rate=cfg["rate"], world_size=world,
+    record = dict(method=cfg["method"], compiled=cfg["compile"], classes=cfg["classes"], sample_rate=cfg["rate"],
+                  world_size=world,
                   batch_per_rank=cfg["batch"] // world, global_batch=cfg["batch"], backbone=cfg["backbone"],
                   dim=cfg["dim"], dtype=cfg["dtype"], device=cfg["device"], loader=cfg["loader"],
                   identities=cfg["identities"], status="ok")
@@ -191,7 +198,7 @@ def _figure(records: list[dict], title: str):
     import matplotlib.pyplot as plt
 
     ok = [r for r in records if r["status"] == "ok"]
-    labels = [f"{method_label(r)}\nx{r['world_size']}" for r in ok]
+    labels = [f"{method_label(r)}{' compiled' if r.get('compiled') else ''}\nx{r['world_size']}" for r in ok]
     fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(ok) + 4), 4.5))
     bottom = [0.0] * len(ok)
     for phase, colour in zip(PHASES, COLOURS):
@@ -227,7 +234,8 @@ def run(args) -> int:
 
     from partialfc.bench.report import markdown_table, stamp_records, write_outputs
 
-    runs = configs(argparse.Namespace(**vars(args), no_reference=False))
+    runs = [{**cfg, "compile": compiled} for cfg in configs(argparse.Namespace(**vars(args), no_reference=False))
+            for compiled in ((False, True) if args.compile else (False,))]
     if any(c["classes"] < args.identities for c in runs):
         raise ValueError(f"--classes must be at least --identities ({args.identities})")
     if any(c["batch"] % c["world_size"] for c in runs):
@@ -237,7 +245,7 @@ def run(args) -> int:
     records = [_record({**cfg, **extra}) for cfg in
                track(runs, description="bench train", console=Console(stderr=True))]
     hardware = stamp_records(records, "train", args.device)
-    columns = [("method", "method"), ("sample_rate", "rate"), ("classes", "classes"), ("world_size", "ranks"),
+    columns = [("method", "method"), ("compiled", "compiled"), ("sample_rate", "rate"), ("classes", "classes"), ("world_size", "ranks"),
                ("global_batch", "global batch"), ("step_s", "step s"), ("samples_per_s", "samples/s"),
                *[(p, f"{p} ms (%)") for p in PHASES], ("host_syncs", "host syncs/step"),
                ("collectives", "collectives/step"), ("peak_mem_mb", "peak MB/rank"), ("status", "status")]

@@ -234,6 +234,7 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 20
     deterministic: bool = False
     threads: int = 0  # torch CPU threads per process; 0 = leave the default
+    compile: bool = False  # torch.compile the backbone (inductor); checkpoints and exports stay plain
 
     def check(self, key: str) -> None:
         if self.engine == Engine.deepspeed and self.precision == Precision.fp16:

@@ -84,7 +84,9 @@ class BackboneEngine(Protocol):
 
 class DDPEngine:
     """Backbone under DDP (plain module on one process), torch optimizer and schedule, autocast
-    to the precision's dtype and a GradScaler for fp16.
+    to the precision's dtype and a GradScaler for fp16; with ``train.compile`` the forward runs
+    ``torch.compile``'s graph while :attr:`module` stays the plain backbone (its state_dict has
+    no ``_orig_mod.`` keys, so checkpoints and exports do not depend on the option).
 
     ``backward`` divides the loss by ``accum``; inner micro-steps run under ``no_sync`` so
     gradients are all-reduced once per optimizer step."""
@@ -92,8 +94,10 @@ class DDPEngine:
     def __init__(self, backbone: torch.nn.Module, optim, train, *, total_steps: int, device: torch.device,
                  group=None):
         self.module, self.device = backbone, torch.device(device)
-        self.model = (DistributedDataParallel(backbone, process_group=group) if pdist.get_world_size(group) > 1
-                      else backbone)
+        self.ddp = DistributedDataParallel(backbone, process_group=group) if pdist.get_world_size(group) > 1 else None
+        self.model = self.ddp if self.ddp is not None else backbone
+        if train.compile:  # DDP first, then compile (its optimizer splits the graph at the buckets)
+            self.model = torch.compile(self.model)
         self.accum, self.clip = train.grad_accum, optim.clip_grad_norm
         self.autocast_dtype, use_scaler = resolve_precision(train.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
@@ -110,9 +114,9 @@ class DDPEngine:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def micro_step(self, last: bool) -> ContextManager:
-        if last or self.model is self.module:
+        if last or self.ddp is None:
             return contextlib.nullcontext()
-        return self.model.no_sync()
+        return self.ddp.no_sync()
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         self.scaler.scale(loss / self.accum).backward()
@@ -247,6 +251,8 @@ class DeepSpeedEngine:
         args = SimpleNamespace(device_rank=device.index or 0) if device.type == "cuda" else None
         self.engine, self.optimizer, _, self.schedule = deepspeed.initialize(
             args=args, model=backbone, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+        if train.compile:  # in place: the module and its state_dict keys stay as they are
+            self.engine.compile()
         self.module = self.engine.module
         self.dtype = dtype or torch.float32
         self.scaler = torch.amp.GradScaler(device.type, enabled=False)
