@@ -16,11 +16,11 @@ from partialfc.train.config import load_config
 STEPS = ("apply", "skip", "skip_nan", "apply")  # the steps of every run; the reference runs only the applied ones
 
 
-def _configs(engine: str, precision: str = "fp32", stage: int = 0):
+def _configs(engine: str, precision: str = "fp32", stage: int = 0, *extra: str):
     cfg = load_config(None, ["run_dir=unused", "data.rec=unused", f"train.engine={engine}",
                              f"train.precision={precision}", f"train.deepspeed.zero_stage={stage}",
                              "optim.lr=0.1", "optim.weight_decay=0.01", "optim.clip_grad_norm=0",
-                             "optim.schedule.warmup_steps=3"])
+                             "optim.schedule.warmup_steps=3", *extra])
     return cfg.optim, cfg.train
 
 
@@ -229,7 +229,8 @@ def test_deepspeed_settings_partialfc_decides_are_refused_in_extra(tmp_path):
     from partialfc.errors import ConfigError
 
     for extra, key in [("{bf16: {check_grad_overflow: false}}", "bf16"), ("{data_types: {grad_accum_dtype: bf16}}",
-                                                                          "data_types"),
+                                                                          "data_types"), ("{bf16: null}", "bf16"),
+                       ("{zero_optimization: null}", "zero_optimization.stage"),
                        ("{zero_optimization: {stage: 3}}", "zero_optimization.stage"),
                        ("{gradient_accumulation_steps: 4}", "gradient_accumulation_steps")]:
         with pytest.raises(ConfigError, match=rf"train\.deepspeed\.extra\.{key} is written by partialfc"):
@@ -248,8 +249,8 @@ def _ds_config_and_errors(rank: int, world: int) -> dict:
     from partialfc.train.engine import build_engine
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    optim, train = _configs("deepspeed", "bf16", 2)
-    train.deepspeed.extra = {"zero_optimization": {"reduce_bucket_size": 1000}}
+    optim, train = _configs("deepspeed", "bf16", 2, "data.batch_size=1000",  # an interpolation, resolved
+                            "train.deepspeed.extra={zero_optimization: {reduce_bucket_size: '${data.batch_size}'}}")
     engine = build_engine(_tiny(), optim, train, micro_batch=3, total_steps=8, device=torch.device("cpu"))
     out = {"config": engine.engine.config, "errors": []}
     optim, train = _configs("deepspeed", "bf16", 0)
@@ -367,3 +368,32 @@ def test_train_compile_under_each_engine_keeps_the_plain_module():
     for name in ("ddp", "deepspeed"):
         out = run_distributed(_compiled_steps, 2, name, timeout=600)[0]
         assert out["keys"] == out["plain"] and all(n == n and n > 0 for n in out["norms"]), (name, out)
+
+
+def test_clipping_scales_on_the_device_as_torch_does():
+    """``clip_grads_`` against ``torch.nn.utils.clip_grad_norm_`` on dense gradients; a sparse
+    bf16 gradient keeps its dtype and coalesced mark, its values scaled in fp32; a norm under
+    the limit and ``max_norm <= 0`` leave the gradients as they were."""
+    from partialfc.train.optim import clip_grads_, grad_norm
+
+    torch.manual_seed(0)
+    ours, theirs = _tiny(), _tiny()
+    for model in (ours, theirs):
+        model(_batch(0, 0)).square().sum().backward()
+    norm = grad_norm(ours.parameters())
+    clip_grads_(ours.parameters(), 0.5, norm)
+    torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.5)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
+    values = torch.randn(3, 4, generator=torch.Generator().manual_seed(1)).bfloat16()
+    weight = torch.nn.Parameter(torch.zeros(10, 4, dtype=torch.bfloat16))
+    weight.grad = torch.sparse_coo_tensor(torch.tensor([[1, 4, 7]]), values, (10, 4), is_coalesced=True)
+    norm = torch.linalg.vector_norm(values.float())
+    clip_grads_([weight], 0.25, norm)
+    assert weight.grad.is_sparse and weight.grad.is_coalesced() and weight.grad.dtype == torch.bfloat16
+    expected = (values.float() * (0.25 / (norm + 1e-6))).bfloat16()
+    assert torch.equal(weight.grad._values(), expected)
+    before = weight.grad._values().clone()
+    clip_grads_([weight], 10.0, norm)
+    clip_grads_([weight], 0.0, norm)
+    assert torch.equal(weight.grad._values(), before)

@@ -51,6 +51,14 @@ def _count(rank: int, world: int, run_root: str, cache: str) -> dict:
         trainer = Trainer(load_config(None, tiny_overrides(
             run_dir, cache, f"train.engine={engine}", f"train.precision={precision}", f"head.sample_rate={rate}",
             "train.max_steps=20", "log.every_steps=1000")))
+        step, marks = trainer.head_optimizer.step, []
+
+        def recorded(*args, **kwargs):  # outside the counter, whose references change autograd's path
+            grad = trainer.head.weight.grad
+            marks.append(not grad.is_sparse or grad.is_coalesced())
+            return step(*args, **kwargs)
+
+        trainer.head_optimizer.step = recorded
         for _ in range(2):  # past the first step's lazy set-up
             trainer.train_step()
         with HostSyncCounter() as counted:
@@ -58,7 +66,7 @@ def _count(rank: int, world: int, run_root: str, cache: str) -> dict:
         trainer.close()
         out[engine, precision, rate] = (
             Counter({(what, _site(where)): n for (what, where), n in counted.sync_sites.items()}),
-            Counter({(what, _site(where)): n for (what, where), n in counted.collective_sites.items()}))
+            Counter({(what, _site(where)): n for (what, where), n in counted.collective_sites.items()}), marks)
     return out
 
 
@@ -89,8 +97,10 @@ def test_a_training_step_makes_only_the_host_syncs_and_collectives_of_its_budget
     pytest.importorskip("deepspeed")
     counted = run_distributed(_count, world, str(tmp_path), str(cache), timeout=600)
     for rank, per_combo in enumerate(counted):
-        for (engine, precision, rate), (syncs, collectives) in per_combo.items():
+        for (engine, precision, rate), (syncs, collectives, marks) in per_combo.items():
             expected = budget(engine, precision, rate, world)
             assert (syncs, collectives) == expected, (rank, engine, precision, rate, syncs, collectives)
+            assert marks == [True] * 3, (engine, precision, rate)  # the head's gradient reached its optimizer
+            # coalesced on every step, counted or not (no coalesce, no sortedness check there)
     ddp_plain = counted[0]["ddp", "fp32", 1.0][0]
     assert sum(ddp_plain.values()) == (2 if world == 1 else 3)

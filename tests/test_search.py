@@ -222,3 +222,31 @@ def test_the_search_stops_when_every_candidate_diverges(tmp_path, cache):
     # both diverged after step 6; the step-7 agreement told every rank so
     assert [p.name for p in (tmp_path / "checkpoints").glob("step_*")] == ["step_00000007"]
     assert [p.name for p in (tmp_path / "checkpoints/candidates/1").glob("step_*")] == ["step_00000007"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.required
+def test_a_candidate_diverged_before_the_search_starts_gets_a_healthy_state(tmp_path, cache):
+    """Candidate 1 diverges in epoch 0 (before search.start_epoch=1, nothing is evaluated):
+    at the epoch's end it takes candidate 0's state instead of skipping every step after."""
+    extra = ["train.max_consecutive_nonfinite=2", "dist.timeout_s=30"]
+    results = run_distributed(_run, 2, str(tmp_path), str(cache), extra, True, {1: range(0, 4)}, timeout=120)
+    assert [r["diverged"] for r in results[0]["history"]] == [[], []]
+    assert results[1]["history"] == results[0]["history"]
+    assert _same(results[0]["state"], results[1]["state"])
+
+
+@pytest.mark.multiprocess
+@pytest.mark.required
+def test_every_candidate_diverged_at_an_epochs_end_stops_there_and_resumes_healthy(tmp_path, cache):
+    """Both diverge in the last two steps of epoch 0: the epoch's end (not a later step) stops
+    every rank with a checkpoint at step 4, which keeps no divergence: a resume trains on."""
+    extra = ["train.max_consecutive_nonfinite=2", "dist.timeout_s=30"]
+    with pytest.raises(RuntimeError) as err:
+        run_distributed(_run, 2, str(tmp_path), str(cache), extra, True, {0: range(2, 4), 1: range(2, 4)},
+                        timeout=120)
+    assert "every candidate of the search diverged (step 4" in str(err.value), str(err.value)
+    for root in ("checkpoints", "checkpoints/candidates/1"):  # every candidate's ranks saved at step 4
+        assert [p.name for p in (tmp_path / root).glob("step_*")] == ["step_00000004"]
+    resumed = run_distributed(_run, 2, str(tmp_path), str(cache), extra, True, timeout=120)
+    assert [r["epoch"] for r in resumed[0]["history"]] == [1, 2] and resumed[0]["history"][0]["diverged"] == []

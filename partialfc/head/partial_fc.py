@@ -80,24 +80,6 @@ def resolve_fused(fused: bool | str | Implementation, loss: nn.Module) -> Implem
 NONFINITE = ("raise", "report")  # PartialFC(nonfinite=...)
 
 
-class _SampledRows(torch.autograd.Function):
-    """``weight[index]`` for ``index`` sorted and unique (the sampler's): the gradient is the
-    sparse rows ``index`` of ``weight``, marked coalesced, as they are, so no consumer (norm,
-    clipping, the sparse-row optimizers) coalesces it again: a host synchronisation each."""
-
-    @staticmethod
-    def forward(ctx, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(index)
-        ctx.shape = weight.shape
-        return weight.index_select(0, index)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        index, = ctx.saved_tensors
-        return None, torch.sparse_coo_tensor(index.unsqueeze(0), grad, ctx.shape, is_coalesced=True,
-                                             check_invariants=False)
-
-
 class PartialFC(nn.Module):
     """Model-parallel margin-softmax classifier with per-step sampling of class centres.
 
@@ -245,7 +227,7 @@ class PartialFC(nn.Module):
             targets = self._targets(torch.where(in_shard, local, -1))
         else:
             index = self.sampler.sample_batch(local)
-            centres = _SampledRows.apply(index, self.weight)
+            centres = F.embedding(index, self.weight, sparse=True)
             pos = torch.searchsorted(index, local.clamp(0, max(self.num_local - 1, 0)))
             targets = self._targets(torch.where(in_shard, pos, -1))
         self.last_sampled = index

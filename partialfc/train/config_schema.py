@@ -218,7 +218,7 @@ class DeepSpeedConfig:
         for owned, setting in DEEPSPEED_OWNED.items():
             outer, _, inner = owned.partition(".")
             value = self.extra.get(outer)
-            if value is not None and (not inner or (isinstance(value, Mapping) and inner in value)):
+            if outer in self.extra and (not inner or not isinstance(value, Mapping) or inner in value):
                 raise ConfigError(f"{key}.extra.{owned} is written by partialfc from {setting}; remove it from "
                                   f"{key}.extra (bf16 runs check every gradient for overflow and accumulate in fp32)")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Mapping
 from types import SimpleNamespace
 from typing import ContextManager, Protocol, runtime_checkable
 
@@ -181,13 +182,13 @@ def _frozen(optimizer: torch.optim.Optimizer, wrapper):
 TESTED_DEEPSPEED = (0, 19, 8)  # the oldest release that skips every non-finite step itself (pyproject's pin)
 
 
-def _merge(into: dict, extra: dict) -> None:
+def _merge(into: dict, extra: Mapping) -> None:
     """``extra`` merged into ``into`` in place, nested mappings key by key."""
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
             _merge(into[key], value)
         else:
-            into[key] = value
+            into[key] = dict(value) if isinstance(value, Mapping) else value
 
 
 class DeepSpeedEngine:
@@ -244,8 +245,8 @@ class DeepSpeedEngine:
             "steps_per_print": 2**31 - 1,
             "wall_clock_breakdown": False,
         }
-        _merge(ds_config, OmegaConf.to_container(train.deepspeed.extra) if OmegaConf.is_config(train.deepspeed.extra)
-               else dict(train.deepspeed.extra))
+        extra = train.deepspeed.extra
+        _merge(ds_config, OmegaConf.to_container(extra, resolve=True) if OmegaConf.is_config(extra) else extra)
         # DeepSpeed takes the GPU numbered LOCAL_RANK unless told: under a one-GPU-per-task
         # binding that GPU does not exist, so name the one this process uses
         args = SimpleNamespace(device_rank=device.index or 0) if device.type == "cuda" else None

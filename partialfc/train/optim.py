@@ -79,13 +79,20 @@ def grad_norm(params) -> torch.Tensor:
 
 def clip_grads_(params, max_norm: float, norm: torch.Tensor) -> None:
     """Scale gradients in place so that their total norm ``norm`` (a tensor on their device) is
-    at most ``max_norm``, without a host read: every gradient is multiplied by
-    ``min(1, max_norm / (norm + 1e-6))``, as ``torch.nn.utils.clip_grad_norm_`` does (works on
-    sparse gradients; no-op when ``max_norm <= 0``; the caller skips non-finite steps)."""
+    at most ``max_norm``, without a host read: every gradient is multiplied by the fp32 factor
+    ``min(1, max_norm / (norm + 1e-6))``, as ``torch.nn.utils.clip_grad_norm_`` does. Sparse
+    gradients keep their dtype and their coalesced mark, their values scaled in fp32. No-op
+    when ``max_norm <= 0``; the caller skips non-finite steps."""
     if max_norm <= 0:
         return
     factor = torch.clamp(max_norm / (norm.float() + 1e-6), max=1.0)
     for p in params:
-        if p.grad is not None:
-            g = p.grad
-            p.grad = g * factor.to(g.device, g.dtype) if g.is_sparse else g.mul_(factor.to(g.device, g.dtype))
+        g = p.grad
+        if g is None:
+            continue
+        if g.is_sparse:
+            values = (g._values().float() * factor.to(g.device)).to(g.dtype)
+            p.grad = torch.sparse_coo_tensor(g._indices(), values, g.shape, is_coalesced=g.is_coalesced(),
+                                             check_invariants=False)
+        else:
+            g.mul_(factor.to(g.device))

@@ -148,6 +148,7 @@ class SearchDriver:
         self.schedule: list[float] = []
         self.x: float | None = None  # this candidate's draw for the current epoch
         self.diverged = False  # this candidate diverged this epoch (set by the trainer, agreed by its ranks)
+        self.everyone_diverged = False  # the last epoch's end found every candidate diverged
 
     def begin_epoch(self, epoch: int) -> float:
         """Draw (or, before ``start_epoch``, take ``mu``) and set ``a``; returns ``a``."""
@@ -158,27 +159,39 @@ class SearchDriver:
     def end_epoch(self, epoch: int, logger=None, step: int = 0) -> dict | None:
         """Collective: after epoch ``epoch``; returns its search record (None before
         ``start_epoch``), logged as a ``search`` record at ``step`` with a console line when a
-        :class:`~partialfc.train.logging.RunLogger` is given, and sets the next epoch's ``a``."""
-        a = self.loss.a
-        if epoch < self.start_epoch:
-            self.schedule.append(a)
-            self.begin_epoch(epoch + 1)
-            return None
+        :class:`~partialfc.train.logging.RunLogger` is given, and sets the next epoch's ``a``.
+
+        Every epoch's end gathers which candidates diverged: a diverged one is not evaluated,
+        gets :data:`DIVERGED_REWARD` and the best candidate's state (before ``start_epoch`` the
+        first healthy one's). When all have diverged, nothing is updated or copied and
+        :attr:`everyone_diverged` tells every rank to stop."""
+        a, searching = self.loss.a, epoch >= self.start_epoch
         if self.diverged:
             reward = float("nan")
+        elif not searching:
+            reward = 0.0  # warm-up: nothing is evaluated, only divergence is gathered
         else:
             reward = self.reward_hook(a) if self.reward_hook is not None else self.reward()
         gathered = gather_rewards(self.layout, reward)
         diverged = [c for c, r in enumerate(gathered) if math.isnan(r)]
+        self.everyone_diverged = len(diverged) == len(gathered)
+        if self.everyone_diverged:
+            return None
         rewards = [DIVERGED_REWARD if math.isnan(r) else r for r in gathered]
+        best = max(range(len(rewards)), key=lambda c: (c not in diverged, rewards[c], -c))
+        if not searching:
+            if diverged:
+                self._copy_from(best)
+                self.diverged = False
+            self.schedule.append(a)
+            self.begin_epoch(epoch + 1)
+            return None
         xs = [self.policy.draw(epoch, c) for c in range(self.layout.population)]  # every candidate's x
         mu = self.policy.mu.item()
-        best = max(range(len(rewards)), key=lambda c: (c not in diverged, rewards[c], -c))
-        if len(diverged) < len(rewards):  # else the next step's agreement ends the search
-            if self.mode == "search":
-                self.policy.update(xs, rewards)
-            self._copy_from(best)
-            self.diverged = False
+        if self.mode == "search":
+            self.policy.update(xs, rewards)
+        self._copy_from(best)
+        self.diverged = False
         record = {"epoch": epoch, "mu": mu, "mu_next": self.policy.mu.item(), "sigma": self.policy.sigma,
                   "x": xs, "a": [global_a(x, self.loss.s) for x in xs], "reward": rewards, "best": best,
                   "diverged": diverged}

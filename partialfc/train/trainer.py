@@ -139,9 +139,7 @@ class Trainer:
                 self.engine.backward(loss, last)
             losses.append(loss.detach().float())
         loss = torch.stack(losses).mean()
-        grad = self.head.weight.grad
-        if grad is not None and grad.is_sparse and not grad.is_coalesced():  # summed over micro-batches
-            self.head.weight.grad = grad.coalesce()  # once, not in the norm, the clipping and the optimizer
+        self._mark_head_grad_coalesced()
         backbone_norm = self.engine.grad_norm()
         scaler = self.engine.scaler
         if scaler.is_enabled():
@@ -175,6 +173,20 @@ class Trainer:
         return {"loss": loss_value, "finite": finite, "grad_norm_backbone": backbone_value,
                 "grad_norm_head": head_value, "data_wait": wait, "checkpoint_requested": checkpoint > 0,
                 "stop_requested": stop > 0, "all_diverged": diverged_ranks == self.world_size}
+
+    def _mark_head_grad_coalesced(self) -> None:
+        """The head's sparse gradient (rate < 1) as a coalesced tensor, so that its norm, the
+        clipping and the sparse-row optimizer do not coalesce it (a host synchronisation
+        each). One backward's rows are the sampler's index, sorted and unique: marked as they
+        are (autograd does not keep the mark). Summed over micro-batches: coalesced once."""
+        grad = self.head.weight.grad
+        if grad is None or not grad.is_sparse or grad.is_coalesced():
+            return
+        if self.cfg.train.grad_accum > 1:
+            self.head.weight.grad = grad.coalesce()
+        else:
+            self.head.weight.grad = torch.sparse_coo_tensor(grad._indices(), grad._values(), grad.shape,
+                                                            is_coalesced=True, check_invariants=False)
 
     # ----------------------------------------------------------------- loop
     def train(self) -> dict:
@@ -221,6 +233,8 @@ class Trainer:
             if self.search is not None and self.step % self.steps_per_epoch == 0:
                 was_diverged = self.search.diverged
                 self.search.end_epoch(self.step // self.steps_per_epoch - 1, self.logger, self.step)
+                if self.search.everyone_diverged:  # every rank gathered the same verdict
+                    self._stop_diverged("every candidate of the search diverged", last)
                 if was_diverged and not self.search.diverged:  # now a copy of the best candidate
                     self.progress.consecutive_nonfinite = 0
             self.metrics.update(self.step, last, self._log_context)
@@ -241,20 +255,26 @@ class Trainer:
         run with a checkpoint and :class:`TrainingDiverged`. In a search they only mark this
         candidate diverged (it trains on, skipping, and at the epoch's end gets the lowest
         reward and the best candidate's state); the search ends when the step's agreement
-        says every candidate has diverged (on every rank at the same step)."""
+        (or an epoch's end) says every candidate has diverged, on every rank at the same step."""
         limit = self.cfg.train.max_consecutive_nonfinite
-        if self.search is not None:
-            if self.progress.consecutive_nonfinite >= limit and not self.search.diverged:
-                self.search.diverged = True
-                self.logger.print(f"candidate {self.layout.candidate} diverged at step {self.step} ({limit} "
-                                  "consecutive non-finite steps); it is replaced by the best at the epoch's end")
-            if not last["all_diverged"]:
-                return
-            what = "every candidate of the search diverged"
-        elif self.progress.consecutive_nonfinite >= limit:
-            what = f"{self.progress.consecutive_nonfinite} consecutive steps with a non-finite loss or gradient"
-        else:
+        if self.search is None:
+            if self.progress.consecutive_nonfinite >= limit:
+                self._stop_diverged(f"{self.progress.consecutive_nonfinite} consecutive steps with a non-finite loss "
+                                    "or gradient", last)
             return
+        if self.progress.consecutive_nonfinite >= limit and not self.search.diverged:
+            self.search.diverged = True
+            self.logger.print(f"candidate {self.layout.candidate} diverged at step {self.step} ({limit} "
+                              "consecutive non-finite steps); it is replaced by the best at the epoch's end")
+        if last["all_diverged"]:
+            self._stop_diverged("every candidate of the search diverged", last)
+
+    def _stop_diverged(self, what: str, last: dict) -> None:
+        """Collective: write a checkpoint and raise :class:`TrainingDiverged` saying ``what``.
+        A search's checkpoint does not keep the divergence: a resume (with a lower learning
+        rate, say) starts every candidate healthy."""
+        if self.search is not None:
+            self.search.diverged = False
         path = self.save()
         raise TrainingDiverged(f"{what} (step {self.step}, last loss {last['loss']}); checkpoint written to {path}. "
                                "Lower the learning rate, raise warm-up, or use bf16 instead of fp16.")
