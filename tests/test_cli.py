@@ -118,3 +118,35 @@ def test_print_config_resolves_names_and_replaces_loss_params(tmp_path, monkeypa
     assert yaml.safe_load(capsys.readouterr().out)["loss"]["params"] == {"s": 20.0, "m": 0.3}
     assert main(["train", "no_such_config"]) == 2
     assert "packaged: " in capsys.readouterr().err
+
+
+BOMB = """import atexit, os, sys
+class Bomb:  # stands for a C++ thread still joinable when the interpreter tears down
+    def __del__(self):
+        os.abort()
+bomb = Bomb()
+atexit.register(lambda: print("atexit ran", flush=True))
+sys.argv = ["partialfc", "train", "configs/demo.yaml", "--print-config"]
+import partialfc.cli as cli
+{call}
+"""
+
+
+def test_the_process_ends_without_the_interpreters_teardown():
+    """A finished command exits through ``partialfc.cli.entry`` (the console script and
+    ``python -m partialfc.cli``): output flushed, atexit functions run, and nothing in the
+    interpreter's teardown can turn its exit code into an abort, which a plain ``sys.exit``
+    lets happen (a finished 2-rank job aborted there: 'terminate called without an active
+    exception', and Slurm marked it FAILED)."""
+    import tomllib
+
+    root = Path(partialfc.__file__).parent.parent
+    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["partialfc"] == "partialfc.cli:entry"
+    assert "entry()" in (root / "partialfc" / "cli" / "__main__.py").read_text()
+    runs = {call: subprocess.run([sys.executable, "-c", BOMB.format(call=call)], capture_output=True, text=True,
+                                 cwd=root, timeout=120) for call in ("cli.entry()", "sys.exit(cli.main())")}
+    ended = runs["cli.entry()"]
+    assert ended.returncode == 0, ended.stderr
+    assert ended.stdout.startswith("run_dir:") and ended.stdout.rstrip().endswith("atexit ran")
+    assert runs["sys.exit(cli.main())"].returncode < 0  # the same teardown through sys.exit aborts

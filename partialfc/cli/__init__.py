@@ -15,7 +15,9 @@ Every parser shows an option's default after its help text (:class:`HelpFormatte
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
+import os
 import sys
 
 from partialfc import __version__
@@ -88,3 +90,18 @@ def main(argv: list[str] | None = None) -> int:
     except PartialFCError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def entry() -> None:
+    """The ``partialfc`` process (console script and ``python -m partialfc.cli``): :func:`main`,
+    then the exit without the interpreter's C++ teardown. A finished distributed run could
+    abort there ("terminate called without an active exception": a communication thread still
+    joinable while its objects are destroyed), so that Slurm marked a completed job FAILED.
+    Output is flushed and the ``atexit`` functions run (loader workers, logging) first."""
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)

@@ -1,7 +1,5 @@
 """``python -m partialfc.cli``: the ``partialfc`` command."""
 
-import sys
+from partialfc.cli import entry
 
-from partialfc.cli import main
-
-sys.exit(main())
+entry()
