@@ -149,13 +149,12 @@ class Trainer:
         agreed = agree(self.requests, grad_norm([self.head.weight]), slot, slots, diverged)
         head_norm = agreed.head_norm
         norms = [head_norm] if backbone_norm is None else [head_norm, backbone_norm.to(head_norm.device)]
-        finite = torch.isfinite(torch.stack([loss.to(head_norm.device), *norms])).all()
+        values = torch.stack([loss.to(head_norm.device).double(), *(n.double() for n in norms)])
         # The step's one host read: the shared decision, the requests and what the log shows.
         # ``finite`` is the same on every rank (global loss, all-reduced norms): all ranks
         # step or skip together; the scaler's own per-optimizer checks would see only this
         # rank's head shard and could let the ranks' loss scales drift apart.
-        read = torch.cat([torch.stack([finite.double(), loss.to(head_norm.device).double(), *norms]),
-                          agreed.flags.to(head_norm.device)]).tolist()
+        read = torch.cat([torch.isfinite(values).all().double()[None], values, agreed.flags]).tolist()
         (finite, loss_value, *norm_values), (checkpoint, stop, diverged_ranks) = read[:-3], read[-3:]
         finite, head_value = bool(finite), norm_values[0]
         after = self.engine.step(finite, backbone_norm)
