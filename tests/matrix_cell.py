@@ -119,4 +119,9 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from partialfc import dist as pdist
+    from partialfc.cli import exit_process
+
     main(sys.argv[1:])
+    pdist.shutdown_distributed()
+    exit_process(0)  # as partialfc's own process ends: a finished rank cannot abort in the teardown

@@ -94,11 +94,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """The ``partialfc`` process (console script and ``python -m partialfc.cli``): :func:`main`,
-    then the exit without the interpreter's C++ teardown. A finished distributed run could
-    abort there ("terminate called without an active exception": a communication thread still
-    joinable while its objects are destroyed), so that Slurm marked a completed job FAILED.
-    Output is flushed and the ``atexit`` functions run (loader workers, logging) first."""
-    code = main()
+    then :func:`exit_process`."""
+    exit_process(main())
+
+
+def exit_process(code: int) -> None:
+    """End this process with ``code`` without the interpreter's C++ teardown. A finished
+    distributed run could abort there ("terminate called without an active exception": a
+    communication thread still joinable while its objects are destroyed), so that Slurm marked
+    a completed job FAILED. Output is flushed and the ``atexit`` functions run (loader workers,
+    logging) first."""
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     atexit._run_exitfuncs()
