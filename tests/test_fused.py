@@ -57,7 +57,7 @@ def test_chunk_sizes(name, chunk):
     """Any chunk size gives the plain loss and gradients (targets on other ranks included)."""
     x, w, col = _cos_problem(1)
     loss = SPECS[name].build(build_loss)
-    targets = Targets.from_columns(col)
+    targets = Targets.from_columns(col, w.shape[0])
     upstream = torch.rand(x.shape[0], dtype=torch.float64)
     xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
     ref = _plain(loss, xs, ws, targets)
@@ -97,7 +97,7 @@ def test_torch_chunk_walk_has_no_host_sync(name, extra):
     (docs/gpu.md) does not grow with the number of chunks."""
     x, w, col = _cos_problem(5)
     loss = build_loss(name, **extra)
-    targets = Targets.from_columns(col)
+    targets = Targets.from_columns(col, w.shape[0])
     xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
     emb = F.normalize(xs, dim=1)
     with _HostSyncOps() as ops:
@@ -157,7 +157,7 @@ def test_bf16_autocast_error_bounded_by_plain_bf16_error(name):
     at most a small multiple of the plain path's own bf16 error (fp32 accumulation)."""
     x, w, col = _cos_problem(3, b=64, k=3000, d=128, dtype=torch.float32)
     loss = SPECS[name].build(build_loss)
-    targets = Targets.from_columns(col)
+    targets = Targets.from_columns(col, w.shape[0])
 
     def run(fused, autocast):
         xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
@@ -179,7 +179,7 @@ def test_bf16_autocast_error_bounded_by_plain_bf16_error(name):
 def test_fused_rejects_unknown_implementation():
     """The op runs the chunk walks only: ``torch`` and ``triton`` (members or names)."""
     x, w, col = _cos_problem(4)
-    loss, emb, targets = build_loss("cosface"), F.normalize(x, dim=1), Targets.from_columns(col)
+    loss, emb, targets = build_loss("cosface"), F.normalize(x, dim=1), Targets.from_columns(col, w.shape[0])
     expected = loss.fused(emb, w, targets)
     for good in ("torch", "Torch"):
         torch.testing.assert_close(loss.fused(emb, w, targets, implementation=good), expected, rtol=0, atol=0)
@@ -195,7 +195,7 @@ def test_chunk_size_below_one_is_refused(chunk):
     every centre and return NaN), at construction and at the call."""
     x, w, col = _cos_problem(4)
     with pytest.raises(ValueError, match="chunk"):
-        build_loss("cosface").fused(F.normalize(x, dim=1), w, Targets.from_columns(col), chunk_size=chunk)
+        build_loss("cosface").fused(F.normalize(x, dim=1), w, Targets.from_columns(col, w.shape[0]), chunk_size=chunk)
     with pytest.raises(ValueError, match="fused_chunk"):
         PartialFC(4, 10, fused_chunk=chunk)
 
@@ -206,7 +206,7 @@ def test_fused_loss_without_autograd(name):
     path gives the plain loss; it used to fail taking psi's slope by autograd."""
     x, w, col = _cos_problem(6)
     loss = SPECS[name].build(build_loss)
-    targets = Targets.from_columns(col)
+    targets = Targets.from_columns(col, w.shape[0])
     ref = _plain(loss, x, w, targets)
     for context in (torch.inference_mode, torch.no_grad):
         with context():
@@ -219,7 +219,7 @@ def test_frozen_centres_get_no_gradient(name):
     """Centres that need no gradient get none (dW is not computed), and the embeddings'
     gradient is the one they get when the centres are trained."""
     x, w, col = _cos_problem(7)
-    loss, targets = build_loss(name), Targets.from_columns(col)
+    loss, targets = build_loss(name), Targets.from_columns(col, w.shape[0])
     grads = []
     for trained in (True, False):
         xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(trained)

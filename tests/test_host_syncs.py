@@ -13,7 +13,6 @@ The steady-state budget per optimizer step, each one named:
   gathered vector read once, so every rank raises the same error;
 - at sample rate < 1, 2: ``unique`` of the batch's positive classes and its boolean mask (their
   count sets the sample's size, as in insightface's Partial FC);
-- on several ranks, 1: ``nonzero`` of the rows whose target this rank owns;
 - DeepSpeed ZeRO-1/2: 1 read of the norm DeepSpeed takes in its step, and DeepSpeed's own 2.
 """
 
@@ -77,8 +76,6 @@ def budget(engine: str, precision: str, rate: float, world: int) -> tuple[Counte
     if rate < 1:
         syncs.update({("_unique2", "head/sampler.py sample_batch"): 1,
                       ("index with a bool mask", "head/sampler.py sample_batch"): 1})
-    if world > 1:
-        syncs[("nonzero", "ops/targets.py from_columns")] = 1
     collectives = Counter()
     if world > 1:  # the head's, through ops/collectives.py (DDP's bucket all-reduce is C++, not counted)
         collectives.update({("all_gather", "ops/collectives.py all_gather"): 3,
@@ -103,4 +100,4 @@ def test_a_training_step_makes_only_the_host_syncs_and_collectives_of_its_budget
             assert marks == [True] * 3, (engine, precision, rate)  # the head's gradient reached its optimizer
             # coalesced on every step, counted or not (no coalesce, no sortedness check there)
     ddp_plain = counted[0]["ddp", "fp32", 1.0][0]
-    assert sum(ddp_plain.values()) == (2 if world == 1 else 3)
+    assert sum(ddp_plain.values()) == 2

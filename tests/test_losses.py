@@ -41,9 +41,9 @@ def test_loss_matches_naive_float64(name, gradient):
     a = getattr(loss, "a", None)  # random_softmax: the drawn a
     cos, labels = make_cos()
     expected = spec.rows(cos, labels, a=a)
-    torch.testing.assert_close(loss(cos, Targets.from_columns(labels)), expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(loss(cos, Targets.from_columns(labels, cos.shape[1])), expected, rtol=1e-10, atol=1e-10)
     cos32 = cos.float()
-    got32 = loss(cos32, Targets.from_columns(labels))
+    got32 = loss(cos32, Targets.from_columns(labels, cos32.shape[1]))
     assert got32.dtype == torch.float32
     clamp32 = torch.tensor(CLAMP, dtype=torch.float32)  # arccos clamps in the input's precision
     torch.testing.assert_close(got32.double(), spec.rows(cos32.clamp(-clamp32, clamp32), labels, a=a),
@@ -61,7 +61,7 @@ def test_inter_class_filtering(name):
     loss = spec.build(build_loss, inter_threshold=0.4)
     cos, labels = make_cos(seed=3)
     expected = spec.rows(cos, labels, threshold=0.4)
-    torch.testing.assert_close(loss(cos, Targets.from_columns(labels)), expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(loss(cos, Targets.from_columns(labels, cos.shape[1])), expected, rtol=1e-10, atol=1e-10)
     assert not torch.allclose(expected, spec.rows(cos, labels))
 
 
@@ -78,7 +78,7 @@ def smooth_case(seed=1):
 def test_gradcheck_exact(name):
     loss = SPECS[name].build(build_loss, gradient="exact")
     cos, labels = smooth_case()
-    assert torch.autograd.gradcheck(lambda c: loss(c, Targets.from_columns(labels)), (cos,))
+    assert torch.autograd.gradcheck(lambda c: loss(c, Targets.from_columns(labels, c.shape[1])), (cos,))
 
 
 @pytest.mark.parametrize("name", ANGULAR)
@@ -86,14 +86,14 @@ def test_straight_through_target_gradient_is_plain_cosine(name):
     spec = SPECS[name]
     cos, labels = smooth_case()
     st = spec.build(build_loss, gradient="straight_through")
-    grad_st, = torch.autograd.grad(st(cos, Targets.from_columns(labels)).sum(), cos)
+    grad_st, = torch.autograd.grad(st(cos, Targets.from_columns(labels, cos.shape[1])).sum(), cos)
     # Reference: dL/dz = softmax(z) - onehot at the margin logits, times dz/dc = s everywhere.
     with torch.no_grad():
         onehot = torch.nn.functional.one_hot(labels, cos.shape[1]).double()
         z = torch.where(onehot.bool(), st.s * spec.psi(cos), st.s * cos)
         expected = st.s * (torch.softmax(z, dim=1) - onehot)
     torch.testing.assert_close(grad_st, expected, rtol=1e-10, atol=1e-12)
-    grad_exact, = torch.autograd.grad(spec.build(build_loss, gradient="exact")(cos, Targets.from_columns(labels)).sum(), cos)
+    grad_exact, = torch.autograd.grad(spec.build(build_loss, gradient="exact")(cos, Targets.from_columns(labels, cos.shape[1])).sum(), cos)
     assert not torch.allclose(grad_exact, grad_st)  # the option really changes the backward
 
 
@@ -126,7 +126,7 @@ def test_dsoftmax_matches_naive_float64(regime, s, d):
         cos[negatives] = 0.999
     loss = DSoftmax(s=s, d=d)
     c = cos.clone().requires_grad_(True)
-    got = loss(c, Targets.from_columns(labels))
+    got = loss(c, Targets.from_columns(labels, c.shape[1]))
     ref_c = cos.clone().requires_grad_(True)
     expected = dsoftmax_rows(ref_c, labels, s, d)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
@@ -138,7 +138,7 @@ def test_dsoftmax_matches_naive_float64(regime, s, d):
 def test_dsoftmax_rescaled_inter_matches_naive():
     cos, labels = make_cos(n_classes=12, seed=6)
     loss = DSoftmax(s=16.0, d=0.7, variant="K", K=8, rescale_inter=True)
-    torch.testing.assert_close(loss(cos, Targets.from_columns(labels)),
+    torch.testing.assert_close(loss(cos, Targets.from_columns(labels, cos.shape[1])),
                                dsoftmax_rows(cos, labels, 16.0, 0.7, scale=8.0),
                                rtol=1e-10, atol=1e-10)
 
@@ -146,7 +146,7 @@ def test_dsoftmax_rescaled_inter_matches_naive():
 def test_dsoftmax_gradcheck():
     cos, labels = smooth_case()
     for loss in (DSoftmax(s=16.0, d=0.6), DSoftmax(s=8.0, d=0.2, variant="K", K=4, rescale_inter=True)):
-        assert torch.autograd.gradcheck(lambda c: loss(c, Targets.from_columns(labels)), (cos,))
+        assert torch.autograd.gradcheck(lambda c: loss(c, Targets.from_columns(labels, c.shape[1])), (cos,))
 
 
 def grads_for_target_values(loss, cos, labels, values):
@@ -155,7 +155,7 @@ def grads_for_target_values(loss, cos, labels, values):
     grads = []
     for value in values:
         c = torch.where(onehot, value, cos).requires_grad_(True)
-        grads.append(torch.autograd.grad(loss(c, Targets.from_columns(labels)).sum(), c)[0])
+        grads.append(torch.autograd.grad(loss(c, Targets.from_columns(labels, c.shape[1])).sum(), c)[0])
     return onehot, grads
 
 
@@ -191,7 +191,7 @@ def test_search_softmax_equals_unified_form_and_cosface(a):
     s = 64.0
     cos, labels = make_cos(seed=9)
     loss = SearchSoftmax(s=s, a=a)
-    got = loss(cos, Targets.from_columns(labels))
+    got = loss(cos, Targets.from_columns(labels, cos.shape[1]))
     # Unified form: L = -log p + log(a*p + 1 - a), p the plain softmax probability of the target,
     # with a*p + 1 - a written as 1 - a*(1 - p) and log(1 - p) as a log-sum-exp over the
     # non-targets, to keep float64 accurate for huge |a| and p near 1.
@@ -201,14 +201,14 @@ def test_search_softmax_equals_unified_form_and_cosface(a):
     log_1mp = torch.logsumexp(z.masked_fill(onehot, float("-inf")), dim=1) - torch.logsumexp(z, dim=1)
     unified = -log_p + torch.log1p(-a * torch.exp(log_1mp))
     torch.testing.assert_close(got, unified, rtol=1e-9, atol=1e-9)
-    cosface = CosFace(s=s, m=math.log(1 - a) / s)(cos, Targets.from_columns(labels))
+    cosface = CosFace(s=s, m=math.log(1 - a) / s)(cos, Targets.from_columns(labels, cos.shape[1]))
     torch.testing.assert_close(got, cosface, rtol=1e-12, atol=1e-12)
 
 
 def test_search_softmax_set_a_per_epoch():
     cos, labels = make_cos(seed=10)
     loss = SearchSoftmax(s=32.0)
-    targets = Targets.from_columns(labels)
+    targets = Targets.from_columns(labels, cos.shape[1])
     torch.testing.assert_close(loss(cos, targets), NormFace(s=32.0)(cos, targets))
     loss.set_a(-2.0)
     assert loss.margin == pytest.approx(math.log(3.0) / 32.0)
@@ -290,12 +290,12 @@ def test_extreme_inputs_stay_finite(dtype):
     for make in ALL_LOSSES:
         loss = make()
         c = cos.clone().requires_grad_(True)
-        out = loss(c, Targets.from_columns(labels))
+        out = loss(c, Targets.from_columns(labels, c.shape[1]))
         assert out.dtype == torch.float32
         out.sum().backward()
         assert torch.isfinite(out).all() and torch.isfinite(c.grad).all(), loss
         if dtype != torch.float32:  # upcast before the margin: same as fp32 on the rounded input
-            torch.testing.assert_close(out, loss(cos.float(), Targets.from_columns(labels)), rtol=0, atol=0)
+            torch.testing.assert_close(out, loss(cos.float(), Targets.from_columns(labels, cos.float().shape[1])), rtol=0, atol=0)
 
 
 # --- registry -----------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def _objectives_on_rank(rank, world_size):
     sizes = COLUMN_SPLITS[world_size]
     lo = sum(sizes[:rank])
     local = logits[:, lo: lo + sizes[rank]].clone().requires_grad_(True)
-    targets = Targets.from_columns(torch.where((cols >= lo) & (cols < lo + sizes[rank]), cols - lo, -1))
+    targets = Targets.from_columns(torch.where((cols >= lo) & (cols < lo + sizes[rank]), cols - lo, -1), sizes[rank])
     out = {}
     for key, fn in [("softmax", lambda z: softmax_cross_entropy(z, targets)),
                     ("dissected", lambda z: dissected_softmax(z, targets, intra_logit=2.0)),

@@ -22,7 +22,7 @@ def problem(seed=0, scale=10.0):
 def test_dissected_matches_naive_and_gradcheck(intra_logit, inter_scale):
     logits, target = problem()
     z = logits.clone().requires_grad_(True)
-    got = dissected_softmax(z, Targets.from_columns(target), intra_logit=intra_logit, inter_scale=inter_scale)
+    got = dissected_softmax(z, Targets.from_columns(target, z.shape[1]), intra_logit=intra_logit, inter_scale=inter_scale)
     ref_z = logits.clone().requires_grad_(True)
     ref = dissected_rows(ref_z, target, intra_logit, inter_scale)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
@@ -32,7 +32,7 @@ def test_dissected_matches_naive_and_gradcheck(intra_logit, inter_scale):
     torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
     small = (logits / 10).requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda t: dissected_softmax(t, Targets.from_columns(target), intra_logit=intra_logit / 10,
+        lambda t: dissected_softmax(t, Targets.from_columns(target, t.shape[1]), intra_logit=intra_logit / 10,
                                     inter_scale=inter_scale), (small,))
 
 
@@ -43,7 +43,7 @@ def test_dissected_extreme_logits_are_finite():
     target = torch.tensor([0, 1, 2])
     logits[2, 2] = 64.0
     z = logits.clone().requires_grad_(True)
-    out = dissected_softmax(z, Targets.from_columns(target), intra_logit=57.6)
+    out = dissected_softmax(z, Targets.from_columns(target, z.shape[1]), intra_logit=57.6)
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(z.grad).all()
     # row 1: every negative at +64 -> inter = log(1 + (n-1) e^64) ~ 64 + log(n-1)
@@ -55,8 +55,8 @@ def test_dissected_extreme_logits_are_finite():
 def test_half_logits_are_upcast(dtype):
     logits, target = problem(seed=2, scale=20.0)
     half = logits.to(dtype)
-    for fn in (lambda z: softmax_cross_entropy(z, Targets.from_columns(target)),
-               lambda z: dissected_softmax(z, Targets.from_columns(target), intra_logit=30.0)):
+    for fn in (lambda z: softmax_cross_entropy(z, Targets.from_columns(target, z.shape[1])),
+               lambda z: dissected_softmax(z, Targets.from_columns(target, z.shape[1]), intra_logit=30.0)):
         out = fn(half)
         assert out.dtype == torch.float32
         torch.testing.assert_close(out, fn(half.float()), rtol=0, atol=0)
@@ -65,7 +65,7 @@ def test_half_logits_are_upcast(dtype):
 def test_softmax_cross_entropy_unchanged():
     logits, target = problem(seed=3)
     z = logits.clone().requires_grad_(True)
-    got = softmax_cross_entropy(z, Targets.from_columns(target))
+    got = softmax_cross_entropy(z, Targets.from_columns(target, z.shape[1]))
     onehot = torch.nn.functional.one_hot(target, 11).bool()
     torch.testing.assert_close(got, torch.log(torch.exp(logits).sum(dim=1)) - logits[onehot], rtol=1e-12, atol=1e-12)
     grad, = torch.autograd.grad(got.sum(), z)

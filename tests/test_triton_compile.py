@@ -146,9 +146,9 @@ def test_both_passes_launch_on_the_embeddings_device(monkeypatch):
     devices = []
     monkeypatch.setattr(triton_fused, "_launch", lambda kernel, grid, device, *args, **meta: devices.append(device))
     emb, centres = torch.zeros(4, 16), torch.ones(20, 16)
-    targets = Targets.from_columns(torch.tensor([0, -1, 3, 19]))
+    targets = Targets.from_columns(torch.tensor([0, -1, 3, 19]), 20)
     p = ChunkProblem(30.0, None, False, 8, torch.float32)
     ones = torch.ones(4)
-    triton_fused.row_stats(emb, centres, torch.ones(20), targets, ones[:3], p)
-    triton_fused.gradients(emb, centres, torch.ones(20), targets, ones[:3], ones, ones, ones[:3], p)
+    triton_fused.row_stats(emb, centres, torch.ones(20), targets, ones, p)
+    triton_fused.gradients(emb, centres, torch.ones(20), targets, ones, ones, ones, ones, p)
     assert devices == [emb.device, emb.device]

@@ -60,7 +60,7 @@ def _excess(got, ref, rtol, atol_scale):
 def _fused_step(implementation, emb, centres, col, chunk):
     """Per-row losses, ``dE`` and ``dW`` of softmax with a CosFace target logit."""
     x, w = emb.clone().requires_grad_(True), centres.clone().requires_grad_(True)
-    loss = fused_margin_softmax(x, w, Targets.from_columns(col), target_logit=lambda c: SCALE * (c - MARGIN),
+    loss = fused_margin_softmax(x, w, Targets.from_columns(col, w.shape[0]), target_logit=lambda c: SCALE * (c - MARGIN),
                                 scale=SCALE, implementation=implementation, chunk_size=chunk)
     loss.backward(torch.linspace(0.5, 1.5, len(loss), dtype=loss.dtype))
     return loss.detach(), x.grad, w.grad
@@ -122,7 +122,7 @@ def _wide_stride_run(rank, world_size, rows, stride, dim):
     centres.copy_(torch.randn(rows, dim, generator=gen))
     col = torch.arange(rows).roll(1)
     col[0] = -1
-    targets = Targets.from_columns(col)
+    targets = Targets.from_columns(col, rows)
     logit = SCALE * torch.rand(len(targets.rows), generator=gen)
     inv_norm = centre_inverse_norms(centres, 8192, torch.float32)
     args = (emb, centres, inv_norm, targets, logit)

@@ -224,12 +224,12 @@ class PartialFC(nn.Module):
         in_shard = (local >= 0) & (local < self.num_local)
         if self.sampler.samples_everything:
             index, centres = None, self.weight
-            targets = self._targets(torch.where(in_shard, local, -1))
+            targets = self._targets(torch.where(in_shard, local, -1), self.num_local)
         else:
             index = self.sampler.sample_batch(local)
             centres = F.embedding(index, self.weight, sparse=True)
             pos = torch.searchsorted(index, local.clamp(0, max(self.num_local - 1, 0)))
-            targets = self._targets(torch.where(in_shard, pos, -1))
+            targets = self._targets(torch.where(in_shard, pos, -1), index.shape[0])
         self.last_sampled = index
         if not torch.is_autocast_enabled(embeddings.device.type):  # e.g. bf16 from a DeepSpeed engine
             embeddings = embeddings.to(centres.dtype)
@@ -243,12 +243,12 @@ class PartialFC(nn.Module):
         # target cosines and the objective builds the fp32 logits in one pass.
         return self.loss(cos, targets, self.group).mean()
 
-    def _targets(self, col: torch.Tensor) -> Targets:
-        """Targets of the columns ``col (B,)``; one process owns every class, so every row's
-        target is local and no ``nonzero`` (a host synchronisation) is needed to find them."""
+    def _targets(self, col: torch.Tensor, width: int) -> Targets:
+        """Targets of the columns ``col (B,)`` among ``width`` columns; one process owns every
+        class, so every row's target is local."""
         if self.world_size == 1:
             return Targets(col, torch.arange(col.numel(), device=col.device), col)
-        return Targets.from_columns(col)
+        return Targets.from_columns(col, width)
 
     def get_extra_state(self) -> dict:
         return {"sampler": self.sampler.state_dict(), "class_start": self.class_start,

@@ -75,12 +75,12 @@ class MarginLoss(nn.Module):
     def filter_inter_class(self, cos: torch.Tensor, targets: Targets) -> torch.Tensor:
         """Inter-class filtering: non-target cosines above ``inter_threshold`` become 0."""
         keep_target = torch.zeros_like(cos, dtype=torch.bool)
-        keep_target[targets.rows, targets.cols] = True
+        targets.put(keep_target, True)
         return torch.where((cos > self.inter_threshold) & ~keep_target, torch.zeros_like(cos), cos)
 
     def forward(self, cos: torch.Tensor, targets: Targets, group=None) -> torch.Tensor:
         """Per-row losses ``(B,)``. On a single process build ``targets`` from the labels:
-        ``Targets.from_columns(labels)``.
+        ``Targets.from_columns(labels, cos.shape[1])``.
 
         ``cos`` may be half precision (an autocast matmul): the margin and everything after
         it run in fp32; the gradient comes back in the dtype of ``cos``."""

@@ -48,5 +48,5 @@ def per_row(targets: Targets, values: torch.Tensor, batch: int) -> torch.Tensor:
     """``values`` (aligned with ``targets.rows``) as a ``(B,)`` vector, zero where the row's
     target lives on another rank."""
     dense = values.new_zeros(batch)
-    dense[targets.rows] = values
+    dense[targets.rows] = targets.only_local(values)
     return dense

@@ -57,9 +57,9 @@ class _FusedRows(torch.autograd.Function):
                 objective: RowObjective, problem: ChunkProblem, group, implementation: Implementation):
         m, s = _backend(implementation).row_stats(emb, centres, inv_norm, targets, target_logit, problem)
         row_max = all_reduce(m.clone(), dist.ReduceOp.MAX, group)
-        sum_exp, target = sum_statistics(s * torch.exp(m - row_max), targets.rows, target_logit, group)
+        sum_exp, target = sum_statistics(s * torch.exp(m - row_max), targets, target_logit, group)
         loss, weight, target_pull = objective.combine(row_max, sum_exp, target)
-        target_pull = target_pull[targets.rows]
+        target_pull = targets.only_local(target_pull[targets.rows])
         ctx.save_for_backward(emb, centres, inv_norm, row_max, weight, target_pull, target_logit, target_slope)
         ctx.targets, ctx.problem, ctx.implementation = targets, problem, implementation
         return loss

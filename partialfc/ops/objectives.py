@@ -47,17 +47,17 @@ def _scaled_logits(cos: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.mul(cos, factor)
 
 
-def sum_statistics(local_sum: torch.Tensor, rows: torch.Tensor, target_logit: torch.Tensor, group):
+def sum_statistics(local_sum: torch.Tensor, targets: Targets, target_logit: torch.Tensor, group):
     """The objectives' second collective: one SUM of (this rank's sum of exp (B,), the target
-    logits it holds, aligned with ``rows``). Returns ``(sum_exp (B,), target (B,))``, global."""
+    logits it holds, aligned with ``targets.rows``). Returns ``(sum_exp (B,), target (B,))``, global."""
     stats = local_sum.new_zeros((2, local_sum.shape[0]))
     stats[0] = local_sum
-    stats[1, rows] = target_logit.to(stats.dtype)
+    stats[1, targets.rows] = targets.only_local(target_logit.to(stats.dtype))
     all_reduce(stats, dist.ReduceOp.SUM, group)
     return stats[0], stats[1]
 
 
-def _row_statistics(z, rows, target_logit, group, exclude_target: bool):
+def _row_statistics(z, targets: Targets, target_logit, group, exclude_target: bool):
     """Turn ``z`` (B, k) into ``exp(z - row_max)`` in place; two collectives.
 
     Returns ``row_max (B,)``: the global max of the included logits (floored at 0 when the
@@ -69,14 +69,14 @@ def _row_statistics(z, rows, target_logit, group, exclude_target: bool):
         row_max.clamp_min_(0.0)
     all_reduce(row_max, dist.ReduceOp.MAX, group)
     z.sub_(row_max[:, None]).exp_()
-    return (row_max, *sum_statistics(z.sum(dim=1), rows, target_logit, group))
+    return (row_max, *sum_statistics(z.sum(dim=1), targets, target_logit, group))
 
 
-def _cos_gradient(weights: torch.Tensor, row_factor: torch.Tensor, scale: float, rows, cols, dtype):
+def _cos_gradient(weights: torch.Tensor, row_factor: torch.Tensor, scale: float, targets: Targets, dtype):
     """``scale * weights * row_factor[:, None]`` with the target entries zeroed (their
     gradient flows through ``target_logit``), in the dtype of the cosines."""
     grad = weights * (row_factor * scale)[:, None]
-    grad[rows, cols] = 0.0
+    targets.put(grad, 0.0)
     return grad.to(dtype)
 
 
@@ -126,21 +126,21 @@ class RowObjective:
 class _PlainRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cos, targets, target_logit, scale, group, objective: RowObjective):
-        rows, cols = targets.rows, targets.cols
         z = _scaled_logits(cos, scale)
         # D-Softmax's inter term runs over the non-targets only
-        z[rows, cols] = float("-inf") if objective.dissected else target_logit.detach().to(z.dtype)
-        row_max, sum_exp, target = _row_statistics(z, rows, target_logit, group, exclude_target=objective.dissected)
+        targets.put(z, float("-inf") if objective.dissected else target_logit.detach().to(z.dtype))
+        row_max, sum_exp, target = _row_statistics(z, targets, target_logit, group,
+                                                   exclude_target=objective.dissected)
         terms = objective.combine(row_max, sum_exp, target)
-        ctx.save_for_backward(z, terms.weight, terms.target_pull[rows], rows, cols)
-        ctx.scale, ctx.cos_dtype = scale, cos.dtype
+        ctx.save_for_backward(z, terms.weight, targets.only_local(terms.target_pull[targets.rows]))
+        ctx.targets, ctx.scale, ctx.cos_dtype = targets, scale, cos.dtype
         return terms.loss
 
     @staticmethod
     def backward(ctx, grad_rows):
-        exps, weight, target_pull, rows, cols = ctx.saved_tensors
-        grad_cos = _cos_gradient(exps, grad_rows * weight, ctx.scale, rows, cols, ctx.cos_dtype)
-        return grad_cos, None, target_pull * grad_rows[rows], None, None, None
+        exps, weight, target_pull = ctx.saved_tensors
+        grad_cos = _cos_gradient(exps, grad_rows * weight, ctx.scale, ctx.targets, ctx.cos_dtype)
+        return grad_cos, None, target_pull * grad_rows[ctx.targets.rows], None, None, None
 
 
 def softmax_cross_entropy(cos: torch.Tensor, targets: Targets, group=None, *, scale: float = 1.0,

@@ -13,20 +13,39 @@ class Targets:
 
     - ``col (B,)`` int: the column of row ``i``'s target on this rank, ``-1`` when the target
       lives on another rank (on a single process owning every class: the labels);
-    - ``rows (n,)``: the rows whose target is local, in increasing order;
-    - ``cols (n,)``: their target columns, ``col[rows]``.
+    - ``rows (n,)``: rows in increasing order, every row whose target is local among them;
+    - ``cols (n,)``: their target columns (``col[rows]``, clamped into ``[0, k)``);
+    - ``local (n,)`` bool: whether entry ``j``'s target is on this rank; ``None``: all are.
 
     Every per-target tensor that travels with it (the target cosines, the margin-transformed
     ``target_logit``) has shape ``(n,)`` and is aligned with ``rows``: entry ``j`` belongs to
-    row ``rows[j]``, column ``cols[j]``. Build it with :meth:`from_columns`.
+    row ``rows[j]``, column ``cols[j]``. An entry that is not ``local`` holds a finite
+    placeholder (the row's cosine with column 0) that :meth:`only_local` and :meth:`put` ignore.
+    The shapes depend on ``B`` and ``k`` only, never on the labels' values: nothing here waits
+    for the device (a ``nonzero`` would, on CUDA). Build it with :meth:`from_columns`.
     """
 
     col: torch.Tensor
     rows: torch.Tensor
     cols: torch.Tensor
+    local: torch.Tensor | None = None
 
     @classmethod
-    def from_columns(cls, col: torch.Tensor) -> Targets:
-        """From ``col (B,)`` (target column per row, ``-1`` = not on this rank)."""
-        rows = torch.nonzero(col >= 0, as_tuple=True)[0]
-        return cls(col, rows, col[rows])
+    def from_columns(cls, col: torch.Tensor, width: int) -> Targets:
+        """From ``col (B,)`` (target column per row, ``-1`` = not on this rank) among ``width``
+        columns (``0``: no row can be local, ``n = 0``)."""
+        if width == 0:
+            none = col.new_zeros(0)
+            return cls(col, none, none)
+        return cls(col, torch.arange(col.shape[0], device=col.device), col.clamp(min=0), col >= 0)
+
+    def only_local(self, values: torch.Tensor) -> torch.Tensor:
+        """``values (n,)`` with the entries that are not local set to 0."""
+        return values if self.local is None else torch.where(self.local, values, values.new_zeros(()))
+
+    def put(self, block: torch.Tensor, values: torch.Tensor | float) -> None:
+        """``block[rows[j], cols[j]] = values[j]`` (or the number) for the local entries, in place."""
+        if self.local is None:
+            block[self.rows, self.cols] = values
+        else:
+            block[self.rows, self.cols] = torch.where(self.local, values, block[self.rows, self.cols])

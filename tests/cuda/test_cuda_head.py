@@ -107,7 +107,6 @@ def test_autocast_close_to_fp32(rate, amp, variant):
 #   device->host copy of the validation vector (shapes, label range, finiteness);
 # - rate 0 (or a batch at least as large as the sample): + torch.unique of the positives
 #   and its boolean mask (their count sets the sample size): three.
-# With several ranks, Targets.from_columns adds one nonzero (which rows are local).
 # The sparse-row optimizers' step coalesces the sparse gradient (one more), outside this count.
 SYNCS_PER_STEP = {1.0: 1, 0.1: 1, 0.0: 3}
 
