@@ -72,6 +72,79 @@ def test_bad_input_on_one_rank_raises_on_every_rank():
     assert results[0]["grad"] == (3, 8)
 
 
+def _bad_on_rank_one_bounded(rank, world_size):
+    """The same cases with ``max_batch``: every call and its backward complete on both ranks
+    (the bad rank sends padding), and the deferred check raises the eager check's message on
+    every rank. Then the host syncs and collectives of a good call at a sample rate, counted."""
+    from partialfc.testing.host_syncs import HostSyncCounter
+
+    head = PartialFC(8, 10, sample_rate=0.5, max_batch=4, nonfinite="raise")
+    cases = {**BAD_INPUTS, "over_bound": (lambda: torch.randn(5, 8), lambda: torch.arange(5), "over the head's max_batch=4")}
+    messages = {}
+    for case, (make_x, make_y, _) in cases.items():
+        x, y = (make_x(), make_y()) if rank == 1 else (torch.randn(3, 8), torch.tensor([0, 4, 9]))
+        x = x.requires_grad_(True) if x.is_floating_point() else x
+        head(x, y).backward()  # no error yet, no out-of-range index, no hang
+        try:
+            head.check_inputs()
+            messages[case] = "no error"
+        except InputError as err:
+            messages[case] = str(err)
+    x = torch.randn(3, 8, requires_grad=True) if rank == 0 else torch.empty(0, 8)
+    head(x, torch.tensor([1, 8, 2]) if rank == 0 else torch.empty(0, dtype=torch.int64)).backward()
+    head.check_inputs()
+    messages["grad"] = x.grad.shape if rank == 0 else None
+    head = PartialFC(8, 100, sample_rate=0.5, max_batch=4)  # a sample (25 per rank) the batch cannot fill
+    x = torch.randn(2 + rank, 8, requires_grad=True)
+    with HostSyncCounter() as counted:
+        head(x, torch.tensor([1, 80, 2][: 2 + rank])).backward()
+    messages["syncs"], messages["collectives"] = dict(counted.sync_sites), counted.collectives
+    head.check_inputs()
+    return messages
+
+
+@pytest.mark.required
+@pytest.mark.multiprocess
+def test_bounded_head_defers_the_same_errors_and_waits_for_nothing():
+    results = run_distributed(_bad_on_rank_one_bounded, 2, timeout=120)
+    eager = run_distributed(_bad_on_rank_one, 2, timeout=120)
+    for case in [*BAD_INPUTS, "over_bound"]:
+        for rank in (0, 1):
+            assert results[rank][case] == (eager[rank][case] if case in BAD_INPUTS else
+                                           "embeddings on rank 1 hold 5 rows, over the head's max_batch=4"), \
+                (case, rank, results[rank][case])
+    assert results[0]["grad"] == (3, 8)
+    for r in results:
+        assert r["syncs"] == {}, r["syncs"]
+        # 2 all-gathers (statuses; rows with their labels), the objective's MAX and SUM, and the
+        # gather's backward (an all-reduce on gloo): the eager head's 3 all-gathers less one
+        assert r["collectives"] == 5, r["collectives"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_labels_travel_bit_for_bit_as_embedding_columns(dtype):
+    """Labels whose bytes read as NaN, infinity or denormals in the embeddings' dtype survive
+    the padding, the concatenation and the slicing of the gather exactly."""
+    from partialfc.head.inputs import columns_as_labels, labels_as_columns
+
+    labels = torch.tensor([0, 1, 5, 0x7C00, 0x7E00, 0x7F80, 0x7FC0, 0xFFFF, 0x7FC00000, 0x7FF8000000000000,
+                           2**40 + 3, -1], dtype=torch.int64)
+    emb = torch.randn(labels.shape[0], 3).to(dtype)
+    block = torch.cat([F.pad(emb, (0, 0, 0, 2)), labels_as_columns(torch.cat([labels, labels.new_full((2,), -1)]), dtype)],
+                      dim=1)
+    assert block.dtype == dtype and block.shape == (labels.shape[0] + 2, 3 + 8 // emb.element_size())
+    assert torch.equal(columns_as_labels(block[:, 3:])[: labels.shape[0]], labels)
+    assert torch.equal(block[: labels.shape[0], :3], emb)
+
+
+def test_a_bounded_head_that_is_never_checked_checks_itself():
+    head = PartialFC(8, 10, max_batch=4)
+    head(torch.randn(4, 8), torch.tensor([0, 1, 2, 10]))  # deferred
+    with pytest.raises(InputError, match="label 10 outside"):
+        for _ in range(100):
+            head(torch.randn(4, 8), torch.tensor([0, 1, 2, 3]))
+
+
 def test_cosine_exactly_plus_minus_one_is_finite():
     w = F.normalize(torch.randn(6, 8, dtype=torch.float64), dim=1)
     for loss in (ArcFace(s=64, m=0.5), ArcFace(s=64, m=0.5, easy_margin=True), CosFace(s=64)):

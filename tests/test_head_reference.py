@@ -24,11 +24,11 @@ LOCAL_BATCHES = [5, 3, 6, 2]  # unequal on purpose
 head_problem = partial(make_problem, local_batches=LOCAL_BATCHES, num_classes=NUM_CLASSES, dim=DIM, seed=1234)
 
 
-def _rank_run(rank, world_size, loss_name, sample_rate):
+def _rank_run(rank, world_size, loss_name, sample_rate, **head_options):
     batches, x, y, w = head_problem(world_size)
     lo = sum(batches[:rank])
     head = PartialFC(DIM, NUM_CLASSES, loss=SPECS[loss_name].with_scale(SCALE).build(build_loss), sample_rate=sample_rate,
-                     dtype=torch.float64, seed=7)
+                     dtype=torch.float64, seed=7, **head_options)
     with torch.no_grad():
         head.weight.copy_(w[head.class_start: head.class_start + head.num_local])
     x_local = x[lo: lo + batches[rank]].clone().requires_grad_(True)
@@ -93,6 +93,33 @@ def test_gloo_sampled_matches_reference_on_sampled_set():
     for r in results:  # the sparse gradient holds the sampled rows only
         touched = r["grad_w"].abs().sum(dim=1).nonzero().flatten() + r["start"]
         assert set(touched.tolist()) <= set(r["sampled"].tolist())
+
+
+BOUNDED_CASES = [(name, rate, fused) for name in ("cosface", "arcface", "dsoftmax")
+                 for rate, fused in ((1.0, "plain"), (0.5, "torch"))]
+
+
+def _bounded_runs(rank, world_size):
+    """The head with ``max_batch`` above every rank's batch (padding rows on every rank), its
+    deferred check run after the backward."""
+    out = {}
+    for name, rate, fused in BOUNDED_CASES:
+        out[name, rate, fused] = _rank_run(rank, world_size, name, rate, max_batch=max(LOCAL_BATCHES) + 2,
+                                           fused=fused)
+    return out
+
+
+@pytest.mark.required
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_bounded_batches_match_reference(world_size):
+    """Padded to ``max_batch`` and gathered with their labels in one collective, the unequal
+    batches give the reference's loss and gradients: padding rows take no part."""
+    results = run_distributed(_bounded_runs, world_size)
+    for case in BOUNDED_CASES:
+        per_rank = [r[case] for r in results]
+        sampled = None if per_rank[0]["sampled"] is None else torch.cat([r["sampled"] for r in per_rank])
+        check_against_reference(per_rank, world_size, case[0], sampled)
 
 
 def test_init_is_independent_of_world_size():

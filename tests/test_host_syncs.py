@@ -7,10 +7,8 @@ formats host values the step already read). Before this count the step made 15-2
 
 The steady-state budget per optimizer step, each one named:
 
-- 1: the step's shared decision (finite or skip, the requests, the values for the record),
-  read in one copy;
-- 1: the head's input check (shapes, dtypes, label range and finiteness of every rank), one
-  gathered vector read once, so every rank raises the same error;
+- 1: the step's shared decision (finite or skip, the requests, the head's input check of
+  every rank, the values for the record), read in one copy;
 - at sample rate < 1, 2: ``unique`` of the batch's positive classes and its boolean mask (their
   count sets the sample's size, as in insightface's Partial FC);
 - DeepSpeed ZeRO-1/2: 1 read of the norm DeepSpeed takes in its step, and DeepSpeed's own 2.
@@ -71,14 +69,13 @@ def _count(rank: int, world: int, run_root: str, cache: str) -> dict:
 
 def budget(engine: str, precision: str, rate: float, world: int) -> tuple[Counter, Counter]:
     """The host synchronisations and collectives a step may make (the module docstring's list)."""
-    syncs = Counter({("Tensor.tolist", "train/trainer.py train_step"): 1,
-                     ("Tensor.tolist", "ops/collectives.py gather_sizes"): 1})
+    syncs = Counter({("Tensor.tolist", "train/trainer.py train_step"): 1})
     if rate < 1:
         syncs.update({("_unique2", "head/sampler.py sample_batch"): 1,
                       ("index with a bool mask", "head/sampler.py sample_batch"): 1})
     collectives = Counter()
     if world > 1:  # the head's, through ops/collectives.py (DDP's bucket all-reduce is C++, not counted)
-        collectives.update({("all_gather", "ops/collectives.py all_gather"): 3,
+        collectives.update({("all_gather", "ops/collectives.py all_gather"): 2,
                             ("all_reduce", "ops/collectives.py _in_place"): 4})
     if engine == "deepspeed":  # ZeRO-1
         syncs.update({("_local_scalar_dense", "train/trainer.py train_step"): 1,
@@ -100,4 +97,4 @@ def test_a_training_step_makes_only_the_host_syncs_and_collectives_of_its_budget
             assert marks == [True] * 3, (engine, precision, rate)  # the head's gradient reached its optimizer
             # coalesced on every step, counted or not (no coalesce, no sortedness check there)
     ddp_plain = counted[0]["ddp", "fp32", 1.0][0]
-    assert sum(ddp_plain.values()) == 2
+    assert sum(ddp_plain.values()) == 1

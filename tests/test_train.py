@@ -166,6 +166,46 @@ def test_bad_input_gives_clear_errors(tmp_path, cache):
                                     "model.options={widths: [8, 16, 32, 64]}"))
 
 
+def _bad_label_at_step_two(rank, world, overrides):
+    """Rank 1's second micro-batch of step 2 holds a label past the last class."""
+    from partialfc.errors import InputError
+    from partialfc.train.trainer import Trainer
+
+    trainer = Trainer(load_config(None, overrides))
+    batches, calls = trainer.batches, []
+
+    def poisoned():
+        for images, labels in batches:
+            calls.append(None)
+            if rank == 1 and len(calls) == 4:
+                labels = labels.clone()
+                labels[-1] = 999
+            yield images, labels
+
+    trainer.batches = poisoned()
+    trainer.train_step()
+    before = [p.detach().clone() for p in (*trainer.engine.module.parameters(), trainer.head.weight)]
+    try:
+        trainer.train_step()
+        message = "no error"
+    except InputError as err:
+        message = str(err)
+    after = list((*trainer.engine.module.parameters(), trainer.head.weight))
+    return message, all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.required
+@pytest.mark.multiprocess
+def test_a_bad_label_raises_at_the_steps_read_on_every_rank_before_any_update(tmp_path, cache):
+    """The trainer's head waits for nothing in its forward (max_batch): its input check rides in
+    the step's one read, which raises the same InputError on every rank before any weight moves,
+    whichever micro-batch held the bad label."""
+    results = run_distributed(_bad_label_at_step_two, 2, tiny_overrides(tmp_path, cache, "train.grad_accum=2"))
+    for message, unchanged in results:
+        assert message == "label 999 outside [0, 32) (num_classes=32)", message
+        assert unchanged
+
+
 def _accumulate(rank, world):
     from partialfc.train.engine import DDPEngine
 

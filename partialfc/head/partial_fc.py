@@ -8,18 +8,20 @@ from torch import nn
 
 from partialfc import dist as pdist
 from partialfc.errors import InputError
+from partialfc.head.inputs import (STATUS_WIDTH, all_finite, columns_as_labels, input_error, labels_as_columns,
+                                   local_status, well_formed)
 from partialfc.head.sampler import CentreSampler
 from partialfc.head.sharding import shard_range
 from partialfc.losses import CosFace
 from partialfc.losses.base import MarginLoss
 from partialfc.ops.fused import DEFAULT_CHUNK
-from partialfc.ops.collectives import gather_rows, gather_sizes
+from partialfc.ops.collectives import all_gather, gather_rows, gather_sizes
 from partialfc.ops.implementation import Implementation
 from partialfc.ops.targets import Targets
 from partialfc.seeding import Stream, seeded_generator
 
 INIT_BLOCK = 65536  # classes per independently seeded init block
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_PENDING = 64  # bounded input checks kept before the head reads them itself
 
 
 def init_centres(class_start: int, num_local: int, dim: int, std: float, seed: int,
@@ -51,18 +53,6 @@ def resolve_sample_rate(requested: float | None, loss_rate: float | None) -> flo
     return loss_rate
 
 
-def _local_values(embeddings: torch.Tensor, labels: torch.Tensor, labels_int: bool,
-                  device: torch.device) -> torch.Tensor:
-    """``[min label, max label, all embeddings finite]`` (int64 on ``device``) of one rank's
-    batch, computed without leaving the device; zeros where the shapes or dtypes are wrong or
-    the batch is empty (those are reported from the shape fields first)."""
-    if not (labels_int and labels.dim() == 1 and embeddings.dim() == 2 and embeddings.is_floating_point()
-            and labels.shape[0] == embeddings.shape[0] > 0):
-        return torch.zeros(3, dtype=torch.int64, device=device)
-    values = [labels.min(), labels.max(), torch.isfinite(embeddings).all()]
-    return torch.stack([v.to(device=device, dtype=torch.int64) for v in values])
-
-
 def resolve_fused(fused: bool | str | Implementation, loss: nn.Module) -> Implementation:
     """The head's ``fused`` setting (an :class:`Implementation` or its name, in any case;
     ``True`` / ``False``: ``torch`` / ``plain``) as ``torch``, ``triton`` or ``plain``."""
@@ -78,6 +68,13 @@ def resolve_fused(fused: bool | str | Implementation, loss: nn.Module) -> Implem
 
 
 NONFINITE = ("raise", "report")  # PartialFC(nonfinite=...)
+
+
+def _mean(per_row: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """The mean of the per-row losses ``(B,)`` over the rows ``valid`` marks (all: None)."""
+    if valid is None:
+        return per_row.mean()
+    return torch.where(valid, per_row, 0.0).sum() / valid.sum()
 
 
 class PartialFC(nn.Module):
@@ -116,6 +113,15 @@ class PartialFC(nn.Module):
     the caller runs no autocast, as under a DeepSpeed engine that casts the backbone itself;
     the head then autocasts itself, so the run's precision holds whatever the engine (the
     reductions stay fp32). None (default): the caller's autocast, else the inputs' dtype.
+
+    ``max_batch``: None (default) checks every call's input at once (one host read, so every
+    rank raises the same :class:`~partialfc.errors.InputError` before any collective could
+    hang) and gathers the rows at their sizes. A bound on the rows any rank passes makes the
+    call wait for nothing: every rank's rows are padded to it and gathered with their labels
+    in one collective (padding rows are left out of the mean), and the check is deferred to
+    :meth:`check_inputs` (or a caller's own read: :meth:`take_input_statuses`, as the
+    trainer does). Until then a bad input gives a meaningless loss, never an out-of-range
+    index. Every rank must pass embeddings of one dtype.
     """
 
     def __init__(self, embedding_size: int, num_classes: int, loss: nn.Module | None = None,
@@ -124,8 +130,12 @@ class PartialFC(nn.Module):
                  dtype: torch.dtype = torch.float32,
                  fused: bool | str | Implementation = Implementation.auto,
                  fused_chunk: int = DEFAULT_CHUNK, nonfinite: str = "raise",
-                 compute_dtype: torch.dtype | None = None):
+                 compute_dtype: torch.dtype | None = None, max_batch: int | None = None):
         super().__init__()
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be None or >= 1 row per rank, got {max_batch}")
+        self.max_batch = max_batch
+        self._pending: list[torch.Tensor] = []  # bounded: statuses not yet checked
         if compute_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"compute_dtype must be None, torch.bfloat16 or torch.float16, got {compute_dtype}")
         self.compute_dtype = compute_dtype
@@ -155,56 +165,70 @@ class PartialFC(nn.Module):
         return self.sampler.sample_rate
 
     def _check_and_gather(self, embeddings: torch.Tensor, labels: torch.Tensor):
-        """Validate every rank's input, raising the same error on all ranks, then gather."""
-        dims = embeddings.dim(), labels.dim()
-        labels_int = not labels.is_floating_point() and not labels.is_complex() and labels.dtype != torch.bool
-        shape = torch.tensor([dims[0], embeddings.shape[0] if dims[0] else 0,
-                              embeddings.shape[-1] if dims[0] else 0, int(embeddings.is_floating_point()),
-                              int(labels_int), dims[1], labels.shape[0] if dims[1] else 0,
-                              FLOAT_DTYPES.index(embeddings.dtype) if embeddings.dtype in FLOAT_DTYPES else -1,
-                              int(embeddings.requires_grad)], dtype=torch.int64)
-        # The values (label range, finiteness) travel in the same vector: one gather, one host
-        # synchronisation for the whole validation. A pageable host->device copy with
-        # non_blocking=True is safe (CUDA stages the source before returning) and does not sync.
-        status = torch.cat([shape.to(self.weight.device, non_blocking=True),
-                            _local_values(embeddings, labels, labels_int, self.weight.device)])
-        statuses = gather_sizes(status, self.group)
-        dtypes = {s[7] for s in statuses}
-        if len(dtypes) > 1:
-            raise InputError("embeddings have different dtypes on different ranks: "
-                             + ", ".join(f"rank {r}: {FLOAT_DTYPES[s[7]] if s[7] >= 0 else 'not float'}"
-                                         for r, s in enumerate(statuses)))
-        for r, (emb_dim, b, width, emb_float, lab_int, lab_dim, lab_n) in enumerate(s[:7] for s in statuses):
-            where = f" on rank {r}" if self.world_size > 1 else ""
-            if emb_dim != 2 or width != self.embedding_size:
-                raise InputError(f"embeddings{where} must have shape (batch, {self.embedding_size}), "
-                                 f"got {emb_dim} dims of width {width}")
-            if not emb_float:
-                raise InputError(f"embeddings{where} must be floating point")
-            if not lab_int:
-                raise InputError(f"labels{where} must be an integer tensor (e.g. torch.int64), "
-                                 "got a floating-point, complex or bool tensor")
-            if lab_dim != 1 or lab_n != b:
-                raise InputError(f"labels{where} must have shape ({b},) to match the embeddings, "
-                                 f"got {lab_dim} dims of length {lab_n}")
+        """Eager: every rank's status gathered and read once, the same error raised on every
+        rank, then the rows gathered at their sizes. Returns (embeddings, labels, finite)."""
+        statuses = gather_sizes(local_status(embeddings, labels, self.weight.device), self.group)
+        error = input_error(statuses, self.embedding_size, self.num_classes, nonfinite_raises=self.nonfinite == "raise")
+        if error is not None:
+            raise InputError(error)
         sizes = [s[1] for s in statuses]
         labels = gather_rows(labels.to(device=self.weight.device, dtype=torch.int64), sizes, self.group)
         if any(s[8] for s in statuses) and not embeddings.requires_grad:
             # every rank must take part in the backward's collective, even one whose input
             # needs no gradient (e.g. an empty batch built without autograd)
             embeddings = embeddings.detach().requires_grad_(True)
-        embeddings = gather_rows(embeddings, sizes, self.group)
-        if labels.numel() == 0:
-            raise InputError("the global batch is empty")
-        lo = min(s[9] for s in statuses if s[1])
-        hi = max(s[10] for s in statuses if s[1])
-        finite = all(s[11] for s in statuses if s[1])
-        if lo < 0 or hi >= self.num_classes:
-            bad = lo if lo < 0 else hi
-            raise InputError(f"label {bad} outside [0, {self.num_classes}) (num_classes={self.num_classes})")
-        if not finite and self.nonfinite == "raise":
-            raise InputError("embeddings contain NaN or inf")
-        return embeddings, labels, finite
+        return gather_rows(embeddings, sizes, self.group), labels, all_finite(statuses)
+
+    def _gather_bounded(self, embeddings: torch.Tensor, labels: torch.Tensor):
+        """Bounded (``max_batch``): no host read. Every rank's rows padded to ``max_batch``
+        with label ``-1``, the labels carried as extra columns, in one gather; the statuses
+        gathered on the device for :meth:`check_inputs`. A rank whose input is malformed (or
+        a label out of range) sends padding rows in their place, so no index goes out of range
+        before the check raises. Returns (embeddings (W*max_batch, D), labels (W*max_batch,))."""
+        device, bound, width = self.weight.device, self.max_batch, self.embedding_size
+        self._pending.append(torch.stack(all_gather(local_status(embeddings, labels, device), self.group)))
+        if len(self._pending) >= MAX_PENDING:  # a caller that never checks still learns of an error
+            self.check_inputs()
+        if well_formed(embeddings, labels, width) and embeddings.shape[0] <= bound:
+            labels = labels.to(device=device, dtype=torch.int64)
+            labels = torch.where((labels >= 0) & (labels < self.num_classes), labels, -1)
+        else:
+            dtype = embeddings.dtype if embeddings.is_floating_point() else torch.float32
+            embeddings = torch.zeros((0, width), dtype=dtype, device=device)
+            labels = torch.zeros(0, dtype=torch.int64, device=device)
+        pad = bound - embeddings.shape[0]
+        labels = torch.cat([labels, labels.new_full((pad,), -1)])
+        block = torch.cat([F.pad(embeddings, (0, 0, 0, pad)), labels_as_columns(labels, embeddings.dtype)], dim=1)
+        if torch.is_grad_enabled() and not block.requires_grad:
+            block.requires_grad_(True)  # every rank takes part in the backward's collective
+        block = gather_rows(block, [bound] * self.world_size, self.group)
+        return block[:, :width], columns_as_labels(block[:, width:])
+
+    def check_inputs(self) -> None:
+        """Raise the :class:`~partialfc.errors.InputError` of the first bad input since the
+        last check (with ``max_batch``; nothing otherwise), on every rank alike: one host read."""
+        self.raise_for_inputs(self.take_input_statuses().tolist())
+
+    def take_input_statuses(self) -> torch.Tensor:
+        """The statuses gathered since the last take, ``(calls * world * STATUS_WIDTH,)`` int64
+        on the head's device (empty without ``max_batch``), for a caller that reads them with
+        its own values in one copy and hands them to :meth:`raise_for_inputs`."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return torch.zeros(0, dtype=torch.int64, device=self.weight.device)
+        return torch.stack(pending).reshape(-1)
+
+    def raise_for_inputs(self, values) -> None:
+        """Raise the first input error in ``values`` (the host values of
+        :meth:`take_input_statuses`)."""
+        per_call = self.world_size * STATUS_WIDTH
+        for start in range(0, len(values), per_call):
+            call = [int(v) for v in values[start: start + per_call]]
+            error = input_error([call[r: r + STATUS_WIDTH] for r in range(0, per_call, STATUS_WIDTH)],
+                                self.embedding_size, self.num_classes, self.max_batch,
+                                nonfinite_raises=self.nonfinite == "raise")
+            if error is not None:
+                raise InputError(error)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``embeddings (B, D)`` and ``labels (B,)`` of this rank -> the global batch's mean
@@ -216,37 +240,43 @@ class PartialFC(nn.Module):
             return self._loss(embeddings, labels)
 
     def _loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        local_embeddings = embeddings
-        embeddings, labels, finite = self._check_and_gather(embeddings, labels)
-        if not finite:  # nonfinite="report", on every rank alike: NaN, a backward to the backbone only
-            return local_embeddings.float().sum() * float("nan")
+        local_embeddings, valid = embeddings, None
+        if self.max_batch is None:
+            embeddings, labels, finite = self._check_and_gather(embeddings, labels)
+            if not finite:  # nonfinite="report", on every rank alike: NaN, a backward to the backbone only
+                return local_embeddings.float().sum() * float("nan")
+        else:  # non-finite embeddings make the loss NaN by themselves
+            embeddings, labels = self._gather_bounded(embeddings, labels)
+            valid = labels >= 0
+        every_row_local = self.world_size == 1 and valid is None
         local = labels - self.class_start
         in_shard = (local >= 0) & (local < self.num_local)
         if self.sampler.samples_everything:
             index, centres = None, self.weight
-            targets = self._targets(torch.where(in_shard, local, -1), self.num_local)
+            targets = self._targets(torch.where(in_shard, local, -1), self.num_local, every_row_local)
         else:
             index = self.sampler.sample_batch(local)
             centres = F.embedding(index, self.weight, sparse=True)
             pos = torch.searchsorted(index, local.clamp(0, max(self.num_local - 1, 0)))
-            targets = self._targets(torch.where(in_shard, pos, -1), index.shape[0])
+            targets = self._targets(torch.where(in_shard, pos, -1), index.shape[0], every_row_local)
         self.last_sampled = index
         if not torch.is_autocast_enabled(embeddings.device.type):  # e.g. bf16 from a DeepSpeed engine
             embeddings = embeddings.to(centres.dtype)
         if self.fused is not Implementation.plain:
-            return self.loss.fused(F.normalize(embeddings, dim=1), centres, targets, self.group,
-                                   implementation=self.fused, chunk_size=self.fused_chunk).mean()
+            return _mean(self.loss.fused(F.normalize(embeddings, dim=1), centres, targets, self.group,
+                                         implementation=self.fused, chunk_size=self.fused_chunk), valid)
         cos = F.linear(F.normalize(embeddings, dim=1), F.normalize(centres, dim=1))
         with torch.no_grad():  # rounding can leave |cos| a hair above 1; the gradient passes through
             cos.clamp_(-1.0, 1.0)
         # cos stays in the matmul's dtype (bf16/fp16 under autocast): the loss upcasts the
         # target cosines and the objective builds the fp32 logits in one pass.
-        return self.loss(cos, targets, self.group).mean()
+        return _mean(self.loss(cos, targets, self.group), valid)
 
-    def _targets(self, col: torch.Tensor, width: int) -> Targets:
-        """Targets of the columns ``col (B,)`` among ``width`` columns; one process owns every
-        class, so every row's target is local."""
-        if self.world_size == 1:
+    @staticmethod
+    def _targets(col: torch.Tensor, width: int, every_row_local: bool) -> Targets:
+        """Targets of the columns ``col (B,)`` among ``width`` columns (``every_row_local``:
+        one process owns every class and no row is padding)."""
+        if every_row_local:
             return Targets(col, torch.arange(col.numel(), device=col.device), col)
         return Targets.from_columns(col, width)
 

@@ -46,12 +46,13 @@ def build_backbone_for(cfg: Config, device: torch.device) -> torch.nn.Module:
 def build_head(cfg: Config, num_classes: int, device: torch.device, group) -> PartialFC:
     """The sharded head of ``cfg.head`` with ``cfg.loss``; non-finite embeddings give a NaN
     loss (the trainer skips the step on every rank) instead of an error. Its matmuls run in
-    ``train.precision``'s dtype whatever the engine (DeepSpeed runs no autocast)."""
+    ``train.precision``'s dtype whatever the engine (DeepSpeed runs no autocast). Bounded by
+    ``data.batch_size``, it waits for nothing: the trainer checks its inputs in the step's read."""
     return PartialFC(cfg.model.embedding_size, num_classes, loss=build_loss(cfg.loss.name, **dict(cfg.loss.params)),
                      sample_rate=cfg.head.sample_rate, seed=cfg.seed, init_std=cfg.head.init_std, device=device,
                      process_group=group, fused=cfg.head.fused, nonfinite="report",
                      dtype=torch.bfloat16 if str(cfg.head.storage) == "bf16" else torch.float32,
-                     compute_dtype=resolve_precision(cfg.train.precision, device)[0])
+                     compute_dtype=resolve_precision(cfg.train.precision, device)[0], max_batch=cfg.data.batch_size)
 
 
 def build_search(cfg: Config, layout: CandidateLayout, loss, state: TrainState, engine: BackboneEngine, prefix: str,

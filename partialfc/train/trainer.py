@@ -150,12 +150,15 @@ class Trainer:
         head_norm = agreed.head_norm
         norms = [head_norm] if backbone_norm is None else [head_norm, backbone_norm.to(head_norm.device)]
         values = torch.stack([loss.to(head_norm.device).double(), *(n.double() for n in norms)])
-        # The step's one host read: the shared decision, the requests and what the log shows.
-        # ``finite`` is the same on every rank (global loss, all-reduced norms): all ranks
-        # step or skip together; the scaler's own per-optimizer checks would see only this
-        # rank's head shard and could let the ranks' loss scales drift apart.
-        read = torch.cat([torch.isfinite(values).all().double()[None], values, agreed.flags]).tolist()
-        (finite, loss_value, *norm_values), (checkpoint, stop, diverged_ranks) = read[:-3], read[-3:]
+        # The step's one host read: the shared decision, the requests, the head's input check
+        # and what the log shows. ``finite`` is the same on every rank (global loss, all-reduced
+        # norms): all ranks step or skip together; the scaler's own per-optimizer checks would
+        # see only this rank's head shard and could let the ranks' loss scales drift apart.
+        read = torch.cat([torch.isfinite(values).all().double()[None], values, agreed.flags,
+                          self.head.take_input_statuses().to(values.device, torch.float64)]).tolist()
+        decision = 1 + len(values) + 3
+        self.head.raise_for_inputs(read[decision:])  # the same InputError on every rank, before any update
+        (finite, loss_value, *norm_values), (checkpoint, stop, diverged_ranks) = read[:decision - 3], read[decision - 3:decision]
         finite, head_value = bool(finite), norm_values[0]
         after = self.engine.step(finite, backbone_norm)
         # DeepSpeed ZeRO-1/2: the norm is known after its step, on the host (DeepSpeed read it)
