@@ -137,6 +137,16 @@ def test_labels_travel_bit_for_bit_as_embedding_columns(dtype):
     assert torch.equal(block[: labels.shape[0], :3], emb)
 
 
+@pytest.mark.parametrize("dim,dtype", [(3, torch.float32), (6, torch.float16), (5, torch.float64)])
+def test_a_bounded_head_of_one_row(dim, dtype):
+    """One gathered row: its label columns are a contiguous slice at an odd offset."""
+    head = PartialFC(dim, 10, max_batch=1, dtype=dtype)
+    x = torch.randn(1, dim, dtype=dtype)
+    expected = PartialFC(dim, 10, dtype=dtype)(x, torch.tensor([3]))
+    torch.testing.assert_close(head(x, torch.tensor([3])), expected)
+    head.check_inputs()
+
+
 def test_a_bounded_head_that_is_never_checked_checks_itself():
     head = PartialFC(8, 10, max_batch=4)
     head(torch.randn(4, 8), torch.tensor([0, 1, 2, 10]))  # deferred

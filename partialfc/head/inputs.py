@@ -91,4 +91,5 @@ def labels_as_columns(labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def columns_as_labels(columns: torch.Tensor) -> torch.Tensor:
     """The int64 labels ``(n,)`` of :func:`labels_as_columns`' columns ``(n, 8 / itemsize)``."""
-    return columns.detach().contiguous().view(torch.int64).reshape(-1)
+    # a copy of its own: a slice of one row is "contiguous" at an offset int64 cannot view
+    return columns.detach().clone(memory_format=torch.contiguous_format).view(torch.int64).reshape(-1)

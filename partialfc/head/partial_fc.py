@@ -190,10 +190,12 @@ class PartialFC(nn.Module):
         if len(self._pending) >= MAX_PENDING:  # a caller that never checks still learns of an error
             self.check_inputs()
         if well_formed(embeddings, labels, width) and embeddings.shape[0] <= bound:
-            labels = labels.to(device=device, dtype=torch.int64)
+            embeddings, labels = embeddings.to(device), labels.to(device=device, dtype=torch.int64)
             labels = torch.where((labels >= 0) & (labels < self.num_classes), labels, -1)
         else:
-            dtype = embeddings.dtype if embeddings.is_floating_point() else torch.float32
+            # the dtype the well-formed ranks most likely send (a gather of unequal sizes fails)
+            dtype = embeddings.dtype if embeddings.is_floating_point() else (
+                torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.weight.dtype)
             embeddings = torch.zeros((0, width), dtype=dtype, device=device)
             labels = torch.zeros(0, dtype=torch.int64, device=device)
         pad = bound - embeddings.shape[0]
