@@ -24,6 +24,7 @@ import pytest
 
 import partialfc
 from partialfc.errors import PartialFCError
+from tests.ast_helpers import import_base
 
 ROOT = Path(partialfc.__file__).parent
 
@@ -53,10 +54,7 @@ def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str
             for alias in node.names:
                 add(alias.name)
         elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[:len(package.split(".")) - (node.level - 1)]
-                base = ".".join([*anchor, *([base] if base else [])])
+            base = import_base(node, package)
             for alias in node.names:
                 add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
     return {t for t in targets if t.startswith("partialfc")}

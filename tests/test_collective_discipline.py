@@ -32,6 +32,7 @@ import partialfc
 from partialfc.testing.multiprocess import run_distributed
 from partialfc.testing.ports import reserved_port
 from partialfc.train.config import load_config
+from tests.ast_helpers import import_base
 from tests.test_search import search_overrides
 
 ROOT = Path(partialfc.__file__).parent
@@ -185,10 +186,7 @@ def parse_module(name: str, path: str, source: str) -> Module:
             for a in node.names:
                 module.aliases[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
         elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[:len(package.split(".")) - (node.level - 1)]
-                base = ".".join([*anchor, *([base] if base else [])])
+            base = import_base(node, package)
             for a in node.names:
                 module.aliases[a.asname or a.name] = f"{base}.{a.name}"
     for node in module.tree.body:

@@ -161,6 +161,13 @@ def test_deepspeed_skip_holds_on_every_rank_and_matches_torch(world):
     _check(run_distributed(_cases, world, DEEPSPEED_CASES, timeout=400), DEEPSPEED_CASES, world)
 
 
+def _one_deepspeed_process(fn, *args):
+    """``fn(0, 1, *args)``'s result from a process of its own (DeepSpeed's set-up stays out of
+    pytest's)."""
+    pytest.importorskip("deepspeed")
+    return run_distributed(fn, 1, *args, timeout=300)[0]
+
+
 def _autocast_of(rank: int, world: int) -> dict:
     from partialfc.train.engine import BackboneEngine, build_engine
 
@@ -178,8 +185,7 @@ def _autocast_of(rank: int, world: int) -> dict:
 @pytest.mark.required
 @pytest.mark.multiprocess
 def test_autocast_is_the_engines_and_both_engines_are_backbone_engines():
-    pytest.importorskip("deepspeed")
-    out = run_distributed(_autocast_of, 1, timeout=300)[0]
+    out = _one_deepspeed_process(_autocast_of)
     assert out["ddp", "fp32"] == (True, False, torch.float32, None, False)
     assert out["ddp", "bf16"] == (True, True, torch.bfloat16, torch.bfloat16, False)
     assert out["deepspeed", "bf16"] == (True, False, torch.bfloat16, None, False)  # DeepSpeed casts the module
@@ -217,8 +223,7 @@ def test_a_step_deepspeed_skips_itself_reports_a_nan_norm():
     """ZeRO-1 bf16: DeepSpeed finds the non-finite partitioned gradients and skips its step; the
     engine says so with a NaN norm (the trainer then skips the head too) and still advances the
     schedule."""
-    pytest.importorskip("deepspeed")
-    out = run_distributed(_self_skip, 1, "bf16", 1, timeout=300)[0]
+    out = _one_deepspeed_process(_self_skip, "bf16", 1)
     assert out["applied"] is False and out["unchanged"] and out["lr_moved"], out
     assert out["norm"] != out["norm"], out  # NaN
 
@@ -271,8 +276,7 @@ def _ds_config_and_errors(rank: int, world: int) -> dict:
 @pytest.mark.required
 @pytest.mark.multiprocess
 def test_deepspeed_config_checks_overflow_accumulates_in_fp32_and_refuses_old_versions():
-    pytest.importorskip("deepspeed")
-    out = run_distributed(_ds_config_and_errors, 1, timeout=300)[0]
+    out = _one_deepspeed_process(_ds_config_and_errors)
     config = out["config"]
     assert config["bf16"] == {"enabled": True, "check_grad_overflow": True}
     assert config["data_types"] == {"grad_accum_dtype": "fp32"}
@@ -311,10 +315,9 @@ def test_deepspeed_bf16_accumulates_micro_batches_in_fp32(stage):
     without ``data_types.grad_accum_dtype``; that sum is shown to be further off here). ZeRO-1
     (DeepSpeed's BF16_Optimizer) then reduces the fp32 sum in bf16, DeepSpeed's default
     ``communication_data_type``: one rounding of the sum, not one per micro-batch."""
-    pytest.importorskip("deepspeed")
     from partialfc.train.optim import build_optimizer, build_schedule
 
-    out = run_distributed(_accumulated_step, 1, stage, timeout=300)[0]
+    out = _one_deepspeed_process(_accumulated_step, stage)
     model = _tiny().bfloat16()
     with torch.no_grad():
         for p, w in zip(model.parameters(), out["before"]):

@@ -163,8 +163,7 @@ def _record(cfg: dict) -> dict:
 
     world = cfg["world_size"]
     record = dict(method=cfg["method"], compiled=cfg["compile"], classes=cfg["classes"], sample_rate=cfg["rate"],
-                  world_size=world,
-                  batch_per_rank=cfg["batch"] // world, global_batch=cfg["batch"], backbone=cfg["backbone"],
+                  world_size=world, batch_per_rank=cfg["batch"] // world, global_batch=cfg["batch"], backbone=cfg["backbone"],
                   dim=cfg["dim"], dtype=cfg["dtype"], device=cfg["device"], loader=cfg["loader"],
                   identities=cfg["identities"], status="ok")
     try:
@@ -245,8 +244,8 @@ def run(args) -> int:
     records = [_record({**cfg, **extra}) for cfg in
                track(runs, description="bench train", console=Console(stderr=True))]
     hardware = stamp_records(records, "train", args.device)
-    columns = [("method", "method"), ("compiled", "compiled"), ("sample_rate", "rate"), ("classes", "classes"), ("world_size", "ranks"),
-               ("global_batch", "global batch"), ("step_s", "step s"), ("samples_per_s", "samples/s"),
+    columns = [("method", "method"), ("compiled", "compiled"), ("sample_rate", "rate"), ("classes", "classes"),
+               ("world_size", "ranks"), ("global_batch", "global batch"), ("step_s", "step s"), ("samples_per_s", "samples/s"),
                *[(p, f"{p} ms (%)") for p in PHASES], ("host_syncs", "host syncs/step"),
                ("collectives", "collectives/step"), ("peak_mem_mb", "peak MB/rank"), ("status", "status")]
     setting = (f"{args.backbone}, dim {args.dim}, global batch {args.batch}, {args.dtype}, {args.loader} loader, "

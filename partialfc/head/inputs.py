@@ -20,10 +20,15 @@ def labels_are_int(labels: torch.Tensor) -> bool:
     return not labels.is_floating_point() and not labels.is_complex() and labels.dtype != torch.bool
 
 
+def _paired(embeddings: torch.Tensor, labels: torch.Tensor) -> bool:
+    """Float ``(b, any)`` embeddings with int ``(b,)`` labels (known on the host)."""
+    return (embeddings.dim() == 2 and embeddings.is_floating_point() and labels_are_int(labels)
+            and labels.dim() == 1 and labels.shape[0] == embeddings.shape[0])
+
+
 def well_formed(embeddings: torch.Tensor, labels: torch.Tensor, embedding_size: int) -> bool:
     """Whether this rank's input has the shapes and kinds the head takes (known on the host)."""
-    return (embeddings.dim() == 2 and embeddings.shape[1] == embedding_size and embeddings.is_floating_point()
-            and labels_are_int(labels) and labels.dim() == 1 and labels.shape[0] == embeddings.shape[0])
+    return _paired(embeddings, labels) and embeddings.shape[1] == embedding_size
 
 
 def local_status(embeddings: torch.Tensor, labels: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -36,8 +41,7 @@ def local_status(embeddings: torch.Tensor, labels: torch.Tensor, device: torch.d
                           labels.shape[0] if dims[1] else 0,
                           FLOAT_DTYPES.index(embeddings.dtype) if embeddings.dtype in FLOAT_DTYPES else -1,
                           int(embeddings.requires_grad)], dtype=torch.int64)
-    if labels_are_int(labels) and labels.dim() == 1 and embeddings.dim() == 2 and embeddings.is_floating_point() \
-            and labels.shape[0] == embeddings.shape[0] > 0:
+    if _paired(embeddings, labels) and labels.shape[0] > 0:
         values = torch.stack([v.to(device=device, dtype=torch.int64) for v in
                               (labels.min(), labels.max(), torch.isfinite(embeddings).all())])
     else:

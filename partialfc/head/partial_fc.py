@@ -168,9 +168,7 @@ class PartialFC(nn.Module):
         """Eager: every rank's status gathered and read once, the same error raised on every
         rank, then the rows gathered at their sizes. Returns (embeddings, labels, finite)."""
         statuses = gather_sizes(local_status(embeddings, labels, self.weight.device), self.group)
-        error = input_error(statuses, self.embedding_size, self.num_classes, nonfinite_raises=self.nonfinite == "raise")
-        if error is not None:
-            raise InputError(error)
+        self._raise_if_bad(statuses)
         sizes = [s[1] for s in statuses]
         labels = gather_rows(labels.to(device=self.weight.device, dtype=torch.int64), sizes, self.group)
         if any(s[8] for s in statuses) and not embeddings.requires_grad:
@@ -226,11 +224,15 @@ class PartialFC(nn.Module):
         per_call = self.world_size * STATUS_WIDTH
         for start in range(0, len(values), per_call):
             call = [int(v) for v in values[start: start + per_call]]
-            error = input_error([call[r: r + STATUS_WIDTH] for r in range(0, per_call, STATUS_WIDTH)],
-                                self.embedding_size, self.num_classes, self.max_batch,
-                                nonfinite_raises=self.nonfinite == "raise")
-            if error is not None:
-                raise InputError(error)
+            self._raise_if_bad([call[r: r + STATUS_WIDTH] for r in range(0, per_call, STATUS_WIDTH)])
+
+    def _raise_if_bad(self, statuses: list[list[int]]) -> None:
+        """Raise the :class:`~partialfc.errors.InputError` of one call's ``statuses`` (one per
+        rank, host integers), if any."""
+        error = input_error(statuses, self.embedding_size, self.num_classes, self.max_batch,
+                            nonfinite_raises=self.nonfinite == "raise")
+        if error is not None:
+            raise InputError(error)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``embeddings (B, D)`` and ``labels (B,)`` of this rank -> the global batch's mean

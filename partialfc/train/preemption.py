@@ -117,4 +117,3 @@ def agree(request: StopRequest, head_norm: torch.Tensor, slot: int = 0, slots: i
     packed[slot] = head_norm.double() ** 2
     all_reduce(packed)  # the wrapper moves it to the group's device and back
     return Agreed(packed[slot].sqrt().float(), packed[slots:])
-

@@ -156,9 +156,9 @@ class Trainer:
         # see only this rank's head shard and could let the ranks' loss scales drift apart.
         read = torch.cat([torch.isfinite(values).all().double()[None], values, agreed.flags,
                           self.head.take_input_statuses().to(values.device, torch.float64)]).tolist()
-        decision = 1 + len(values) + 3
-        self.head.raise_for_inputs(read[decision:])  # the same InputError on every rank, before any update
-        (finite, loss_value, *norm_values), (checkpoint, stop, diverged_ranks) = read[:decision - 3], read[decision - 3:decision]
+        finite, loss_value, *norm_values = read[:1 + len(values)]
+        checkpoint, stop, diverged_ranks = read[1 + len(values): 4 + len(values)]
+        self.head.raise_for_inputs(read[4 + len(values):])  # the same InputError on every rank, before any update
         finite, head_value = bool(finite), norm_values[0]
         after = self.engine.step(finite, backbone_norm)
         # DeepSpeed ZeRO-1/2: the norm is known after its step, on the host (DeepSpeed read it)
