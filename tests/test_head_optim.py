@@ -134,3 +134,42 @@ def test_sparse_rows_takes_the_heads_gradient_without_a_copy():
     assert torch.equal(values, dense[rows])
     with pytest.raises(ValueError, match="block_rows"):
         SparseRowSGD(head.parameters(), lr=0.1, block_rows=0)
+
+
+def _live_only(grad: torch.Tensor, live_rows: torch.Tensor) -> torch.Tensor:
+    """The sparse gradient of the rows ``live_rows`` marks, built by hand from the dense one."""
+    rows = live_rows.nonzero().flatten()
+    return torch.sparse_coo_tensor(rows[None], grad.to_dense()[rows], grad.shape, check_invariants=True).coalesce()
+
+
+@pytest.mark.parametrize("name", ["sgd", "sgd_nesterov", "adamw"])
+def test_a_padded_sample_steps_the_rows_that_took_part_only(name):
+    """A bounded head whose padded rows can hold more positives than its sample (12 rows, 8
+    centres) pads the sample with rows that take no part: their gradient is 0, and with
+    ``live_rows`` the step equals a step on a gradient of the live rows alone (bit for bit,
+    state included, over steps with one and two backwards); without it they decay."""
+    ours_cls, _, kw = OPTIMIZERS[name]
+    head = PartialFC(16, 400, sample_rate=0.02, max_batch=12, dtype=torch.float64)
+    twin, careless = torch.nn.Parameter(head.weight.detach().clone()), copy.deepcopy(head)
+    opt, twin_opt, careless_opt = (ours_cls([p], **kw) for p in (head.weight, twin, careless.weight))
+    data = batches(6, 400)
+    for step in range(4):
+        micro = [data[step]] + ([data[5]] if step == 2 else [])
+        for x, y in micro:
+            y = y % 5 if step == 1 else y  # few positives: the sample is mostly negatives
+            for h in (head, careless):
+                h(x, y).backward()
+        live_rows = head.take_live_rows()
+        careless.take_live_rows()
+        if step == 1:  # 5 positives: 8 live rows, 4 padding rows
+            assert int(live_rows.sum()) == 8 and head.weight.grad._nnz() == 12
+        twin.grad = _live_only(head.weight.grad, live_rows)
+        opt.step(live_rows=live_rows)
+        twin_opt.step()
+        careless_opt.step()
+        for o in (opt, twin_opt, careless_opt):
+            o.zero_grad()
+        assert torch.equal(head.weight, twin)
+        for key, value in twin_opt.state[twin].items():
+            assert torch.equal(opt.state[head.weight][key], value), key
+    assert not torch.equal(careless.weight, twin)  # the padding rows moved as if they had been sampled

@@ -118,3 +118,51 @@ def test_batch_draw_equals_draw_from_unique_positives(rate, batch):
         assert torch.equal(got, expected)
         assert set(positives.tolist()) <= set(got.tolist())
     assert by_batch.draws == by_positives.draws
+
+
+@pytest.mark.parametrize("num_local, rate, batch", [(60, 0.1, 40), (60, 0.1, 100), (60, 0.0, 40), (500, 0.1, 40),
+                                                    (30, 0.5, 12)])
+def test_a_bounded_draw_pads_the_sample_to_a_size_set_by_the_batch_alone(num_local, rate, batch):
+    """sample_bounded: ``S = min(num_local, max(num_sample, B))`` sorted distinct columns,
+    whatever the labels; the live ones are every positive plus negatives up to
+    ``max(num_sample, positives)``, as sample() keeps; below the sample's size nothing pads
+    it and the draw is sample_batch's, from the same stream. No host synchronisation."""
+    from partialfc.testing.host_syncs import HostSyncCounter
+
+    gen = torch.Generator().manual_seed(batch)
+    bounded, eager = CentreSampler(num_local, rate, seed=4, rank=0), CentreSampler(num_local, rate, seed=4, rank=0)
+    size = min(num_local, max(bounded.num_sample, batch))
+    for spread in (3, num_local, 2 * num_local):  # few positives, many, many and other ranks' classes
+        local = torch.randint(-spread // 2, spread, (batch,), generator=gen)
+        with HostSyncCounter() as counted:
+            index, live = bounded.sample_bounded(local)
+        assert sum(counted.sync_sites.values()) == 0
+        positives = set(local[(local >= 0) & (local < num_local)].tolist())
+        assert len(index) == size and index.tolist() == sorted(set(index.tolist()))
+        if size == bounded.num_sample:
+            assert live is None and torch.equal(index, eager.sample_batch(local))
+            continue
+        eager.sample_batch(local)  # keep the streams together
+        kept = index[live].tolist()
+        assert positives <= set(kept) and len(kept) == max(bounded.num_sample, len(positives))
+
+
+def test_a_bounded_draws_live_negatives_are_uniform():
+    """The live negatives of a padded sample (B = 60 rows over 200 centres at rate 0.1:
+    20 live among 60 columns) are uniform over the non-positives (chi-square, 4000 draws)."""
+    n, steps = 200, 4000
+    local = torch.tensor([0, 5, 17, 100, 199] * 12)
+    sampler = CentreSampler(n, 0.1, seed=12, rank=0)
+    counts = torch.zeros(n)
+    for _ in range(steps):
+        index, live = sampler.sample_bounded(local)
+        counts[index[live]] += 1
+    positives = local.unique()
+    assert bool((counts[positives] == steps).all())
+    negatives = torch.ones(n, dtype=torch.bool)
+    negatives[positives] = False
+    p = (sampler.num_sample - len(positives)) / negatives.sum().item()
+    expected = steps * p
+    chi2 = (((counts[negatives] - expected) ** 2) / (expected * (1 - p))).sum().item()
+    df = negatives.sum().item() - 1
+    assert abs(chi2 - df) < 5 * (2 * df) ** 0.5, f"chi2={chi2:.1f} for df={df}"

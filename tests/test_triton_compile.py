@@ -6,6 +6,7 @@ launch goes to the tensors' device."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 import subprocess
 import tempfile
@@ -39,9 +40,10 @@ ALIGNED = {"D", "stride_e", "stride_w", "cols_per_split"}  # multiples of 16 at 
 def _signature(fn, compute, centres, constexprs):
     """Argument types of ``fn`` as the host launches it: sizes and strides int32, ``scale``
     and ``threshold`` fp32, the rest pointers (the embeddings in ``compute``, the centres in
-    ``centres``, the target columns int32, the others in the accumulation dtype)."""
+    ``centres``, the target columns int32, the live columns int8, the others in the
+    accumulation dtype)."""
     acc = "fp64" if compute == torch.float64 else "fp32"
-    pointers = {"E": TYPE_NAMES[compute], "W": TYPE_NAMES[centres], "TCOL": "i32"}
+    pointers = {"E": TYPE_NAMES[compute], "W": TYPE_NAMES[centres], "TCOL": "i32", "LIVE": "i8"}
 
     def kind(name):
         if name in constexprs:
@@ -85,15 +87,16 @@ def test_kernels_compile_for_sm90_without_spills(compilable, kernel, extra, comp
     stride in int32 wraps past 2^31 elements)."""
     fn = getattr(triton_fused, kernel)
     cfg = triton_fused.CUDA_CONFIGS[compute]
-    for threshold in (None, 0.2):
-        for exclude_target in (False, True):
-            flags = triton_fused._flags(ChunkProblem(30.0, threshold, exclude_target, 8192, compute))
-            meta = {**triton_fused._meta(cfg, flags), **extra}
-            num_warps = meta.pop("num_warps")
-            registers, stack, ttir = _compile_sm90(fn, _signature(fn, compute, centres, meta), meta, num_warps)
-            where = f"{kernel} {extra} {cfg} threshold={threshold} exclude_target={exclude_target}"
-            assert stack == 0, f"{where}: {registers} registers, {stack} bytes of stack (spills)"
-            assert not re.findall(r"arith\.muli .*: tensor<[0-9x]+xi32>", ttir), f"{where}: int32 offsets"
+    no_target = torch.full((4,), -1)
+    for threshold, exclude_target, columns in itertools.product((None, 0.2), (False, True), (None, no_target >= 0)):
+        targets = Targets.from_columns(no_target, 4, columns)
+        flags = triton_fused._flags(ChunkProblem(30.0, threshold, exclude_target, 8192, compute), targets)
+        meta = {**triton_fused._meta(cfg, flags), **extra}
+        num_warps = meta.pop("num_warps")
+        registers, stack, ttir = _compile_sm90(fn, _signature(fn, compute, centres, meta), meta, num_warps)
+        where = f"{kernel} {extra} {cfg} threshold={threshold} exclude_target={exclude_target} {flags}"
+        assert stack == 0, f"{where}: {registers} registers, {stack} bytes of stack (spills)"
+        assert not re.findall(r"arith\.muli .*: tensor<[0-9x]+xi32>", ttir), f"{where}: int32 offsets"
 
 
 @pytest.mark.parametrize("k", [10 ** 7, 2 ** 22 + 64, 65, 1])

@@ -60,10 +60,13 @@ class _Rows:
     the result does not depend on the block size (on CPU; a CUDA generator may draw
     differently when split)."""
 
-    def __init__(self, param: torch.Tensor, state: dict, seed: int, index: int, block_rows: int):
+    def __init__(self, param: torch.Tensor, state: dict, seed: int, index: int, block_rows: int,
+                 live_rows: torch.Tensor | None = None):
         self.work = torch.promote_types(param.dtype, torch.float32)
         grad = param.grad
         self.rows, self.values = sparse_rows(grad) if grad.is_sparse else (None, grad)
+        # per gradient row: whether it is written (None: all are)
+        self.live = None if live_rows is None or self.rows is None else live_rows[self.rows]
         self.block_rows = block_rows
         self.rounding: dict[int, torch.Generator] | None = None  # id(tensor) -> noise stream
         if param.dtype == torch.bfloat16:
@@ -88,6 +91,7 @@ class _Block:
     def __init__(self, rows: _Rows, lo: int, hi: int):
         self.owner, self.lo, self.hi = rows, lo, hi
         self.index = None if rows.rows is None else rows.rows[lo:hi]
+        self.live = None if rows.live is None else rows.live[lo:hi]
         self.grad = rows.values[lo:hi].to(rows.work)
 
     def take(self, t: torch.Tensor) -> torch.Tensor:
@@ -101,8 +105,11 @@ class _Block:
             value = stochastic_round_bf16(value, self.owner.noise(t))
         if self.index is None:
             t[self.lo:self.hi].copy_(value)
-        else:
-            t.index_copy_(0, self.index, value.to(t.dtype))
+            return
+        value = value.to(t.dtype)
+        if self.live is not None:  # rows that took no part keep every bit
+            value = torch.where(self.live.view(-1, *(1,) * (value.dim() - 1)), value, t.index_select(0, self.index))
+        t.index_copy_(0, self.index, value)
 
 
 def _run_closure(closure):
@@ -174,7 +181,10 @@ class SparseRowSGD(RowOptimizer):
         self.block_rows = _check_block_rows(block_rows)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, live_rows: torch.Tensor | None = None):
+        """One step of the rows of each gradient (``live_rows (num_rows,)`` bool: only those of
+        them it marks; the others keep their values and state, as a bounded head's padding
+        rows must: :meth:`~partialfc.head.PartialFC.take_live_rows`)."""
         loss = _run_closure(closure)
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
@@ -184,7 +194,7 @@ class SparseRowSGD(RowOptimizer):
                 state = self.state[p]
                 if mu and "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
-                for rows in _Rows(p, state, self.seed, index, self.block_rows).blocks():
+                for rows in _Rows(p, state, self.seed, index, self.block_rows, live_rows).blocks():
                     p_rows, d = rows.take(p), rows.grad
                     if wd:
                         d = d.add(p_rows, alpha=wd)
@@ -214,7 +224,10 @@ class SparseRowAdamW(RowOptimizer):
         self.block_rows = _check_block_rows(block_rows)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, live_rows: torch.Tensor | None = None):
+        """One step of the rows of each gradient (``live_rows (num_rows,)`` bool: only those of
+        them it marks; the others keep their values and state, as a bounded head's padding
+        rows must: :meth:`~partialfc.head.PartialFC.take_live_rows`)."""
         loss = _run_closure(closure)
         for group in self.param_groups:
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
@@ -226,7 +239,7 @@ class SparseRowAdamW(RowOptimizer):
                     state["step"] = torch.zeros(p.shape[0], dtype=torch.float64, device=p.device)
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
-                for rows in _Rows(p, state, self.seed, index, self.block_rows).blocks():
+                for rows in _Rows(p, state, self.seed, index, self.block_rows, live_rows).blocks():
                     g = rows.grad
                     p_rows = rows.take(p).mul_(1 - lr * wd)
                     m = rows.take(state["exp_avg"]).lerp_(g, 1 - b1)

@@ -121,7 +121,10 @@ class PartialFC(nn.Module):
     in one collective (padding rows are left out of the mean), and the check is deferred to
     :meth:`check_inputs` (or a caller's own read: :meth:`take_input_statuses`, as the
     trainer does). Until then a bad input gives a meaningless loss, never an out-of-range
-    index. Every rank must pass embeddings of one dtype.
+    index. Every rank must pass embeddings of one dtype. At rate < 1 the sample's size is
+    static too (:meth:`CentreSampler.sample_bounded`): where ``world * max_batch`` exceeds
+    ``rate * num_local`` it is padded with columns that take no part, and the row optimizer's
+    step must be told the rows that did (``step(live_rows=head.take_live_rows())``).
     """
 
     def __init__(self, embedding_size: int, num_classes: int, loss: nn.Module | None = None,
@@ -158,7 +161,8 @@ class PartialFC(nn.Module):
         self.fused_chunk = int(fused_chunk)
         if self.fused_chunk < 1:
             raise ValueError(f"fused_chunk must be >= 1 centre, got {fused_chunk}")
-        self.last_sampled: torch.Tensor | None = None  # local indices used by the last step
+        self._last_sample: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)  # index, live columns
+        self._live_rows: torch.Tensor | None = None  # (num_local,) bool: rows live since the last take
 
     @property
     def sample_rate(self) -> float:
@@ -255,15 +259,20 @@ class PartialFC(nn.Module):
         every_row_local = self.world_size == 1 and valid is None
         local = labels - self.class_start
         in_shard = (local >= 0) & (local < self.num_local)
+        live = None
         if self.sampler.samples_everything:
             index, centres = None, self.weight
             targets = self._targets(torch.where(in_shard, local, -1), self.num_local, every_row_local)
         else:
-            index = self.sampler.sample_batch(local)
+            if valid is None:
+                index = self.sampler.sample_batch(local)
+            else:  # a static size: the sample padded to the most positives the rows can hold
+                index, live = self.sampler.sample_bounded(local)
+                self._note_live_rows(index, live)
             centres = F.embedding(index, self.weight, sparse=True)
             pos = torch.searchsorted(index, local.clamp(0, max(self.num_local - 1, 0)))
-            targets = self._targets(torch.where(in_shard, pos, -1), index.shape[0], every_row_local)
-        self.last_sampled = index
+            targets = self._targets(torch.where(in_shard, pos, -1), index.shape[0], every_row_local, live)
+        self._last_sample = index, live
         if not torch.is_autocast_enabled(embeddings.device.type):  # e.g. bf16 from a DeepSpeed engine
             embeddings = embeddings.to(centres.dtype)
         if self.fused is not Implementation.plain:
@@ -277,12 +286,36 @@ class PartialFC(nn.Module):
         return _mean(self.loss(cos, targets, self.group), valid)
 
     @staticmethod
-    def _targets(col: torch.Tensor, width: int, every_row_local: bool) -> Targets:
-        """Targets of the columns ``col (B,)`` among ``width`` columns (``every_row_local``:
-        one process owns every class and no row is padding)."""
+    def _targets(col: torch.Tensor, width: int, every_row_local: bool, columns: torch.Tensor | None = None) -> Targets:
+        """Targets of the columns ``col (B,)`` among ``width`` columns, of which ``columns``
+        take part (``every_row_local``: one process owns every class and no row is padding)."""
         if every_row_local:
             return Targets(col, torch.arange(col.numel(), device=col.device), col)
-        return Targets.from_columns(col, width)
+        return Targets.from_columns(col, width, columns)
+
+    def _note_live_rows(self, index: torch.Tensor, live: torch.Tensor | None) -> None:
+        """Mark the rows ``index[live]`` of the shard live until :meth:`take_live_rows`."""
+        if live is None:
+            return
+        if self._live_rows is None:
+            self._live_rows = torch.zeros(self.num_local, dtype=torch.bool, device=index.device)
+        self._live_rows.index_put_((index,), self._live_rows[index] | live)
+
+    def take_live_rows(self) -> torch.Tensor | None:
+        """The shard's rows ``(num_local,)`` bool that took part in a loss since the last take,
+        for the row optimizer's ``step(live_rows=...)``; ``None`` when every row of the sparse
+        gradient did. Only a bounded head whose sample is padded (``world * max_batch >
+        rate * num_local``) lists rows that took no part: their gradient is 0, and they must
+        not be decayed or moved by momentum as if they had been sampled."""
+        live, self._live_rows = self._live_rows, None
+        return live
+
+    @property
+    def last_sampled(self) -> torch.Tensor | None:
+        """The sorted local indices ``(k,)`` of the centres the last call used (``None``: all);
+        for inspection: a padded sample's are read from the device."""
+        index, live = self._last_sample
+        return index if live is None else index[live]
 
     def get_extra_state(self) -> dict:
         return {"sampler": self.sampler.state_dict(), "class_start": self.class_start,

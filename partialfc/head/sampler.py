@@ -75,19 +75,43 @@ class CentreSampler:
             return self.sample(torch.unique(local[in_shard]))
         return self._draw(torch.where(in_shard, local, self.num_local))
 
-    def _draw(self, positives: torch.Tensor) -> torch.Tensor:
-        """``num_sample`` sorted indices: every index of ``positives`` (values equal to
-        ``num_local`` are ignored) plus uniform negatives without replacement."""
+    def sample_bounded(self, local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`sample` with a size known before the labels are: for a head whose batch has a
+        bound, ``local (B,)`` being its padded rows (as in :meth:`sample_batch`). Returns the
+        sorted local indices ``index (S,)`` and ``live (S,)`` bool, the columns that take part
+        (``None``: all), with ``S = min(num_local, max(num_sample, B))``, which ``B`` alone sets.
+
+        The live columns are exactly :meth:`sample`'s, ``max(num_sample, positives)`` of them:
+        every positive and uniform negatives. The others pad the sample up to the most
+        positives ``B`` rows can hold (drawn, distinct, never a positive); the objectives leave
+        them out and the row optimizers do not touch them. Below the sample's size (``B <
+        num_sample``, every large run) nothing pads it. No host synchronisation either way."""
+        positives = torch.where((local >= 0) & (local < self.num_local), local, self.num_local)
+        size = min(self.num_local, max(self.num_sample, local.numel()))
+        if size == self.num_sample:
+            return self._draw(positives), None
+        keys, flags = self._keys(positives)
+        ranked = torch.topk(keys, size, sorted=True).indices  # the positives, then negatives at random
+        live_count = flags.sum().clamp_min(self.num_sample)
+        index, order = torch.sort(ranked)
+        return index, (torch.arange(size, device=local.device) < live_count)[order]
+
+    def _keys(self, positives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random keys ``(num_local,)`` with the ``positives`` (values equal to ``num_local``
+        ignored) forced to the top, and the flags ``(num_local,)`` bool marking them: no
+        data-dependent shape, no host synchronisation. One draw of the stream."""
         if self.generator.device != positives.device:
             self.generator = self._moved(positives.device)
         self.draws += 1
-        # Random keys, positives forced to the top, take the k largest. The positives are
-        # marked through a flag vector: no data-dependent shape, no host synchronisation.
         keys = torch.rand(self.num_local, generator=self.generator, device=positives.device)
         flags = torch.zeros(self.num_local + 1, dtype=torch.bool, device=positives.device)
         flags[positives] = True
-        keys.masked_fill_(flags[: self.num_local], 2.0)
-        index = torch.topk(keys, self.num_sample, sorted=False).indices
+        return keys.masked_fill_(flags[: self.num_local], 2.0), flags[: self.num_local]
+
+    def _draw(self, positives: torch.Tensor) -> torch.Tensor:
+        """``num_sample`` sorted indices: every index of ``positives`` (values equal to
+        ``num_local`` are ignored) plus uniform negatives without replacement."""
+        index = torch.topk(self._keys(positives)[0], self.num_sample, sorted=False).indices
         return torch.sort(index).values
 
     def state_dict(self) -> dict:

@@ -129,6 +129,7 @@ class _PlainRows(torch.autograd.Function):
         z = _scaled_logits(cos, scale)
         # D-Softmax's inter term runs over the non-targets only
         targets.put(z, float("-inf") if objective.dissected else target_logit.detach().to(z.dtype))
+        targets.drop_columns(z)
         row_max, sum_exp, target = _row_statistics(z, targets, target_logit, group,
                                                    exclude_target=objective.dissected)
         terms = objective.combine(row_max, sum_exp, target)

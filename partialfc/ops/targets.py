@@ -15,7 +15,9 @@ class Targets:
       lives on another rank (on a single process owning every class: the labels);
     - ``rows (n,)``: rows in increasing order, every row whose target is local among them;
     - ``cols (n,)``: their target columns (``col[rows]``, clamped into ``[0, k)``);
-    - ``local (n,)`` bool: whether entry ``j``'s target is on this rank; ``None``: all are.
+    - ``local (n,)`` bool: whether entry ``j``'s target is on this rank; ``None``: all are;
+    - ``columns (k,)`` bool: the columns that take part in every row; ``None``: all do (a
+      bounded head's sample is padded to a static size, and its padding columns do not).
 
     Every per-target tensor that travels with it (the target cosines, the margin-transformed
     ``target_logit``) has shape ``(n,)`` and is aligned with ``rows``: entry ``j`` belongs to
@@ -29,15 +31,22 @@ class Targets:
     rows: torch.Tensor
     cols: torch.Tensor
     local: torch.Tensor | None = None
+    columns: torch.Tensor | None = None
 
     @classmethod
-    def from_columns(cls, col: torch.Tensor, width: int) -> Targets:
+    def from_columns(cls, col: torch.Tensor, width: int, columns: torch.Tensor | None = None) -> Targets:
         """From ``col (B,)`` (target column per row, ``-1`` = not on this rank) among ``width``
-        columns (``0``: no row can be local, ``n = 0``)."""
+        columns (``0``: no row can be local, ``n = 0``), of which ``columns`` take part."""
         if width == 0:
             none = col.new_zeros(0)
-            return cls(col, none, none)
-        return cls(col, torch.arange(col.shape[0], device=col.device), col.clamp(min=0), col >= 0)
+            return cls(col, none, none, columns=columns)
+        return cls(col, torch.arange(col.shape[0], device=col.device), col.clamp(min=0), col >= 0, columns)
+
+    def drop_columns(self, logits: torch.Tensor, lo: int = 0) -> None:
+        """``-inf`` in place in the columns of ``logits (B, w)`` (columns ``[lo, lo + w)``) that
+        take no part: ``exp`` makes them 0 in every sum and gradient."""
+        if self.columns is not None:
+            logits.masked_fill_(~self.columns[lo: lo + logits.shape[1]], float("-inf"))
 
     def only_local(self, values: torch.Tensor) -> torch.Tensor:
         """``values (n,)`` with the entries that are not local set to 0."""

@@ -22,8 +22,8 @@ def _put_targets(block: torch.Tensor, lo: int, targets: Targets, values) -> None
 
 def _chunk_logits(emb_c, centres, inv_norm, lo, hi, targets: Targets, row_logit, p: ChunkProblem):
     """Logits ``(B, hi - lo)`` of centres ``[lo, hi)`` (fp32/fp64) with ``row_logit (B,)``
-    (or ``-inf`` when excluded) in the target columns, and the filter's keep mask (``None``
-    without a threshold)."""
+    (or ``-inf`` when excluded) in the target columns, ``-inf`` in the columns that take no
+    part, and the filter's keep mask (``None`` without a threshold)."""
     w = centres[lo:hi].to(p.compute_dtype)
     cos = (emb_c @ w.T).to(inv_norm.dtype).mul_(inv_norm[lo:hi]).clamp_(-1.0, 1.0)
     keep = None
@@ -32,6 +32,7 @@ def _chunk_logits(emb_c, centres, inv_norm, lo, hi, targets: Targets, row_logit,
         cos.masked_fill_(~keep, 0.0)
     z = cos.mul_(p.scale)
     _put_targets(z, lo, targets, float("-inf") if p.exclude_target else row_logit)
+    targets.drop_columns(z, lo)
     return z, keep
 
 
@@ -46,7 +47,8 @@ def row_stats(emb, centres, inv_norm, targets, target_logit, p: ChunkProblem):
     for lo in range(0, centres.shape[0], p.chunk_size):
         z, _ = _chunk_logits(emb_c, centres, inv_norm, lo, lo + p.chunk_size, targets, row_logit, p)
         new_m = torch.maximum(m, z.amax(dim=1))
-        s = s * torch.exp(m - new_m) + torch.exp(z - new_m[:, None]).sum(dim=1)
+        shift = torch.where(new_m > float("-inf"), new_m, 0.0)  # a row with no column yet: no -inf - -inf
+        s = s * torch.exp(m - shift) + torch.exp(z - shift[:, None]).sum(dim=1)
         m = new_m
     return m, s
 

@@ -120,12 +120,12 @@ def _split(K, cols_per_split):
 
 
 @triton.jit
-def _tile_logits(E, W, INV, rows, row_ok, tcol, tlogit, c0, hi, D, stride_e, stride_w, scale, threshold,
-                 HAS_THRESHOLD: tl.constexpr, EXCLUDE_TARGET: tl.constexpr, PRECISION: tl.constexpr,
-                 BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+def _tile_logits(E, W, INV, LIVE, rows, row_ok, tcol, tlogit, c0, hi, D, stride_e, stride_w, scale, threshold,
+                 HAS_THRESHOLD: tl.constexpr, EXCLUDE_TARGET: tl.constexpr, HAS_LIVE: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """Columns ``c0 + arange(BLOCK_K)``, their mask (``< hi``), the clamped cosines and the
     logits (BLOCK_B, BLOCK_K): ``scale * cos`` (filtered), the target logit (or -inf) in the
-    target column."""
+    target column, -inf in a column ``LIVE`` (int8, with ``HAS_LIVE``) says takes no part."""
     cols = c0 + tl.arange(0, BLOCK_K)
     col_ok = cols < hi
     cos = _cosine_tile(E, W, INV, rows, cols, row_ok, col_ok, D, stride_e, stride_w, PRECISION, BLOCK_B, BLOCK_K,
@@ -135,14 +135,19 @@ def _tile_logits(E, W, INV, rows, row_ok, tcol, tlogit, c0, hi, D, stride_e, str
         kept = tl.where(cos > threshold, 0.0, cos)
     is_target = cols[None, :] == tcol[:, None]
     if EXCLUDE_TARGET:
-        return cols, col_ok, cos, tl.where(is_target, _NEG_INF, kept * scale)
-    return cols, col_ok, cos, tl.where(is_target, tlogit[:, None], kept * scale)
+        z = tl.where(is_target, _NEG_INF, kept * scale)
+    else:
+        z = tl.where(is_target, tlogit[:, None], kept * scale)
+    if HAS_LIVE:
+        live = tl.load(LIVE + cols, mask=col_ok, other=0)
+        z = tl.where(live[None, :] != 0, z, _NEG_INF)
+    return cols, col_ok, cos, z
 
 
 @triton.jit
-def _row_stats_kernel(E, W, INV, TCOL, TLOGIT, M_OUT, S_OUT, B, K, D, cols_per_split, stride_e, stride_w,
+def _row_stats_kernel(E, W, INV, LIVE, TCOL, TLOGIT, M_OUT, S_OUT, B, K, D, cols_per_split, stride_e, stride_w,
                       scale, threshold, HAS_THRESHOLD: tl.constexpr, EXCLUDE_TARGET: tl.constexpr,
-                      PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                      HAS_LIVE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """Online (max, sum of exp) of the rows over split ``program_id(0)``, into ``(splits, B)``."""
     rows, row_ok, tcol, tlogit = _row_block(TCOL, TLOGIT, B, BLOCK_B)
     if EXCLUDE_TARGET:
@@ -152,9 +157,9 @@ def _row_stats_kernel(E, W, INV, TCOL, TLOGIT, M_OUT, S_OUT, B, K, D, cols_per_s
     s = tl.zeros((BLOCK_B,), dtype=INV.dtype.element_ty)
     lo, hi = _split(K, cols_per_split)
     for c0 in range(lo, hi, BLOCK_K):
-        cols, col_ok, cos, z = _tile_logits(E, W, INV, rows, row_ok, tcol, tlogit, c0, hi, D, stride_e, stride_w,
-                                            scale, threshold, HAS_THRESHOLD, EXCLUDE_TARGET, PRECISION, BLOCK_B,
-                                            BLOCK_K, BLOCK_D)
+        cols, col_ok, cos, z = _tile_logits(E, W, INV, LIVE, rows, row_ok, tcol, tlogit, c0, hi, D, stride_e,
+                                            stride_w, scale, threshold, HAS_THRESHOLD, EXCLUDE_TARGET, HAS_LIVE,
+                                            PRECISION, BLOCK_B, BLOCK_K, BLOCK_D)
         z = tl.where(col_ok[None, :], z, _NEG_INF)
         new_m = tl.maximum(m, tl.max(z, axis=1))
         shift = tl.where(new_m == _NEG_INF, 0.0, new_m)
@@ -166,9 +171,9 @@ def _row_stats_kernel(E, W, INV, TCOL, TLOGIT, M_OUT, S_OUT, B, K, D, cols_per_s
 
 
 @triton.jit
-def _gradients_kernel(E, W, INV, TCOL, TLOGIT, ROW_MAX, ROW_WEIGHT, TGRAD, GE_SPLITS, GW, B, K, D, cols_per_split,
-                      stride_e, stride_w, scale, threshold, HAS_THRESHOLD: tl.constexpr,
-                      EXCLUDE_TARGET: tl.constexpr, PRECISION: tl.constexpr, COMPUTE_DW: tl.constexpr,
+def _gradients_kernel(E, W, INV, LIVE, TCOL, TLOGIT, ROW_MAX, ROW_WEIGHT, TGRAD, GE_SPLITS, GW, B, K, D,
+                      cols_per_split, stride_e, stride_w, scale, threshold, HAS_THRESHOLD: tl.constexpr,
+                      EXCLUDE_TARGET: tl.constexpr, HAS_LIVE: tl.constexpr, PRECISION: tl.constexpr, COMPUTE_DW: tl.constexpr,
                       BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """This split's ``dE`` into ``GE_SPLITS[program_id(0)] (B, D)``; with ``COMPUTE_DW``, the
     unprojected ``dW`` added into ``GW (K, D)``."""
@@ -179,9 +184,9 @@ def _gradients_kernel(E, W, INV, TCOL, TLOGIT, ROW_MAX, ROW_WEIGHT, TGRAD, GE_SP
     tgrad = tl.load(TGRAD + rows, mask=row_ok, other=0.0)
     lo, hi = _split(K, cols_per_split)
     for c0 in range(lo, hi, BLOCK_K):
-        cols, col_ok, cos, z = _tile_logits(E, W, INV, rows, row_ok, tcol, tlogit, c0, hi, D, stride_e, stride_w,
-                                            scale, threshold, HAS_THRESHOLD, EXCLUDE_TARGET, PRECISION, BLOCK_B,
-                                            BLOCK_K, BLOCK_D)
+        cols, col_ok, cos, z = _tile_logits(E, W, INV, LIVE, rows, row_ok, tcol, tlogit, c0, hi, D, stride_e,
+                                            stride_w, scale, threshold, HAS_THRESHOLD, EXCLUDE_TARGET, HAS_LIVE,
+                                            PRECISION, BLOCK_B, BLOCK_K, BLOCK_D)
         g = tl.exp(z - row_max[:, None]) * row_scale[:, None]
         if HAS_THRESHOLD:
             g = tl.where(cos > threshold, 0.0, g)
@@ -204,8 +209,12 @@ def _gradients_kernel(E, W, INV, TCOL, TLOGIT, ROW_MAX, ROW_WEIGHT, TGRAD, GE_SP
 
 
 def _dense_targets(targets: Targets, target_logit: torch.Tensor, batch: int):
-    """Per-row target column (``-1``: elsewhere) and a ``(B,)`` vector holding ``target_logit``."""
-    return targets.col.to(torch.int32).contiguous(), per_row(targets, target_logit, batch)
+    """The columns that take part (int8 ``(k,)``; the target columns stand in when all do,
+    unread), the per-row target column (``-1``: elsewhere) and a ``(B,)`` vector holding
+    ``target_logit``."""
+    tcol = targets.col.to(torch.int32).contiguous()
+    live = tcol if targets.columns is None else targets.columns.to(torch.int8).contiguous()
+    return live, tcol, per_row(targets, target_logit, batch)
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
@@ -213,16 +222,18 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(1) == 1 else t.contiguous()
 
 
-def _flags(p: ChunkProblem) -> dict:
-    """The kernels' constexpr flags for ``p`` (tl.dot in IEEE precision for fp32 and fp64)."""
+def _flags(p: ChunkProblem, targets: Targets) -> dict:
+    """The kernels' constexpr flags for ``p`` and ``targets`` (tl.dot in IEEE precision for
+    fp32 and fp64)."""
     precision = "ieee" if p.compute_dtype in (torch.float32, torch.float64) else "tf32"  # ignored for bf16/fp16
-    return dict(HAS_THRESHOLD=p.threshold is not None, EXCLUDE_TARGET=p.exclude_target, PRECISION=precision)
+    return dict(HAS_THRESHOLD=p.threshold is not None, EXCLUDE_TARGET=p.exclude_target,
+                HAS_LIVE=targets.columns is not None, PRECISION=precision)
 
 
-def _launch_args(emb, centres, p: ChunkProblem):
+def _launch_args(emb, centres, p: ChunkProblem, targets: Targets):
     """Matmul-dtype embeddings, centres, kernel flags and ``(scale, threshold)``."""
     scalars = (float(p.scale), float(p.threshold if p.threshold is not None else 0.0))
-    return _unit_stride(emb.to(p.compute_dtype)), _unit_stride(centres), _flags(p), scalars
+    return _unit_stride(emb.to(p.compute_dtype)), _unit_stride(centres), _flags(p, targets), scalars
 
 
 def _meta(cfg: Config, flags: dict) -> dict:
@@ -237,16 +248,17 @@ def row_stats(emb, centres, inv_norm, targets: Targets, target_logit, p: ChunkPr
     m = torch.full((batch,), start, dtype=inv_norm.dtype, device=emb.device)
     if k == 0 or batch == 0:
         return m, torch.zeros_like(m)
-    emb_c, centres_c, flags, (scale, threshold) = _launch_args(emb, centres, p)
-    tcol, tlogit = _dense_targets(targets, target_logit, batch)
+    emb_c, centres_c, flags, (scale, threshold) = _launch_args(emb, centres, p, targets)
+    live, tcol, tlogit = _dense_targets(targets, target_logit, batch)
     cfg = _config(emb_c)
     cols_per_split, grid = _grid(k, batch, cfg)
     m_out = torch.empty((grid[0], batch), dtype=inv_norm.dtype, device=emb.device)
     s_out = torch.empty_like(m_out)
-    _launch(_row_stats_kernel, grid, emb.device, emb_c, centres_c, inv_norm, tcol, tlogit, m_out, s_out, batch, k,
-            dim, cols_per_split, emb_c.stride(0), centres_c.stride(0), scale, threshold, **_meta(cfg, flags))
+    _launch(_row_stats_kernel, grid, emb.device, emb_c, centres_c, inv_norm, live, tcol, tlogit, m_out, s_out, batch,
+            k, dim, cols_per_split, emb_c.stride(0), centres_c.stride(0), scale, threshold, **_meta(cfg, flags))
     m = m_out.amax(dim=0)
-    return m, (s_out * torch.exp(m_out - m)).sum(dim=0)
+    shift = torch.where(m > float("-inf"), m, 0.0)  # a row no column takes part in: no -inf - -inf
+    return m, (s_out * torch.exp(m_out - shift)).sum(dim=0)
 
 
 def gradients(emb, centres, inv_norm, targets: Targets, target_logit, row_max, row_weight, target_grad,
@@ -258,13 +270,13 @@ def gradients(emb, centres, inv_norm, targets: Targets, target_logit, row_max, r
     if not (k and batch):
         grad_e = torch.zeros((batch, dim), dtype=inv_norm.dtype, device=emb.device)
     else:
-        emb_c, centres_c, flags, (scale, threshold) = _launch_args(emb, centres, p)
-        tcol, tlogit = _dense_targets(targets, target_logit, batch)
+        emb_c, centres_c, flags, (scale, threshold) = _launch_args(emb, centres, p, targets)
+        live, tcol, tlogit = _dense_targets(targets, target_logit, batch)
         tgrad = per_row(targets, target_grad.to(row_weight.dtype), batch)
         cfg = _config(emb_c)
         cols_per_split, grid = _grid(k, batch, cfg)
         grad_e_splits = torch.zeros((grid[0], batch, dim), dtype=inv_norm.dtype, device=emb.device)
-        _launch(_gradients_kernel, grid, emb.device, emb_c, centres_c, inv_norm, tcol, tlogit,
+        _launch(_gradients_kernel, grid, emb.device, emb_c, centres_c, inv_norm, live, tcol, tlogit,
                 row_max.contiguous(), row_weight.contiguous(), tgrad, grad_e_splits,
                 grad_e_splits if grad_dot is None else grad_dot, batch, k, dim, cols_per_split, emb_c.stride(0),
                 centres_c.stride(0), scale, threshold, COMPUTE_DW=need_w, **_meta(cfg, flags))

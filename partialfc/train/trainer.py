@@ -164,9 +164,10 @@ class Trainer:
         # DeepSpeed ZeRO-1/2: the norm is known after its step, on the host (DeepSpeed read it)
         backbone_value = norm_values[1] if backbone_norm is not None else float(after)
         finite = finite and math.isfinite(backbone_value)
+        live_rows = self.head.take_live_rows()
         if finite:
             clip_grads_([self.head.weight], self.cfg.head.optimizer.clip_grad_norm, head_norm)
-            scaler.step(self.head_optimizer)
+            scaler.step(self.head_optimizer, live_rows=live_rows)
         self.head_optimizer.zero_grad(set_to_none=True)
         if scaler.is_enabled():
             scaler.update(None if finite else scaler.get_scale() * scaler.get_backoff_factor())
