@@ -40,11 +40,11 @@ def test_bench_train_writes_json_table_and_png(tmp_path):
         assert sum(phases) == pytest.approx(r["step_s"], rel=0.02)
         assert sum(r[f"{p}_frac"] for p in PHASES) == pytest.approx(1.0, rel=0.02)
     syncs = {r["method"]: (r["host_syncs"], r["collectives"]) for r in records}
-    # partialfc's step on 2 ranks waits for the input check (its sample of 125 centres per
-    # rank holds the global batch's positives: no unique; docs/head.md) and SparseRowSGD's check that the gradient's rows are sorted (the bench steps the head
-    # itself; the trainer marks the gradient coalesced instead), and sends 3 all-gathers,
-    # 3 all-reduces (2 in the forward, 1 in the backward on gloo) and the backbone's mean
-    assert syncs["partialfc"] == (2, 7), syncs
+    # partialfc's step on 2 ranks, its head bounded as the trainer's, waits for one read: the
+    # input check (the trainer's read carries it with the step's decision; docs/head.md). It
+    # sends 2 all-gathers (the input statuses; the embeddings with their labels), 3 all-reduces
+    # (2 in the forward, 1 in the backward on gloo) and the backbone's mean
+    assert syncs["partialfc"] == (1, 6), syncs
     table = (tmp_path / "tiny.md").read_text()
     assert table.count("\n| full_softmax |") == 1 and table.count("\n| partialfc |") == 1
     assert "comm ms (%)" in table

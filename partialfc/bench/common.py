@@ -123,11 +123,12 @@ def _sharded_loss(method: str):
     return CosFace(SCALE, MARGIN), True
 
 
-def build_head(cfg: dict, device: torch.device):
+def build_head(cfg: dict, device: torch.device, max_batch: int | None = None):
     """``(head, head optimizer, replicated head parameters)`` of ``cfg["method"]``: the
     :class:`FullSoftmax` reference with ``torch.optim.SGD`` (its weight replicated, to be
-    averaged over ranks), or the sharded head with ``SparseRowSGD`` (nothing replicated).
-    Either draws its centres on ``device``."""
+    averaged over ranks), or the sharded head with ``SparseRowSGD`` (nothing replicated;
+    bounded by ``max_batch`` rows per rank when given, as the trainer's). Either draws its
+    centres on ``device``."""
     from partialfc import PartialFC, SparseRowSGD
 
     if cfg["method"] == "full_softmax":
@@ -136,7 +137,7 @@ def build_head(cfg: dict, device: torch.device):
     loss, takes_rate = _sharded_loss(cfg["method"])
     fused, storage = PARTIALFC_VARIANTS.get(cfg["method"], DEFAULT_VARIANT)
     head = PartialFC(cfg["dim"], cfg["classes"], loss=loss, device=device,
-                     sample_rate=cfg["rate"] if takes_rate else None, fused=fused, dtype=storage)
+                     sample_rate=cfg["rate"] if takes_rate else None, fused=fused, dtype=storage, max_batch=max_batch)
     return head, SparseRowSGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4), []
 
 

@@ -49,6 +49,7 @@ import torch
 
 from partialfc.bench.common import autocast, average_gradients, build_head, configs, method_label, peak_bytes, setup
 from partialfc.errors import InputError
+from partialfc.head.optim import mark_head_gradient
 from partialfc.ops.collectives import barrier
 from partialfc.testing.host_syncs import HostSyncCounter
 
@@ -101,7 +102,9 @@ def _step_phases(cfg: dict, device: torch.device, world_size: int):
     if cfg["compile"]:  # compiled in the warm-up steps
         backbone = torch.compile(backbone)
     backbone_opt = torch.optim.SGD(backbone.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    head, head_opt, replicated_head = build_head(cfg, device)
+    sharded = cfg["method"] != "full_softmax"
+    # the sharded head bounded as the trainer's: no host read inside its step
+    head, head_opt, replicated_head = build_head(cfg, device, cfg["batch"] // world_size if sharded else None)
     mapping = torch.randperm(cfg["classes"], generator=torch.Generator().manual_seed(0))[:cfg["identities"]]
     mapping = mapping.to(device)
     stream = _build_loader(cfg, device).forever()
@@ -122,8 +125,14 @@ def _step_phases(cfg: dict, device: torch.device, world_size: int):
                     average_gradients(bucket, world_size)
 
     def optimizer():
+        backbone_opt.step()
+        if sharded:  # as the trainer steps it: the input check read once, the gradient marked
+            head.check_inputs()
+            mark_head_gradient(head.weight, 1)
+            head_opt.step(live_rows=head.take_live_rows())
+        else:
+            head_opt.step()
         for opt in (backbone_opt, head_opt):
-            opt.step()
             opt.zero_grad(set_to_none=True)
 
     steps = [data, forward, lambda: state.pop("loss").backward(), comm, optimizer]

@@ -50,6 +50,22 @@ def sparse_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return grad._indices()[0], grad._values()
 
 
+def mark_head_gradient(param: torch.Tensor, backwards: int) -> None:
+    """Make the head's sparse gradient (rate < 1) a coalesced tensor, so that its norm, the
+    clipping and the row optimizer do not coalesce it (a host synchronisation each). After
+    one backward its rows are the sampler's index, sorted and unique: marked as they are
+    (autograd does not keep the mark, so the caller sets it). Summed over ``backwards > 1``:
+    coalesced once. A dense or already coalesced gradient, or none, is left alone."""
+    grad = param.grad
+    if grad is None or not grad.is_sparse or grad.is_coalesced():
+        return
+    if backwards > 1:
+        param.grad = grad.coalesce()
+    else:
+        param.grad = torch.sparse_coo_tensor(grad._indices(), grad._values(), grad.shape, is_coalesced=True,
+                                             check_invariants=False)
+
+
 class _Rows:
     """The rows one step of one parameter updates: the sampled rows of a sparse gradient, or
     all rows of a dense one. :meth:`blocks` walks them ``block_rows`` at a time, so the

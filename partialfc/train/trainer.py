@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from partialfc import dist as pdist
 from partialfc.errors import ConfigError, DistributedError, TrainingDiverged
 from partialfc.head.data_parallel import scale_for_data_parallel
+from partialfc.head.optim import mark_head_gradient
 from partialfc.train.build import build_backbone_for, build_head, build_search, describe_run, run_meta
 from partialfc.train.config import Config
 from partialfc.train.data import build_loader, prepare_dataset
@@ -139,7 +140,7 @@ class Trainer:
                 self.engine.backward(loss, last)
             losses.append(loss.detach().float())
         loss = torch.stack(losses).mean()
-        self._mark_head_grad_coalesced()
+        mark_head_gradient(self.head.weight, accum)
         backbone_norm = self.engine.grad_norm()
         scaler = self.engine.scaler
         if scaler.is_enabled():
@@ -176,20 +177,6 @@ class Trainer:
         return {"loss": loss_value, "finite": finite, "grad_norm_backbone": backbone_value,
                 "grad_norm_head": head_value, "data_wait": wait, "checkpoint_requested": checkpoint > 0,
                 "stop_requested": stop > 0, "all_diverged": diverged_ranks == self.world_size}
-
-    def _mark_head_grad_coalesced(self) -> None:
-        """The head's sparse gradient (rate < 1) as a coalesced tensor, so that its norm, the
-        clipping and the sparse-row optimizer do not coalesce it (a host synchronisation
-        each). One backward's rows are the sampler's index, sorted and unique: marked as they
-        are (autograd does not keep the mark). Summed over micro-batches: coalesced once."""
-        grad = self.head.weight.grad
-        if grad is None or not grad.is_sparse or grad.is_coalesced():
-            return
-        if self.cfg.train.grad_accum > 1:
-            self.head.weight.grad = grad.coalesce()
-        else:
-            self.head.weight.grad = torch.sparse_coo_tensor(grad._indices(), grad._values(), grad.shape,
-                                                            is_coalesced=True, check_invariants=False)
 
     # ----------------------------------------------------------------- loop
     def train(self) -> dict:
