@@ -57,7 +57,7 @@ def _part(overrides: list[str], stop_at: int | None, steps: list[dict]) -> tuple
     def step():
         out = train_step()
         steps.append({"step": trainer.step, "finite": out["finite"],
-                      **{k: out[k] for k in ("loss", "grad_norm_backbone", "grad_norm_head")}})
+                      **{k: float(out[k]) for k in ("loss", "grad_norm_backbone", "grad_norm_head")}})
         return out
 
     trainer.head.forward, trainer.train_step = head, step

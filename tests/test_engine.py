@@ -214,7 +214,7 @@ def _self_skip(rank: int, world: int, precision: str, stage: int) -> dict:
     before, lr = _snapshot(engine), engine.lr
     norm = engine.step(True, engine.grad_norm())
     return {"norm": float(norm), "unchanged": _same(before, _snapshot(engine)), "lr_moved": engine.lr != lr,
-            "applied": engine.engine.was_step_applied()}
+            "applied": engine.engine.was_step_applied(), "engine_applied": engine.applied}
 
 
 @pytest.mark.required
@@ -224,7 +224,7 @@ def test_a_step_deepspeed_skips_itself_reports_a_nan_norm():
     engine says so with a NaN norm (the trainer then skips the head too) and still advances the
     schedule."""
     out = _one_deepspeed_process(_self_skip, "bf16", 1)
-    assert out["applied"] is False and out["unchanged"] and out["lr_moved"], out
+    assert out["applied"] is False and out["engine_applied"] is False and out["unchanged"] and out["lr_moved"], out
     assert out["norm"] != out["norm"], out  # NaN
 
 

@@ -173,3 +173,18 @@ def test_a_padded_sample_steps_the_rows_that_took_part_only(name):
         for key, value in twin_opt.state[twin].items():
             assert torch.equal(opt.state[head.weight][key], value), key
     assert not torch.equal(careless.weight, twin)  # the padding rows moved as if they had been sampled
+
+
+def test_rows_are_marked_live_by_a_backward_only():
+    """A forward without gradients, or whose loss is dropped, marks no row live (its padding
+    rows would otherwise be decayed by the next step); a backward marks the live ones."""
+    head = PartialFC(16, 400, sample_rate=0.02, max_batch=12, dtype=torch.float64)
+    (x, y), = batches(1, 400)
+    with torch.no_grad():
+        head(x, y % 5)
+    head(x, y % 5)  # dropped
+    assert head.take_live_rows() is None
+    head(x, y % 5).backward()
+    marked = head.take_live_rows()
+    assert marked.nonzero().flatten().tolist() == head.last_sampled.tolist() and int(marked.sum()) == 8
+    assert head.take_live_rows() is None

@@ -166,3 +166,20 @@ def test_a_bounded_draws_live_negatives_are_uniform():
     chi2 = (((counts[negatives] - expected) ** 2) / (expected * (1 - p))).sum().item()
     df = negatives.sum().item() - 1
     assert abs(chi2 - df) < 5 * (2 * df) ** 0.5, f"chi2={chi2:.1f} for df={df}"
+
+
+def test_a_loss_module_of_its_own_gets_an_unpadded_sample():
+    """A loss that is not a MarginLoss may reduce over every column it is given: a bounded head
+    hands it the unpadded sample (max(num_sample, positives) columns), not a padded one."""
+    widths = []
+
+    class Mean(torch.nn.Module):
+        def forward(self, cos, targets, group=None):
+            widths.append((cos.shape[1], targets.columns))
+            return cos.mean(dim=1)
+
+    head = PartialFC(8, 400, loss=Mean(), sample_rate=0.02, max_batch=12)  # 8 centres, 12 rows
+    y = torch.tensor([1, 2, 3] * 4)
+    head(torch.randn(12, 8), y)
+    head.check_inputs()
+    assert widths == [(8, None)] and set(y.tolist()) <= set(head.last_sampled.tolist())

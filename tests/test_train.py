@@ -308,6 +308,76 @@ def test_fp16_overflow_on_one_rank_is_skipped_by_all(tmp_path, cache):
     assert torch.equal(backbone0, backbone1)
 
 
+def _deepspeed_nan_on_rank_one(rank, world, overrides):
+    """ZeRO-1: a NaN in rank 1's backbone gradient at step 2 only, which DeepSpeed finds in its
+    step (the gradients are partitioned: the trainer's read comes before the norm exists)."""
+    from partialfc.train.trainer import Trainer
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    trainer = Trainer(load_config(None, overrides))
+    calls = {"n": 0}
+
+    def poison(grad):
+        calls["n"] += 1
+        return grad * float("nan") if rank == 1 and calls["n"] == 2 else grad
+
+    next(trainer.engine.module.parameters()).register_hook(poison)
+    out = []
+    for _ in range(3):
+        head_before = trainer.head.weight.detach().clone()
+        metrics = trainer.train_step()
+        out.append((metrics["finite"], float(metrics["grad_norm_backbone"]),
+                    torch.equal(head_before, trainer.head.weight.detach())))
+    trainer.close()
+    return out, trainer.skipped_steps
+
+
+@pytest.mark.required
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_step_deepspeed_skips_itself_skips_the_head_on_every_rank(tmp_path, cache, precision):
+    """DeepSpeed ZeRO-1 skips a step whose backbone norm is not finite, on the host; the trainer
+    learns it from that decision (no read of its own) and leaves the head's shard as it was, on
+    both ranks; the steps around it apply."""
+    pytest.importorskip("deepspeed")
+    overrides = tiny_overrides(tmp_path / precision, cache, "train.engine=deepspeed", f"train.precision={precision}",
+                               "train.max_steps=8")
+    (steps0, skipped0), (steps1, skipped1) = run_distributed(_deepspeed_nan_on_rank_one, 2, overrides, timeout=600)
+    assert [(f, unchanged) for f, _, unchanged in steps0] == [(True, False), (False, True), (True, False)], steps0
+    assert [(f, unchanged) for f, _, unchanged in steps1] == [(f, u) for f, _, u in steps0]
+    assert steps0[1][1] != steps0[1][1] and steps0[0][1] > 0  # its norm is logged as NaN
+    assert skipped0 == skipped1 == 1
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_padded_samples_rows_keep_every_bit_through_the_trainers_steps(tmp_path, cache, optimizer):
+    """Rate 0.1 of 32 classes on a batch of 16 (two micro-batches a step): the head's sample is
+    padded. Over the trainer's steps, the rows of the head's gradient that took no part keep
+    their weights and optimizer state bit for bit, and the ones that did move."""
+    from partialfc.train.trainer import Trainer
+
+    trainer = Trainer(load_config(None, tiny_overrides(
+        tmp_path / optimizer, cache, "head.sample_rate=0.1", "train.grad_accum=2", f"head.optimizer.name={optimizer}",
+        "head.optimizer.lr=0.01", "train.max_steps=4", "log.every_steps=1000")))
+    weight, optim, step = trainer.head.weight, trainer.head_optimizer, trainer.head_optimizer.step
+    seen = []
+
+    def recorded(*args, live_rows=None, **kwargs):
+        rows = weight.grad._indices()[0]
+        before = [weight.detach().clone()] + [v.clone() for v in optim.state[weight].values() if torch.is_tensor(v)]
+        step(*args, live_rows=live_rows, **kwargs)
+        after = [weight.detach()] + [v for v in optim.state[weight].values() if torch.is_tensor(v)]
+        padding, live = rows[~live_rows[rows]], rows[live_rows[rows]]
+        seen.append((len(padding), all(torch.equal(a[padding], b[padding]) for a, b in zip(after, before)),
+                     not torch.equal(after[0][live], before[0][live])))
+
+    optim.step = recorded
+    for _ in range(4):
+        trainer.train_step()
+    trainer.close()
+    assert len(seen) == 4 and all(n > 0 and kept and moved for n, kept, moved in seen), seen
+
+
 def test_resume_with_more_steps_follows_the_new_schedule(tmp_path, cache):
     """Extending max_steps on resume: the lr follows the new horizon (not stuck at 0), and
     the head's lr is restored even when its optimizer keeps no state (SGD without momentum)."""

@@ -124,7 +124,9 @@ class PartialFC(nn.Module):
     index. Every rank must pass embeddings of one dtype. At rate < 1 the sample's size is
     static too (:meth:`CentreSampler.sample_bounded`): where ``world * max_batch`` exceeds
     ``rate * num_local`` it is padded with columns that take no part, and the row optimizer's
-    step must be told the rows that did (``step(live_rows=head.take_live_rows())``).
+    step must be told the rows that did (``step(live_rows=head.take_live_rows())``). A loss
+    module that is not a :class:`~partialfc.losses.base.MarginLoss` gets the unpadded sample
+    (its size read from the device), since it might not leave ``targets.columns`` out.
     """
 
     def __init__(self, embedding_size: int, num_classes: int, loss: nn.Module | None = None,
@@ -264,12 +266,13 @@ class PartialFC(nn.Module):
             index, centres = None, self.weight
             targets = self._targets(torch.where(in_shard, local, -1), self.num_local, every_row_local)
         else:
-            if valid is None:
+            if valid is None or not isinstance(self.loss, MarginLoss):  # (another module might read padding)
                 index = self.sampler.sample_batch(local)
             else:  # a static size: the sample padded to the most positives the rows can hold
                 index, live = self.sampler.sample_bounded(local)
-                self._note_live_rows(index, live)
             centres = F.embedding(index, self.weight, sparse=True)
+            if live is not None and centres.requires_grad:  # the rows are live once a gradient reaches them
+                centres.register_hook(lambda grad: self._note_live_rows(index, live))
             pos = torch.searchsorted(index, local.clamp(0, max(self.num_local - 1, 0)))
             targets = self._targets(torch.where(in_shard, pos, -1), index.shape[0], every_row_local, live)
         self._last_sample = index, live
@@ -293,10 +296,9 @@ class PartialFC(nn.Module):
             return Targets(col, torch.arange(col.numel(), device=col.device), col)
         return Targets.from_columns(col, width, columns)
 
-    def _note_live_rows(self, index: torch.Tensor, live: torch.Tensor | None) -> None:
-        """Mark the rows ``index[live]`` of the shard live until :meth:`take_live_rows`."""
-        if live is None:
-            return
+    def _note_live_rows(self, index: torch.Tensor, live: torch.Tensor) -> None:
+        """Mark the rows ``index[live]`` of the shard live until :meth:`take_live_rows` (in
+        the backward: a forward whose loss is dropped or taken without gradients marks none)."""
         if self._live_rows is None:
             self._live_rows = torch.zeros(self.num_local, dtype=torch.bool, device=index.device)
         self._live_rows.index_put_((index,), self._live_rows[index] | live)

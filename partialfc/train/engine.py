@@ -64,7 +64,12 @@ class BackboneEngine(Protocol):
     def step(self, apply: bool, norm: torch.Tensor | None) -> torch.Tensor:
         """End the optimizer step: clip and update when ``apply`` (the same on every rank),
         else leave the parameters and optimizer state bitwise unchanged; either way clear the
-        gradients and advance the lr schedule by one step. Returns the pre-clip norm."""
+        gradients and advance the lr schedule by one step. Returns the pre-clip norm; sets
+        :attr:`applied`."""
+
+    applied: bool
+    """Whether the last :meth:`step` updated the parameters, known on the host: ``apply``,
+    unless the engine skipped a non-finite step itself (the same on every rank)."""
 
     @property
     def lr(self) -> float:
@@ -100,6 +105,7 @@ class DDPEngine:
         if train.compile:  # DDP first, then compile (its optimizer splits the graph at the buckets)
             self.model = torch.compile(self.model)
         self.accum, self.clip = train.grad_accum, optim.clip_grad_norm
+        self.applied = False  # no step yet
         self.autocast_dtype, use_scaler = resolve_precision(train.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
         self.optimizer = build_optimizer(backbone.parameters(), optim)
@@ -133,6 +139,7 @@ class DDPEngine:
         if apply:
             clip_grads_(self.module.parameters(), self.clip, norm)
             self.scaler.step(self.optimizer)
+        self.applied = apply
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
         return norm
@@ -250,6 +257,7 @@ class DeepSpeedEngine:
         # DeepSpeed takes the GPU numbered LOCAL_RANK unless told: under a one-GPU-per-task
         # binding that GPU does not exist, so name the one this process uses
         args = SimpleNamespace(device_rank=device.index or 0) if device.type == "cuda" else None
+        self.applied = False  # no step yet
         self.engine, self.optimizer, _, self.schedule = deepspeed.initialize(
             args=args, model=backbone, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
         if train.compile:  # in place: the module and its state_dict keys stay as they are
@@ -284,12 +292,14 @@ class DeepSpeedEngine:
 
         DeepSpeed does not advance the schedule when it skips a step itself (non-finite
         gradients under ZeRO-1/2); this does, as DDP does. Returns DeepSpeed's global norm
-        (else ``norm``), NaN where it is not finite (DeepSpeed says -1 or inf) or DeepSpeed
-        skipped an applied step itself, so that the trainer skips the head's step too (the
-        same on every rank)."""
+        (else ``norm``) on the device, NaN where it is not finite (DeepSpeed says -1 or inf) or
+        DeepSpeed skipped an applied step itself. DeepSpeed decides that skip on the host, from
+        the same norm (``is_invalid_grad_norm``): :attr:`applied` says it without a read, so
+        that the trainer skips the head's step too (the same on every rank)."""
         with contextlib.nullcontext() if apply else _frozen(self.engine.basic_optimizer, self.optimizer):
             self.engine.step()
         skipped_itself = apply and not self.engine.was_step_applied()
+        self.applied = apply and not skipped_itself
         if not self.engine.was_step_applied():
             self.schedule.step()
         elif not apply:

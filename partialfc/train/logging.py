@@ -162,7 +162,7 @@ class TrainMetrics:
         per_step = (now - self.start) / max(step - self.start_step, 1)
         record = {**context(), "loss": float(np.mean(self.losses)) if self.losses else math.nan,
                   "samples_per_s": self.samples * (len(self.losses) or 1) / elapsed,
-                  "eta_s": per_step * (self.total - step), "grad_norm_backbone": metrics["grad_norm_backbone"],
+                  "eta_s": per_step * (self.total - step), "grad_norm_backbone": float(metrics["grad_norm_backbone"]),
                   "grad_norm_head": metrics["grad_norm_head"], "data_wait_fraction": self.wait / elapsed}
         self.logger.log("train", step, record)
         self.logger.print(self.line(step, record))

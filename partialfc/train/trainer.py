@@ -11,7 +11,6 @@ the parts own their state (:class:`~partialfc.train.train_state.TrainState`, sav
 
 from __future__ import annotations
 
-import math
 import os
 import time
 
@@ -125,8 +124,10 @@ class Trainer:
             set_epoch(self.loss_epoch)
 
     def train_step(self) -> dict:
-        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics. A step
-        with a non-finite loss or gradient on any rank is skipped by every rank."""
+        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics (host
+        values, except ``grad_norm_backbone`` under DeepSpeed ZeRO-1/2: a 0-dim tensor on the
+        device, known after DeepSpeed's step, read when logged). A step with a non-finite loss
+        or gradient on any rank is skipped by every rank."""
         accum, wait, losses = self.cfg.train.grad_accum, 0.0, []
         for i in range(accum):
             tick = time.perf_counter()
@@ -162,9 +163,10 @@ class Trainer:
         self.head.raise_for_inputs(read[4 + len(values):])  # the same InputError on every rank, before any update
         finite, head_value = bool(finite), norm_values[0]
         after = self.engine.step(finite, backbone_norm)
-        # DeepSpeed ZeRO-1/2: the norm is known after its step, on the host (DeepSpeed read it)
-        backbone_value = norm_values[1] if backbone_norm is not None else float(after)
-        finite = finite and math.isfinite(backbone_value)
+        # DeepSpeed ZeRO-1/2: the norm is known after its step, which skips a non-finite one
+        # itself (decided on the host: engine.applied); the norm stays on the device until logged
+        backbone_value = norm_values[1] if backbone_norm is not None else after
+        finite = finite and self.engine.applied
         live_rows = self.head.take_live_rows()
         if finite:
             clip_grads_([self.head.weight], self.cfg.head.optimizer.clip_grad_norm, head_norm)
