@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# Check and benchmark one GPU in one command, within 7 minutes (420 s) on one H100 or H200.
+# Check and benchmark one GPU in one command, within 8 minutes (480 s) on one H100 or H200.
 # Every step runs under its own time limit (coreutils timeout, its whole process group);
 # the limits add up to the budget, and no step starts with more time than is left of it:
 #
 #   step          limit s  expected s  what
 #   wheels             20          5   the carried wheels (GPU_WHEELS=dir) into GPU_SITE, on PYTHONPATH
 #   environment        20          8   torch, partialfc and the device's name
-#   cuda_tier         170        120   pytest -m cuda tests/cuda
-#   bench_head        100         70   bench head, bf16, 1e6 and 1e7 identities, rates 1 and 0.1: full softmax,
+#   cuda_tier         150        120   pytest -m cuda tests/cuda
+#   bench_head         90         70   bench head, bf16, 1e6 and 1e7 identities, rates 1 and 0.1: full softmax,
 #                                      partialfc (fused torch chunks), partialfc_unfused, partialfc_triton when
 #                                      Triton imports; capacity at the card's memory; all in one process
-#   bench_train        80         60   bench train: iresnet50, bf16, batch 128, full softmax vs Partial FC 0.1 at 1e6
+#   bench_train        70         60   bench train: iresnet50, bf16, batch 128, full softmax vs Partial FC 0.1 at 1e6
 #   bench_blocking_wait 30        25   the same Partial FC run with TORCH_NCCL_BLOCKING_WAIT=1 (partialfc's
 #                                      default leaves it unset): samples/s as a ratio to bench_train's
-#   total             420        288
+#   bench_compile      90         70   the Partial FC run eager and with the backbone under torch.compile
+#                                      (bench train --compile, fewer steps): compiled / eager samples/s
+#   total             470        358
 #
 # The expected seconds are estimates (no GPU has run this yet); summary.md gives the real ones.
 # summary.md (in GPU_CHECK_OUT) is appended as each step ends, so a run cut short still
@@ -25,7 +27,7 @@
 #
 # Environment: PYTHON (default .venv/bin/python when present, else python3); GPU_WHEELS (a
 # folder from launch/gpu_wheels.sh); GPU_SITE (where they go, default $TMPDIR/partialfc_site:
-# pip --target, never the interpreter's own site-packages); GPU_CHECK_BUDGET_S (default 420);
+# pip --target, never the interpreter's own site-packages); GPU_CHECK_BUDGET_S (default 480);
 # GPU_CHECK_TIMEOUT_<STEP> (e.g. GPU_CHECK_TIMEOUT_CUDA_TIER=200) a step's limit in seconds;
 # GPU_CHECK_DRY=1: the same steps at tiny sizes on the CPU (what CI runs; under a minute on an
 # idle machine), each step limited to 600 s and the run to 3000 s instead.
@@ -38,10 +40,10 @@ SITE=${GPU_SITE:-${TMPDIR:-/tmp}/partialfc_site}
 if [[ "$DRY" == 1 ]]; then  # the CPU path checks the script, not a budget: a loaded CI machine is slow
     BUDGET_S=${GPU_CHECK_BUDGET_S:-3000}
     declare -A LIMITS=([wheels]=600 [environment]=600 [cuda_tier]=600 [bench_head]=600 [bench_train]=600
-                       [bench_blocking_wait]=600)
+                       [bench_blocking_wait]=600 [bench_compile]=600)
 else
-    BUDGET_S=${GPU_CHECK_BUDGET_S:-420}
-    declare -A LIMITS=([wheels]=20 [environment]=20 [cuda_tier]=170 [bench_head]=100 [bench_train]=80 [bench_blocking_wait]=30)
+    BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
+    declare -A LIMITS=([wheels]=20 [environment]=20 [cuda_tier]=150 [bench_head]=90 [bench_train]=70 [bench_blocking_wait]=30 [bench_compile]=90)
 fi
 SUMMARY="$OUT/summary.md"
 mkdir -p "$OUT/logs"
@@ -141,6 +143,7 @@ if [[ "$DRY" == 1 ]]; then
     HEAD=(--classes 2e3,4e3 --sample-rate 0.1 --methods partialfc --batch 32 --dim 16 --steps 1)
     TRAIN=(--classes 1000 --sample-rate 0.1 --methods partialfc --backbone iresnet_tiny --batch 8
            --dim 32 --steps 1 --warmup 1 --identities 40 --images-per-identity 2)
+    COMPILE_STEPS=1
 else
     DEVICE=cuda DTYPE=bf16
     BUDGET_MB=$("$PY" -c "import torch; print(torch.cuda.get_device_properties(0).total_memory // 2**20)" 2>/dev/null || echo 81920)
@@ -149,6 +152,7 @@ else
     HEAD=(--classes 1e6,1e7 --sample-rate 1.0,0.1 --methods "$METHODS" --batch 512 --dim 512 --steps 10)
     TRAIN=(--classes 1e6 --sample-rate 0.1 --methods full_softmax,partialfc --backbone iresnet50 --batch 128
            --dim 512 --steps 20 --warmup 5 --identities 1000 --images-per-identity 8)
+    COMPILE_STEPS=10
 fi
 
 table() {  # the bench's table into the summary, when this run wrote one
@@ -176,6 +180,18 @@ for name in ("train", "train_blocking_wait"):
                       if r.get("method") == "partialfc" and "samples_per_s" in r)
 print(f"- bench train, Partial FC: {rate['train_blocking_wait']:.1f} samples/s with TORCH_NCCL_BLOCKING_WAIT=1, "
       f"{rate['train']:.1f} without (the default): ratio {rate['train'] / rate['train_blocking_wait']:.3f}")
+RATIO
+# train.compile is off until this ratio says otherwise: eager and compiled side by side, one run
+rm -f "$OUT"/train_compile.{json,md,png}
+step bench_compile "$PY" -m partialfc.cli bench train --device "$DEVICE" --dtype "$DTYPE" --out "$OUT" \
+    --name train_compile "${TRAIN[@]}" --methods partialfc --steps "$COMPILE_STEPS" --compile
+table train_compile
+"$PY" - "$OUT" >>"$SUMMARY" 2>/dev/null <<'RATIO'
+import json, sys
+rate = {r["compiled"]: r["samples_per_s"] for r in json.load(open(f"{sys.argv[1]}/train_compile.json"))
+        if r.get("method") == "partialfc" and "samples_per_s" in r}
+print(f"- bench train --compile, Partial FC: {rate[True]:.1f} samples/s compiled, {rate[False]:.1f} eager: "
+      f"ratio {rate[True] / rate[False]:.3f}")
 RATIO
 
 echo
