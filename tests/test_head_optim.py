@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from partialfc import PartialFC, SparseRowAdamW, SparseRowSGD
-from partialfc.head.optim import sparse_rows
+from partialfc.head.optim import combine_rows, mark_head_gradient, sparse_rows
 
 OPTIMIZERS = {
     "sgd": (SparseRowSGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4)),
@@ -188,3 +188,54 @@ def test_rows_are_marked_live_by_a_backward_only():
     marked = head.take_live_rows()
     assert marked.nonzero().flatten().tolist() == head.last_sampled.tolist() and int(marked.sum()) == 8
     assert head.take_live_rows() is None
+
+
+def _summed_micro_steps(num_rows: int, samples: list[int], dtype, seed: int) -> torch.Tensor:
+    """A sparse gradient as autograd sums it over micro-steps: each step's rows sorted and
+    distinct, the steps concatenated (rows repeat across steps); integer values, so that
+    every sum is exact in any order."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.cat([torch.randperm(num_rows, generator=gen)[:k].sort().values for k in samples])
+    values = torch.randint(-64, 64, (len(rows), 3), generator=gen).to(dtype)
+    return torch.sparse_coo_tensor(rows[None], values, (num_rows, 3), check_invariants=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("num_rows, samples", [(50, [8, 8]), (50, [20, 20, 20]), (12, [9, 9, 9]), (30, [0, 5])])
+def test_combined_rows_equal_coalesce_at_a_static_size(num_rows, samples, dtype):
+    """combine_rows (the summed gradient of several micro-steps): the same dense gradient as
+    ``coalesce()``, ``min(nnz, num_rows)`` sorted distinct rows, the absent ones zero and
+    outside ``present``, and no host synchronisation."""
+    from partialfc.testing.host_syncs import HostSyncCounter
+
+    grad = _summed_micro_steps(num_rows, samples, dtype, seed=num_rows + len(samples))
+    with HostSyncCounter() as counted:
+        combined, present = combine_rows(grad)
+    assert counted.syncs == 0
+    reference = grad.coalesce()
+    rows = combined._indices()[0]
+    assert combined.is_coalesced() and len(rows) == min(sum(samples), num_rows)
+    assert rows.tolist() == sorted(set(rows.tolist()))
+    assert torch.equal(combined.to_dense(), reference.to_dense())
+    assert present.nonzero().flatten().tolist() == reference._indices()[0].tolist()
+    assert not combined.to_dense()[~present].any()
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_a_step_on_combined_rows_equals_a_step_on_the_coalesced_gradient(name):
+    """Two micro-steps summed: the step on the combined gradient, told its present rows, is
+    bit for bit the step on ``coalesce()``'s; filler rows keep their values and state."""
+    ours_cls, _, kw = OPTIMIZERS[name]
+    weights = [torch.nn.Parameter(torch.randn(40, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+               for _ in range(2)]
+    optimizers = [ours_cls([w], **kw) for w in weights]
+    for step in range(3):
+        grad = _summed_micro_steps(40, [9, 9], torch.float64, seed=step)
+        weights[0].grad = grad.clone()
+        present = mark_head_gradient(weights[0], backwards=2)
+        weights[1].grad = grad.coalesce()
+        optimizers[0].step(live_rows=present)
+        optimizers[1].step()
+        assert torch.equal(weights[0], weights[1]), step
+        state = [o.state[w] for o, w in zip(optimizers, weights)]
+        assert all(torch.equal(state[0][k], state[1][k]) for k in state[1]), step

@@ -29,8 +29,8 @@ from tests.train_helpers import tiny_overrides
 
 pytestmark = [pytest.mark.required, pytest.mark.multiprocess]
 
-COMBOS = [(engine, precision, rate) for engine in ("ddp", "deepspeed") for precision in ("fp32", "bf16")
-          for rate in (1.0, 0.1)]
+COMBOS = [(engine, precision, rate, 1) for engine in ("ddp", "deepspeed") for precision in ("fp32", "bf16")
+          for rate in (1.0, 0.1)] + [("ddp", "bf16", 0.1, 2)]  # (engine, precision, rate, micro-batches a step)
 
 
 def _site(where: str) -> str:
@@ -45,11 +45,11 @@ def _count(rank: int, world: int, run_root: str, cache: str) -> dict:
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     out = {}
-    for engine, precision, rate in COMBOS:
-        run_dir = os.path.join(run_root, f"{engine}-{precision}-{rate}")
+    for engine, precision, rate, accum in COMBOS:
+        run_dir = os.path.join(run_root, f"{engine}-{precision}-{rate}-{accum}")
         trainer = Trainer(load_config(None, tiny_overrides(
             run_dir, cache, f"train.engine={engine}", f"train.precision={precision}", f"head.sample_rate={rate}",
-            "train.max_steps=20", "log.every_steps=1000")))
+            f"train.grad_accum={accum}", "train.max_steps=20", "log.every_steps=1000")))
         step, marks = trainer.head_optimizer.step, []
 
         def recorded(*args, **kwargs):  # outside the counter, whose references change autograd's path
@@ -63,19 +63,20 @@ def _count(rank: int, world: int, run_root: str, cache: str) -> dict:
         with HostSyncCounter() as counted:
             trainer.train_step()
         trainer.close()
-        out[engine, precision, rate] = (
+        out[engine, precision, rate, accum] = (
             Counter({(what, _site(where)): n for (what, where), n in counted.sync_sites.items()}),
             Counter({(what, _site(where)): n for (what, where), n in counted.collective_sites.items()}), marks)
     return out
 
 
-def budget(engine: str, precision: str, rate: float, world: int) -> tuple[Counter, Counter]:
-    """The host synchronisations and collectives a step may make (the module docstring's list)."""
+def budget(engine: str, precision: str, rate: float, accum: int, world: int) -> tuple[Counter, Counter]:
+    """The host synchronisations and collectives a step of ``accum`` micro-batches may make
+    (the module docstring's list)."""
     syncs = Counter({("Tensor.tolist", "train/trainer.py train_step"): 1})
     collectives = Counter()
     if world > 1:  # the head's, through ops/collectives.py (DDP's bucket all-reduce is C++, not counted)
-        collectives.update({("all_gather", "ops/collectives.py all_gather"): 2,
-                            ("all_reduce", "ops/collectives.py _in_place"): 4})
+        collectives.update({("all_gather", "ops/collectives.py all_gather"): 2 * accum,
+                            ("all_reduce", "ops/collectives.py _in_place"): 3 * accum + 1})  # + the agreement
     if engine == "deepspeed":  # ZeRO-1
         syncs.update({("_local_scalar_dense", "deepspeed < train/engine.py step"): 2})
         collectives[("all_reduce", "deepspeed < train/engine.py backward")] = 1
@@ -89,10 +90,10 @@ def test_a_training_step_makes_only_the_host_syncs_and_collectives_of_its_budget
     pytest.importorskip("deepspeed")
     counted = run_distributed(_count, world, str(tmp_path), str(cache), timeout=600)
     for rank, per_combo in enumerate(counted):
-        for (engine, precision, rate), (syncs, collectives, marks) in per_combo.items():
-            expected = budget(engine, precision, rate, world)
-            assert (syncs, collectives) == expected, (rank, engine, precision, rate, syncs, collectives)
-            assert marks == [True] * 3, (engine, precision, rate)  # the head's gradient reached its optimizer
+        for (engine, precision, rate, accum), (syncs, collectives, marks) in per_combo.items():
+            expected = budget(engine, precision, rate, accum, world)
+            assert (syncs, collectives) == expected, (rank, engine, precision, rate, accum, syncs, collectives)
+            assert marks == [True] * 3, (engine, precision, rate, accum)  # the head's gradient reached its optimizer
             # coalesced on every step, counted or not (no coalesce, no sortedness check there)
-    for rate in (1.0, 0.1):
-        assert sum(counted[0]["ddp", "fp32", rate][0].values()) == 1
+    for key in [("ddp", "fp32", 1.0, 1), ("ddp", "fp32", 0.1, 1), ("ddp", "bf16", 0.1, 2)]:
+        assert sum(counted[0][key][0].values()) == 1
