@@ -230,13 +230,16 @@ def test_a_step_deepspeed_skips_itself_reports_a_nan_norm():
 
 def test_deepspeed_settings_partialfc_decides_are_refused_in_extra(tmp_path):
     """``train.deepspeed.extra`` cannot turn off bf16's overflow check (bf16 ZeRO-1/2 steps would
-    apply NaN), nor set precision, accumulation dtype, batch or stage behind partialfc's back."""
+    apply NaN) or ZeRO's norm (fp32 ZeRO-1/2 would apply NaN while the trainer, which follows
+    DeepSpeed's skip, stepped the head), nor set precision, accumulation dtype, batch or stage
+    behind partialfc's back."""
     from partialfc.errors import ConfigError
 
     for extra, key in [("{bf16: {check_grad_overflow: false}}", "bf16"), ("{data_types: {grad_accum_dtype: bf16}}",
                                                                           "data_types"), ("{bf16: null}", "bf16"),
                        ("{zero_optimization: null}", "zero_optimization.stage"),
                        ("{zero_optimization: {stage: 3}}", "zero_optimization.stage"),
+                       ("{zero_optimization: {compute_grad_norm: false}}", "zero_optimization.compute_grad_norm"),
                        ("{gradient_accumulation_steps: 4}", "gradient_accumulation_steps")]:
         with pytest.raises(ConfigError, match=rf"train\.deepspeed\.extra\.{key} is written by partialfc"):
             load_config(None, [f"run_dir={tmp_path}", "data.rec=unused", "train.engine=deepspeed",
@@ -280,7 +283,7 @@ def test_deepspeed_config_checks_overflow_accumulates_in_fp32_and_refuses_old_ve
     config = out["config"]
     assert config["bf16"] == {"enabled": True, "check_grad_overflow": True}
     assert config["data_types"] == {"grad_accum_dtype": "fp32"}
-    assert config["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}
+    assert config["zero_optimization"] == {"stage": 2, "compute_grad_norm": True, "reduce_bucket_size": 1000}
     zero0, old = out["errors"]
     assert "ZeRO-0 would add up the 4 micro-batches' gradients in bf16" in zero0 and "\n" not in zero0
     assert "needs DeepSpeed >= 0.19.8 (installed: 0.19.3" in old

@@ -204,7 +204,8 @@ DEEPSPEED_OWNED = {  # DeepSpeed config keys that partialfc writes, and the sett
     "train_micro_batch_size_per_gpu": "data.batch_size", "gradient_accumulation_steps": "train.grad_accum",
     "train_batch_size": "data.batch_size and train.grad_accum", "gradient_clipping": "optim.clip_grad_norm",
     "bf16": "train.precision", "fp16": "train.precision", "data_types": "train.precision",
-    "zero_optimization.stage": "train.deepspeed.zero_stage"}
+    "zero_optimization.stage": "train.deepspeed.zero_stage",
+    "zero_optimization.compute_grad_norm": "the trainer's skip (ZeRO-1/2 skip a step on its norm)"}
 
 
 @dataclass

@@ -242,7 +242,8 @@ class DeepSpeedEngine:
             "train_micro_batch_size_per_gpu": micro_batch,
             "gradient_accumulation_steps": train.grad_accum,
             "train_batch_size": micro_batch * train.grad_accum * pdist.get_world_size(),
-            "zero_optimization": {"stage": stage},
+            # the norm decides DeepSpeed's own skip of a non-finite step, which the trainer follows
+            "zero_optimization": {"stage": stage, "compute_grad_norm": True},
             "zero_allow_untested_optimizer": True,
             "gradient_clipping": optim.clip_grad_norm,
             # DeepSpeed skips a non-finite bf16 step itself only when asked (default by version)
