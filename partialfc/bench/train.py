@@ -128,8 +128,7 @@ def _step_phases(cfg: dict, device: torch.device, world_size: int):
         backbone_opt.step()
         if sharded:  # as the trainer steps it: the input check read once, the gradient marked
             head.check_inputs()
-            mark_head_gradient(head.weight, 1)
-            head_opt.step(live_rows=head.take_live_rows())
+            head_opt.step(live_rows=mark_head_gradient(head.weight, 1, head.take_live_rows()))
         else:
             head_opt.step()
         for opt in (backbone_opt, head_opt):

@@ -50,47 +50,43 @@ def sparse_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return grad._indices()[0], grad._values()
 
 
-def mark_head_gradient(param: torch.Tensor, backwards: int) -> torch.Tensor | None:
+def mark_head_gradient(param: torch.Tensor, backwards: int, live_rows: torch.Tensor | None = None) -> torch.Tensor | None:
     """Make the head's sparse gradient (rate < 1) a coalesced tensor, so that its norm, the
-    clipping and the row optimizer do not coalesce it (a host synchronisation each). After
-    one backward its rows are the sampler's index, sorted and unique: marked as they are
-    (autograd does not keep the mark, so the caller sets it). Summed over ``backwards > 1``:
-    combined by :func:`combine_rows`, whose row mask is returned for the step's
-    ``live_rows``; otherwise ``None``. A dense or already coalesced gradient, or none, is
-    left alone."""
+    clipping and the row optimizer do not coalesce it (a host synchronisation each), and
+    return the ``live_rows`` for the step. After one backward its rows are the sampler's
+    index, sorted and unique: marked as they are (autograd does not keep the mark, so the
+    caller sets it). Summed over ``backwards > 1``: combined by :func:`combine_rows`, whose
+    filler rows the step must leave alone. ``live_rows``: the head's
+    (:meth:`~partialfc.head.PartialFC.take_live_rows`, rows of the gradient, so within the
+    present ones), returned as they are when given. A dense or already coalesced gradient, or
+    none, is left alone."""
     grad = param.grad
     if grad is None or not grad.is_sparse or grad.is_coalesced():
-        return None
+        return live_rows
     if backwards > 1:
         param.grad, present = combine_rows(grad)
-        return present
+        return present if live_rows is None else live_rows
     param.grad = torch.sparse_coo_tensor(grad._indices(), grad._values(), grad.shape, is_coalesced=True,
                                          check_invariants=False)
-    return None
+    return live_rows
 
 
 def combine_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``coalesce()`` of a sparse row gradient ``(num_rows, ...)`` with ``nnz`` entries
     (repeated rows summed) at a size fixed by ``nnz`` alone, so without a host
-    synchronisation: ``min(nnz, num_rows)`` sorted distinct rows, the ``R`` present ones
-    holding their sums and the rest filler rows (absent ones, zeros). Returns the gradient,
+    synchronisation: ``min(nnz, num_rows)`` sorted distinct rows, the present ones holding
+    their sums and the rest filler rows (the first absent ones, zeros). Returns the gradient,
     marked coalesced, and ``present (num_rows,)`` bool: the rows whose step is real. The sums
     go through ``index_put_(accumulate=True)``, deterministic on CUDA too."""
     rows, values = grad._indices()[0], grad._values()
     num_rows, size = grad.shape[0], min(rows.numel(), grad.shape[0])
-    sorted_rows, order = torch.sort(rows, stable=True)
-    first = torch.ones_like(sorted_rows, dtype=torch.bool)
-    first[1:] = sorted_rows[1:] != sorted_rows[:-1]
-    run = torch.cumsum(first, 0) - 1  # each entry's place among the distinct rows
-    sums = values.new_zeros((size, *values.shape[1:])).index_put_((run,), values[order], accumulate=True)
     present = torch.zeros(num_rows, dtype=torch.bool, device=rows.device).index_fill_(0, rows, True)
-    count = present.sum()
-    distinct = torch.zeros(size, dtype=rows.dtype, device=rows.device).scatter_(0, run, sorted_rows)
-    absent = torch.argsort(present.to(torch.uint8), stable=True)  # absent rows ascending, then present ones
-    slot = torch.arange(size, device=rows.device)
-    out = torch.where(slot < count, distinct, absent[(slot - count).clamp_min(0)])
-    out, order = torch.sort(out)
-    combined = torch.sparse_coo_tensor(out[None], sums[order], grad.shape, is_coalesced=True, check_invariants=False)
+    # the present rows, then the absent ones, each ascending: the first ``size`` of them, sorted
+    kept = torch.sort(torch.argsort(present.to(torch.uint8), descending=True, stable=True)[:size]).values
+    slot = torch.empty(num_rows, dtype=rows.dtype, device=rows.device)
+    slot[kept] = torch.arange(size, device=rows.device)
+    sums = values.new_zeros((size, *values.shape[1:])).index_put_((slot[rows],), values, accumulate=True)
+    combined = torch.sparse_coo_tensor(kept[None], sums, grad.shape, is_coalesced=True, check_invariants=False)
     return combined, present
 
 

@@ -70,10 +70,9 @@ class CentreSampler:
 
         When ``B < num_sample`` the positives cannot fill the sample, so the draw needs no
         count of them and runs without a host synchronisation."""
-        in_shard = (local >= 0) & (local < self.num_local)
         if self.samples_everything or local.numel() >= self.num_sample:
-            return self.sample(torch.unique(local[in_shard]))
-        return self._draw(torch.where(in_shard, local, self.num_local))
+            return self.sample(torch.unique(local[(local >= 0) & (local < self.num_local)]))
+        return self.sample_bounded(local)[0]  # below the sample's size it is static and unpadded
 
     def sample_bounded(self, local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """:meth:`sample` with a size known before the labels are: for a head whose batch has a

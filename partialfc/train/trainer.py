@@ -141,7 +141,7 @@ class Trainer:
                 self.engine.backward(loss, last)
             losses.append(loss.detach().float())
         loss = torch.stack(losses).mean()
-        present = mark_head_gradient(self.head.weight, accum)
+        live_rows = mark_head_gradient(self.head.weight, accum, self.head.take_live_rows())
         backbone_norm = self.engine.grad_norm()
         scaler = self.engine.scaler
         if scaler.is_enabled():
@@ -167,8 +167,6 @@ class Trainer:
         # itself (decided on the host: engine.applied); the norm stays on the device until logged
         backbone_value = norm_values[1] if backbone_norm is not None else after
         finite = finite and self.engine.applied
-        live_rows = self.head.take_live_rows()  # within the rows present: a padded sample's live ones
-        live_rows = present if live_rows is None else live_rows
         if finite:
             clip_grads_([self.head.weight], self.cfg.head.optimizer.clip_grad_norm, head_norm)
             scaler.step(self.head_optimizer, live_rows=live_rows)
